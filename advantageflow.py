@@ -1,0 +1,366 @@
+"""AdvantageFlow: advantage-weighted least squares with rollout-policy regularisation (Kveton et al. 2026,
+arXiv 2605.26013), with DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117) as `--nft`.
+
+A lagging EMA copy of the learner (the rollout policy) samples K images per prompt with a CFG-free ODE; the
+rewards become clipped group-centred advantages A in [-1, 1]; the learner regresses, at a fresh noised point
+x_t of each image, onto  A*x0 + gamma*f_old + lambda*f_ref  (x0-prediction space), which is convex in the
+prediction whenever A + gamma + lambda > 0. Spec: shared/methods/advantageflow.md; docs: docs/advantageflow.md.
+
+    python advantageflow.py                      # embedded shapes world, 2 CPU cores, ~10 min
+    python advantageflow.py --lr 1e-4 --gamma-mode one-minus-a
+    python advantageflow.py --nft                # DiffusionNFT's own loss and schedule
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from common import models, rewards, sampling, utils
+from common.evaluate import evaluate_model
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 0
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """cudnn.deterministic"""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda:N"""
+    threads: int = 0
+    """torch CPU threads per process (0 = torch default)"""
+    track: bool = False
+    """also log to Weights & Biases (TensorBoard is always on)"""
+    wandb_project_name: str = "cleanflow"
+    output_dir: str | None = None
+    """run directory (default runs/{task}__{exp_name}__{seed}__{time})"""
+    save_model: bool = True
+    """save lora/ (or transformer/) in diffusers format at the end"""
+    resume: str | None = None
+    """a run directory or checkpoint.pt to continue from"""
+    checkpoint_every: int = 20
+    """iterations between resumable checkpoints"""
+    eval_every: int = 25
+    """iterations between held-out evaluations"""
+    log_images_every: int = 50
+
+    # model, prompts, reward
+    model: str = "embedded"
+    """'embedded' or a diffusers SD3 id / local path (e.g. stabilityai/stable-diffusion-3.5-medium)"""
+    resolution: int = 512
+    """SD3 image size (the embedded model is 32x32)"""
+    use_t5: bool = False
+    """SD3: also load the T5 text encoder"""
+    lora_rank: int = 0
+    """0 = full fine-tuning (embedded default); SD3.5-M: 32"""
+    lora_alpha: int | None = None
+    """LoRA alpha (default 2 * rank)"""
+    reward: str = "shapes"
+    """weighted rewards, e.g. shapes=1.0,jpeg_compressibility=0.1 (choices in common/rewards.py)"""
+    prompts_file: str | None = None
+    """training prompts, one per line (default: the shapes grammar's train split)"""
+    eval_prompts_file: str | None = None
+    """held-out prompts (default: the shapes test split)"""
+    eval_samples_per_prompt: int = 8
+    num_steps: int = 10
+    """ODE steps of the rollout sampler (and of evaluation)"""
+    guidance_scale: float = 1.0
+    """CFG of evaluation; AdvantageFlow rolls out CFG-free (spec §4)"""
+
+    # algorithm
+    num_iterations: int = 250
+    prompts_per_iter: int = 8
+    """L prompts per iteration (SD3.5-M: 32)"""
+    group_size: int = 8
+    """K images per prompt (SD3.5-M: 4)"""
+    train_batch_size: int = 64
+    """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
+    lr: float = 1e-4
+    """AdamW learning rate (SD3.5-M LoRA: 3e-4)"""
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    gamma: float = 1.1
+    """rollout-policy regularisation weight for --gamma-mode constant (AF(1.1))"""
+    gamma_mode: str = "constant"
+    """constant (gamma = --gamma) | one-minus-a (gamma = 1 - A, AF(1-A))"""
+    lam: float = 1e-3
+    """lambda: weight of the reference (base model) term in x0 space"""
+    adv_clip: float = 1.0
+    """A = clip(centred reward / Z, -adv_clip, adv_clip), Z = RMS of the centred rewards (spec §3.1)"""
+    adaptive_weight: str = "shared"
+    """shared: divide each sample's loss by sg(max(mean|f_theta - x0|, 1e-5)) (spec §7.2) | none (literal eq. 5)"""
+    timestep_sampling: str = "grid"
+    """grid: sigmas of the rollout grid (NFT-style, spec §7.1) | uniform: U(0, 1)"""
+    timesteps_per_image: int = 1
+    """noised points per image per iteration (each its own backward pass)"""
+    rollout_ema_rate: float = 0.001
+    """rollout policy: old <- rho*old + (1-rho)*learner, rho_i = min(rate*i, max) (NFT schedule, spec §7.3)"""
+    rollout_ema_max: float = 0.5
+    nft: bool = False
+    """DiffusionNFT's official loss instead (spec §3.6): implicit +/- policies, reward -> optimality prob."""
+    nft_beta: float = 1.0
+    """DiffusionNFT beta (1.0 GenEval/PickScore; 0.1 OCR / multi-reward)"""
+    nft_adv_clip: float = 5.0
+    """DiffusionNFT code: r = clip(z, -c, c)/c/2 + 1/2 with z over the global std; loss multiplied by c"""
+    nft_kl: float = 1e-4
+    """DiffusionNFT code's velocity-space pull to the base model"""
+    nft_weighting: str = "separate"
+    """separate adaptive denominators per branch (official code) | shared (the exact AF(1-A) identity)"""
+
+
+# ----------------------------------------------------------------------------------- advantages (spec §3.1)
+def af_advantages(rewards_, groups, clip=1.0):
+    """A = clip((R - prompt mean) / Z, -clip, clip), Z = sqrt(mean over the batch of the centred rewards^2)."""
+    centred = rewards_ - group_mean(rewards_, groups)
+    z = centred.pow(2).mean().sqrt().clamp(min=1e-6)
+    return (centred / z).clamp(-clip, clip)
+
+
+def nft_optimality(rewards_, groups, clip=5.0):
+    """DiffusionNFT code: z = (R - group mean) / (std of all rewards + 1e-4); r = clip(clip(z,-c,c)/c/2 + 1/2, 0, 1)."""
+    z = (rewards_ - group_mean(rewards_, groups)) / (rewards_.std() + 1e-4)
+    return (z.clamp(-clip, clip) / clip / 2 + 0.5).clamp(0, 1)
+
+
+def group_mean(x, groups):
+    """Mean of x over the samples that share a group id, broadcast back to every sample."""
+    _, inv = torch.unique(groups, return_inverse=True)
+    sums = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, x)
+    counts = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, torch.ones_like(x))
+    return (sums / counts)[inv]
+
+
+# ----------------------------------------------------------------------------------- losses
+def af_loss(v, v_old, v_ref, x0, x_t, sigma, adv, gamma, lam, adaptive_weight="shared"):
+    """AdvantageFlow eq. 5 (spec §3.3) in its completed-square form, per sample (B,):
+    kappa * ||f - f*||^2 (/ w),  f = x_t - sigma*v,  f* = (A x0 + gamma f_old + lam f_ref) / kappa,
+    kappa = A + gamma + lam. Equals A||f-x0||^2 + gamma||f-f_old||^2 + lam||f-f_ref||^2 up to a constant."""
+    s, a, g = sigma.view(-1, 1, 1, 1), adv.view(-1, 1, 1, 1), torch.as_tensor(gamma).view(-1, 1, 1, 1)
+    f = x_t - s * v
+    f_old, f_ref = x_t - s * v_old, x_t - s * v_ref
+    kappa = a + g + lam
+    f_star = (a * x0 + g * f_old + lam * f_ref) / kappa
+    per = (kappa * (f - f_star) ** 2).mean(dim=(1, 2, 3))
+    if adaptive_weight == "shared":  # spec §3.5 / §7.2: one self-normalising weight for all three terms
+        per = per / (f - x0).abs().mean(dim=(1, 2, 3)).clamp(min=1e-5).detach()
+    return per
+
+
+def nft_loss(v, v_old, x0, x_t, sigma, r, beta, weighting="separate"):
+    """DiffusionNFT (spec §3.6): v+ = beta v + (1-beta) v_old, v- = (1+beta) v_old - beta v;
+    per sample (r P + (1-r) N) / beta with x0-space errors P, N divided by adaptive weights (float64),
+    one per branch (official code) or one shared weight sg(max(mean|f_theta - x0|, 1e-5))."""
+    s = sigma.view(-1, 1, 1, 1)
+    x_pos = x_t - s * (beta * v + (1 - beta) * v_old)
+    x_neg = x_t - s * ((1 + beta) * v_old - beta * v)
+    dims = (1, 2, 3)
+    if weighting == "shared":
+        w_pos = w_neg = (x_t - s * v - x0).double().abs().mean(dims).clamp(min=1e-5).detach()
+    else:
+        w_pos = (x_pos - x0).double().abs().mean(dims).clamp(min=1e-5).detach()
+        w_neg = (x_neg - x0).double().abs().mean(dims).clamp(min=1e-5).detach()
+    pos = ((x_pos - x0).double() ** 2).mean(dims) / w_pos
+    neg = ((x_neg - x0).double() ** 2).mean(dims) / w_neg
+    return ((r * pos + (1 - r) * neg) / beta).float()
+
+
+def check_method_args(a):
+    if a.gamma_mode not in ("constant", "one-minus-a"):
+        utils.fail(f"unknown --gamma-mode {a.gamma_mode!r}; choose from: constant, one-minus-a")
+    if a.adaptive_weight not in ("shared", "none"):
+        utils.fail(f"unknown --adaptive-weight {a.adaptive_weight!r}; choose from: shared, none")
+    if a.timestep_sampling not in ("grid", "uniform"):
+        utils.fail(f"unknown --timestep-sampling {a.timestep_sampling!r}; choose from: grid, uniform")
+    if a.nft_weighting not in ("separate", "shared"):
+        utils.fail(f"unknown --nft-weighting {a.nft_weighting!r}; choose from: separate, shared")
+    if a.gamma_mode == "constant" and a.gamma + a.lam - a.adv_clip <= 0 and not a.nft:
+        utils.fail(f"--gamma {a.gamma} with --adv-clip {a.adv_clip}: kappa = A + gamma + lam can reach "
+                   f"{a.gamma + a.lam - a.adv_clip:.3g} <= 0 (non-convex); use gamma > adv_clip - lam")
+    if a.nft_beta <= 0 or a.adv_clip <= 0 or a.nft_adv_clip <= 0:
+        utils.fail("--nft-beta, --adv-clip and --nft-adv-clip must be > 0")
+    if not 0 <= a.rollout_ema_max < 1:
+        utils.fail(f"--rollout-ema-max {a.rollout_ema_max} must be in [0, 1)")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_method_args(args)
+    prompts, metadata = utils.check_args(args, utils.world_size_from_env())  # all checks before any loading
+    rank, world, device = utils.setup_distributed(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    utils.seed_everything(args.seed + rank, args.torch_deterministic)
+    run_dir = utils.run_dir_for(args, __file__)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = utils.make_writer(run_dir, args, rank)
+
+    # ---- setup: model, learner / rollout ("old") / reference views, optimizer, prompts, reward
+    model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5)
+    policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    reward_fn = rewards.build_reward(args.reward, device)
+    sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
+    eval_prompts, eval_meta = (utils.load_prompts(args.eval_prompts_file, args.model) if args.eval_prompts_file
+                               else utils.load_prompts(None, split="test") if not args.prompts_file
+                               else (prompts[:32], metadata[:32]))
+    sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
+
+    def evaluate():
+        res = None
+        if rank == 0:
+            res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
+                                 args.guidance_scale, args.num_steps, reward_fn, eval_prompts)
+        if world > 1:
+            torch.distributed.barrier()
+        return res
+
+    start_it, reward_queries, wall_before, summary = 0, 0, 0.0, {}
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        policy.load_trainable_state(ckpt["policy"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
+    else:
+        summary["base"] = evaluate()
+        if rank == 0:
+            utils.log_eval(writer, summary["base"], 0)
+            print("base:", {k: round(v, 4) for k, v in summary["base"].items() if isinstance(v, float)})
+
+    def save_checkpoint(iteration):
+        if rank == 0:
+            utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
+                policy=policy.trainable_state(), optimizer=optimizer.state_dict(), iteration=iteration,
+                reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
+                rng=utils.rng_state(), args=vars(args)))
+
+    guard = utils.NonFiniteGuard()
+    t0 = time.time()
+    bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="advantageflow")
+    completed = start_it
+    try:
+        for it in bar:
+            t_iter = time.time()
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it * 101 + rank)  # resume-exact noise
+            # ---- sample: CFG-free ODE rollouts of the rollout policy (spec §4); only final samples are kept
+            captions, meta, prompt_idx = sampler.sample(it)
+            prompt_embeds, pooled = model.encode_prompt(captions)
+            noise = torch.randn(len(captions), *model.latent_shape, generator=gen).to(device, model.dtype)
+            with policy.old() as old:
+                x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
+            # ---- reward (gathered over ranks so groups and batch statistics are global)
+            reward, parts = reward_fn(model.decode(x0), captions, meta)
+            reward_queries += len(captions) * world
+            all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
+            groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
+            local = slice(rank * len(captions), (rank + 1) * len(captions))
+            # ---- advantages: AF spec §3.1, or DiffusionNFT's optimality probability r (spec §3.1, NFT code)
+            if args.nft:
+                r = nft_optimality(all_rewards, groups, args.nft_adv_clip)
+                adv = 2 * r - 1
+            else:
+                adv = af_advantages(all_rewards, groups, args.adv_clip)
+            adv_local = adv[local].to(device)
+            # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated
+            optimizer.zero_grad(set_to_none=True)
+            n_mb = len(captions) // args.train_batch_size
+            stats, losses = [], []
+            for _ in range(args.timesteps_per_image):
+                for mb in torch.arange(len(captions)).split(args.train_batch_size):
+                    b = len(mb)
+                    if args.timestep_sampling == "grid":  # one sigma of the rollout grid per image (spec §7.1)
+                        sigma = sigmas[torch.randint(0, args.num_steps, (b,), generator=gen)]
+                    else:
+                        sigma = torch.rand(b, generator=gen)
+                    sigma = sigma.to(device)
+                    eps = torch.randn(b, *model.latent_shape, generator=gen).to(device, model.dtype)
+                    s = sigma.view(-1, 1, 1, 1)
+                    x_t = (1 - s) * x0[mb] + s * eps  # forward process, same x_t for all three models
+                    pe, pp = prompt_embeds[mb], pooled[mb]
+                    with torch.no_grad():
+                        with policy.old() as old:
+                            v_old = sampling.predict(old, x_t, sigma, pe, pp)
+                        v_ref = torch.zeros_like(v_old)
+                        if (args.nft and args.nft_kl > 0) or (not args.nft and args.lam > 0):
+                            with policy.ref() as ref:
+                                v_ref = sampling.predict(ref, x_t, sigma, pe, pp)
+                    v = sampling.predict(policy.transformer, x_t, sigma, pe, pp)
+                    if args.nft:
+                        per = nft_loss(v, v_old, x0[mb], x_t, sigma, r[local][mb].to(device), args.nft_beta,
+                                       args.nft_weighting)
+                        kl = ((v - v_ref) ** 2).mean(dim=(1, 2, 3))
+                        loss = args.nft_adv_clip * per.mean() + args.nft_kl * kl.mean()
+                    else:
+                        a = adv_local[mb]
+                        gamma = (1 - a) if args.gamma_mode == "one-minus-a" else torch.full_like(a, args.gamma)
+                        per = af_loss(v, v_old, v_ref, x0[mb], x_t, sigma, a, gamma, args.lam, args.adaptive_weight)
+                        loss = per.mean()
+                    (loss / (n_mb * args.timesteps_per_image)).backward()
+                    losses.append(loss.detach())
+                    with torch.no_grad():  # diagnostics: drift of the learner from the rollout / reference model
+                        stats.append(torch.stack([((v - v_old) ** 2).mean(), ((v - v_ref) ** 2).mean()]))
+            loss = torch.stack(losses).mean()
+            utils.sync_gradients(policy.parameters())
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            if guard.ok(loss, all_rewards, iteration=it):
+                optimizer.step()
+            # ---- rollout policy: EMA of the learner, rho_i = min(rate * i, max) (spec §7.3 / NFT eta_i)
+            rho = min(args.rollout_ema_rate * (it + 1), args.rollout_ema_max)
+            policy.update_old(rho)
+
+            # ---- log
+            if rank == 0:
+                drift_old, drift_ref = torch.stack(stats).mean(0).tolist()
+                metrics = {
+                    "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+                    "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                    "charts/lr": optimizer.param_groups[0]["lr"], "charts/rollout_ema": rho,
+                    "charts/reward_queries": reward_queries,
+                    "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
+                    "losses/adv_abs_mean": adv.abs().mean().item(),
+                    "losses/adv_clip_frac": (adv.abs() >= (1 if args.nft else args.adv_clip) - 1e-6).float().mean().item(),
+                    "losses/zero_std_group_frac": (group_mean((all_rewards - group_mean(all_rewards, groups)) ** 2, groups) == 0).float().mean().item(),
+                    "losses/v_minus_v_old_sq": drift_old, "losses/v_minus_v_ref_sq": drift_ref,
+                    "losses/skipped_updates": guard.total,
+                }
+                metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
+                utils.log_metrics(writer, metrics, it + 1)
+                bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", loss=f"{loss.item():.4f}")
+                if (it + 1) % args.log_images_every == 0:
+                    writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
+                                     it + 1, dataformats="HWC")
+            if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
+                res = evaluate()
+                if rank == 0:
+                    utils.log_eval(writer, res, it + 1)
+                    tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
+            completed = it + 1
+            if completed % args.checkpoint_every == 0:
+                save_checkpoint(completed)
+    except KeyboardInterrupt:
+        save_checkpoint(completed)
+        print(f"interrupted: checkpoint saved at iteration {completed} in {run_dir}; continue with --resume {run_dir}")
+        raise SystemExit(130)
+
+    # ---- final evaluation, model, checkpoint, summary
+    summary["final"] = evaluate()
+    if rank == 0:
+        utils.log_eval(writer, summary["final"], args.num_iterations)
+        if args.save_model:
+            policy.save_pretrained(run_dir)
+        save_checkpoint(args.num_iterations)
+        summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
+                       skipped_updates=guard.total, args=vars(args))
+        utils.write_summary(run_dir, summary)
+        b, f = summary["base"], summary["final"]
+        print(f"held-out reward {b['reward_mean']:.4f} -> {f['reward_mean']:.4f}; strict accuracy "
+              f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}; "
+              f"{summary['wall_time_s'] / 60:.1f} min; run dir {run_dir}")
+        writer.close()
+    utils.cleanup_distributed()

@@ -1,0 +1,155 @@
+"""Held-out evaluation of the base model or a fine-tuned checkpoint.
+
+    python -m common.evaluate                                  # embedded base, test split
+    python -m common.evaluate --checkpoint runs/<run>          # a method's run dir (or its lora/ dir)
+    python -m common.evaluate --prompts-file my_prompts.txt --samples-per-prompt 8 --json out.json
+
+Prints a per-category table; --json writes {reward_mean, strict_accuracy, accuracy (per category),
+partial (per category), diversity, n}; --grid saves a PNG of samples with their prompts.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+from common import shapes
+from common.sampling import sample
+
+
+@torch.no_grad()
+def generate(model, transformer, captions, seed=0, guidance_scale=1.0, num_steps=10, batch_size=128):
+    """CFG-optional Euler ODE samples for a list of captions, noise fixed by `seed` (same noise for every
+    model, so base and fine-tuned are compared on paired noise). Returns images (N, 3, H, W) in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(captions), *model.latent_shape, generator=gen)
+    sigmas = model.sigmas(num_steps)
+    neg = model.encode_prompt([""]) if guidance_scale > 1 else (None, None)
+    images = []
+    for i in range(0, len(captions), batch_size):
+        pe, pooled = model.encode_prompt(captions[i:i + batch_size])
+        n = pe.shape[0]
+        negs = (neg[0].expand(n, -1, -1), neg[1].expand(n, -1)) if guidance_scale > 1 else (None, None)
+        out = sample(transformer, pe, pooled, sigmas, noise[i:i + n].to(model.device, model.dtype),
+                     guidance_scale, *negs)
+        images.append(model.decode(out["latents"]).cpu())
+    return torch.cat(images)
+
+
+def diversity(images, groups):
+    """Mean pairwise RMS pixel distance between samples that share a prompt (groups: list of index lists)."""
+    d = []
+    for idx in groups:
+        x = images[idx].flatten(1)
+        if len(idx) > 1:
+            dist = torch.cdist(x, x) / x.shape[1] ** 0.5
+            d.append(dist[torch.triu_indices(len(idx), len(idx), 1).unbind()].mean())
+    return float(torch.stack(d).mean()) if d else 0.0
+
+
+def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guidance_scale=1.0, num_steps=10,
+                   reward_fn=None, captions=None, return_images=False):
+    """Generate `samples_per_prompt` samples per prompt. Shapes specs are scored with the mini-GenEval scorer
+    (reward_mean = partial credit); prompts without a spec (None) need `reward_fn`, whose mean is then
+    `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well."""
+    captions = captions or [s["caption"] for s in specs]
+    was_training = transformer.training
+    transformer.eval()
+    rep = [i for i in range(len(captions)) for _ in range(samples_per_prompt)]
+    rep_caps, rep_specs = [captions[i] for i in rep], [specs[i] for i in rep]
+    images = generate(model, transformer, rep_caps, seed, guidance_scale, num_steps)
+    transformer.train(was_training)
+    res = {"n": len(rep), "diversity": diversity(images, [list(range(i, i + samples_per_prompt))
+                                                          for i in range(0, len(rep), samples_per_prompt)])}
+    values = None
+    if reward_fn is not None:
+        values = reward_fn(images, rep_caps, rep_specs)[0]
+        res["train_reward_mean"] = float(values.mean())
+    if all(s is not None for s in rep_specs):
+        values, strict, _ = shapes.score(images, rep_specs)
+        cats = [c for c in shapes.CATEGORIES if any(s["category"] == c for s in rep_specs)]
+        mask = {c: torch.tensor([s["category"] == c for s in rep_specs]) for c in cats}
+        res.update(strict_accuracy=float(strict.float().mean()),
+                   accuracy={c: float(strict[m].float().mean()) for c, m in mask.items()},
+                   partial={c: float(values[m].mean()) for c, m in mask.items()})
+    if values is None:
+        raise ValueError("prompts without a shapes spec need a reward_fn to be evaluated")
+    res["reward_mean"] = float(values.mean())
+    if return_images:
+        return res, images, rep_caps, values
+    return res
+
+
+def format_table(res):
+    lines = [f"{'category':<15}{'strict acc':>12}{'partial':>10}"]
+    for c in res.get("accuracy", {}):
+        lines.append(f"{c:<15}{res['accuracy'][c]:>12.3f}{res['partial'][c]:>10.3f}")
+    lines.append(f"{'overall':<15}{res.get('strict_accuracy', float('nan')):>12.3f}{res['reward_mean']:>10.3f}")
+    lines.append(f"diversity {res['diversity']:.4f}   n = {res['n']}")
+    return "\n".join(lines)
+
+
+@dataclass
+class Args:
+    checkpoint: str | None = None
+    """a method's run directory, its lora/ or transformer/ directory (default: the base model)"""
+    model: str = "embedded"
+    """'embedded' or a diffusers SD3 id / local path"""
+    split: str = "test"
+    """train | test (shapes grammar prompts), ignored with --prompts-file"""
+    prompts_file: str | None = None
+    """one prompt per line"""
+    samples_per_prompt: int = 4
+    seed: int = 0
+    guidance_scale: float = 1.0
+    num_steps: int = 10
+    reward: str | None = None
+    """also score with this reward spec (needed for prompts outside the shapes grammar)"""
+    json: str | None = None
+    """write the metrics here"""
+    grid: str | None = None
+    """save a PNG grid of samples with prompts and scores here"""
+    device: str = "auto"
+
+
+def main(args: Args):
+    from common import models, rewards, utils
+
+    if args.split not in ("train", "test"):
+        utils.fail(f"unknown --split {args.split!r}; choose from: train, test")
+    for name in ("samples_per_prompt", "num_steps"):
+        if getattr(args, name) < 1:
+            utils.fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if args.guidance_scale < 1:
+        utils.fail(f"--guidance-scale {args.guidance_scale} must be >= 1")
+    if args.reward:
+        try:
+            rewards.parse_reward_spec(args.reward)
+        except ValueError as e:
+            utils.fail(str(e))
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        utils.fail(f"--checkpoint {args.checkpoint!r} does not exist")
+    captions, specs = utils.load_prompts(args.prompts_file, args.model, args.split)
+    if any(s is None for s in specs) and not args.reward:
+        utils.fail("prompts outside the shapes grammar need --reward (e.g. --reward pickscore)")
+    _, _, device = utils.setup_distributed(args.device)
+    model = models.load_model(args.model, device)
+    transformer = models.load_finetuned(model, args.checkpoint) if args.checkpoint else model.transformer
+    reward_fn = rewards.build_reward(args.reward, device) if args.reward else None
+    res, images, caps, values = evaluate_model(model, transformer, specs, args.samples_per_prompt, args.seed,
+                                               args.guidance_scale, args.num_steps, reward_fn, captions, True)
+    print(f"{args.checkpoint or args.model}: {len(captions)} prompts x {args.samples_per_prompt} samples")
+    print(format_table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.grid:
+        from PIL import Image
+
+        Image.fromarray(utils.image_grid(images[:64], caps[:64], values[:64])).save(args.grid)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

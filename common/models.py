@@ -1,0 +1,354 @@
+"""Model loading: the embedded base (tiny SD3 transformer in pixel space + word-level text encoder)
+or any diffusers SD3 checkpoint (id or local path), behind one small interface, plus LoRA via peft.
+
+    model = load_model("embedded")            # or "stabilityai/stable-diffusion-3.5-medium"
+    prompt_embeds, pooled_prompt_embeds = model.encode_prompt(["a red circle"])
+    images = model.decode(latents)            # (N, 3, H, W) in [0, 1]
+    sigmas = model.sigmas(num_steps)          # (num_steps + 1,), 1 -> 0, shift from the scheduler config
+"""
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+from common import shapes
+
+EMBEDDED = "embedded"
+ASSETS = Path(__file__).parent / "assets" / "embedded"
+EMBEDDED_CONFIG = {
+    "transformer": dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=6,
+                        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
+                        caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=8),
+    "text_encoder": dict(dim=64, num_layers=2, num_heads=4, max_length=10),
+    "scheduler": dict(num_train_timesteps=1000, shift=1.0),
+}
+# the 8 attention projections of every SD3 joint block (Flow-GRPO and diffusers' SD3 LoRA example)
+LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
+
+
+class TextEncoder(nn.Module):
+    """Word-level tokenizer over the shapes grammar's vocabulary + a small transformer encoder.
+    Gives SD3-shaped outputs: prompt_embeds (B, L, dim) and pooled_prompt_embeds (B, dim) (the <bos> output)."""
+
+    def __init__(self, dim=64, num_layers=2, num_heads=4, max_length=10):
+        super().__init__()
+        self.max_length = max_length
+        self.vocab = {w: i for i, w in enumerate(shapes.VOCAB)}
+        self.embed = nn.Embedding(len(self.vocab), dim)
+        self.pos = nn.Parameter(torch.randn(max_length, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, num_heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def tokenize(self, prompts):
+        ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            toks = [1] + [self.vocab.get(w, 2) for w in p.lower().split()][: self.max_length - 1]
+            ids[i, : len(toks)] = torch.tensor(toks)
+        return ids
+
+    def forward(self, prompts):
+        ids = self.tokenize(prompts).to(self.pos.device)
+        h = self.encoder(self.embed(ids) + self.pos, src_key_padding_mask=ids == 0)
+        h = self.norm(h)
+        return h, h[:, 0]
+
+
+@dataclass
+class Model:
+    """What the method scripts use. `encode_prompt`/`decode` run without gradients."""
+
+    name: str
+    transformer: nn.Module
+    text_encoders: list
+    tokenizers: list
+    vae: nn.Module | None
+    scheduler: FlowMatchEulerDiscreteScheduler
+    latent_shape: tuple  # (C, H, W)
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def is_embedded(self):
+        return self.vae is None
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts):
+        if self.is_embedded:
+            pe, pooled = self.text_encoders[0](list(prompts))
+            return pe.to(self.dtype), pooled.to(self.dtype)
+        return encode_sd3_prompt(self.text_encoders, self.tokenizers, list(prompts), self.device, self.dtype,
+                                 self.transformer.config.joint_attention_dim)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """latents -> images (N, 3, H, W) float32 in [0, 1]. Embedded: pixels are latents in [-1, 1]."""
+        if not self.is_embedded:
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            latents = self.vae.decode(latents).sample
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        """images (N, 3, H, W) in [0, 1] -> latents (used by pretraining and tests)."""
+        x = images.to(self.device) * 2 - 1
+        if not self.is_embedded:
+            x = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample()
+            x = (x - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return x.to(self.dtype)
+
+    def sigmas(self, num_steps):
+        """Sigma schedule (num_steps + 1,), from 1 to 0, with the scheduler config's shift."""
+        self.scheduler.set_timesteps(num_steps, device="cpu")
+        return self.scheduler.sigmas.float().clone()
+
+
+def build_embedded(config=EMBEDDED_CONFIG):
+    return SD3Transformer2DModel(**config["transformer"]), TextEncoder(**config["text_encoder"])
+
+
+def default_dtype(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_model_available(name):
+    """Fail with one line (no hub is reachable) before any loading."""
+    if name == EMBEDDED:
+        for f in ("config.json", "transformer.safetensors", "text_encoder.safetensors"):
+            if not (ASSETS / f).is_file():
+                raise SystemExit(f"error: embedded base weights missing: {ASSETS / f}; "
+                                 "restore common/assets from git or run `python -m common.pretrain`")
+        return
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "model_index.json")) and not os.path.isdir(os.path.join(name, "transformer")):
+            raise SystemExit(f"error: --model {name!r} is a directory but not a diffusers SD3 pipeline "
+                             "(no model_index.json / transformer/)")
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+        raise SystemExit(f"error: --model {name!r} is neither 'embedded', a local directory, nor in the local "
+                         "Hugging Face cache, and no network/hub is reachable; download it elsewhere and pass "
+                         "its local path (e.g. --model /path/to/stable-diffusion-3.5-medium)")
+
+
+def load_embedded(device="cpu", dtype=torch.float32, path=ASSETS):
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        transformer, text_encoder = build_embedded(config)
+        transformer.load_state_dict({k: v.float() for k, v in load_file(path / "transformer.safetensors").items()})
+        text_encoder.load_state_dict({k: v.float() for k, v in load_file(path / "text_encoder.safetensors").items()})
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: embedded base weights in {path} are missing or corrupt ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); restore them from git or run `python -m common.pretrain`")
+    text_encoder.requires_grad_(False).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
+    c = config["transformer"]
+    return Model(EMBEDDED, transformer.to(device=device, dtype=dtype), [text_encoder.to(device)], [], None, scheduler,
+                 (c["in_channels"], c["sample_size"], c["sample_size"]), torch.device(device), dtype)
+
+
+def load_sd3(name, device="cpu", dtype=None, resolution=512, use_t5=False):
+    """Any diffusers SD3 pipeline (hub id in the local cache, or a local directory)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    dtype = dtype or default_dtype(device)
+    kw = dict(torch_dtype=dtype)
+    transformer = SD3Transformer2DModel.from_pretrained(name, subfolder="transformer", **kw)
+    vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=torch.float32)  # decode in fp32
+    encoders = [CLIPTextModelWithProjection.from_pretrained(name, subfolder=s, **kw) for s in ("text_encoder", "text_encoder_2")]
+    tokenizers = [CLIPTokenizer.from_pretrained(name, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+    if use_t5:  # diffusers documents dropping T5 (text_encoder_3=None) as a memory/quality trade-off
+        encoders.append(T5EncoderModel.from_pretrained(name, subfolder="text_encoder_3", **kw))
+        tokenizers.append(T5TokenizerFast.from_pretrained(name, subfolder="tokenizer_3"))
+    for m in [vae, *encoders]:
+        m.requires_grad_(False).eval().to(device)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (transformer.config.in_channels, resolution // factor, resolution // factor)
+    return Model(name, transformer.to(device), encoders, tokenizers, vae, scheduler, shape, torch.device(device), dtype)
+
+
+def encode_sd3_prompt(encoders, tokenizers, prompts, device, dtype, joint_dim=4096, max_t5_length=256):
+    """SD3 prompt encoding as in diffusers' StableDiffusion3Pipeline: penultimate hidden states of CLIP-L and
+    CLIP-G concatenated on the feature axis and zero-padded to the T5 width, then T5 tokens (or zeros when T5
+    is dropped) appended on the sequence axis; pooled = both CLIP projections concatenated."""
+    clip_embeds, pooled = [], []
+    for enc, tok in zip(encoders[:2], tokenizers[:2]):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        out = enc(ids, output_hidden_states=True)
+        clip_embeds.append(out.hidden_states[-2])
+        pooled.append(out.text_embeds)
+    clip = torch.cat(clip_embeds, -1)
+    clip = nn.functional.pad(clip, (0, joint_dim - clip.shape[-1]))
+    if len(encoders) > 2:
+        ids = tokenizers[2](prompts, padding="max_length", max_length=max_t5_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+        t5 = encoders[2](ids)[0]
+    else:
+        t5 = torch.zeros(len(prompts), max_t5_length, joint_dim, device=device)
+    return torch.cat([clip, t5.to(clip.dtype)], -2).to(dtype), torch.cat(pooled, -1).to(dtype)
+
+
+def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=False):
+    check_model_available(name)
+    if name == EMBEDDED:
+        return load_embedded(device, dtype or torch.float32)
+    return load_sd3(name, device, dtype, resolution, use_t5)
+
+
+def save_embedded(transformer, text_encoder, path=ASSETS, config=EMBEDDED_CONFIG):
+    """Weights stored in fp16 (keeps the committed files small); loaded back in fp32."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for name, m in (("transformer", transformer), ("text_encoder", text_encoder)):
+        sd = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in m.state_dict().items()}
+        save_file(sd, path / f"{name}.safetensors.tmp")
+        os.replace(path / f"{name}.safetensors.tmp", path / f"{name}.safetensors")
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+
+
+# ----------------------------------------------------------------------------------- policies
+class Policy:
+    """The learner and the two frozen views every method needs, over one transformer.
+
+    LoRA (rank > 0, peft): learner = adapter "default"; `ref()` = adapters disabled (the base model);
+    `old()` = a second adapter "old" (created with `with_old=True`) for a rollout / old policy.
+    Full fine-tuning (rank 0, the embedded default): learner = the transformer itself; `ref()` = a frozen
+    copy of the base; `old()` = a frozen copy updated by `update_old`.
+    `ref()` / `old()` are context managers yielding a module to call under torch.no_grad()."""
+
+    def __init__(self, transformer, lora_rank=0, lora_alpha=None, target_modules=LORA_TARGETS, with_old=False):
+        import copy
+
+        self.transformer, self.lora_rank = transformer, lora_rank
+        if lora_rank > 0:
+            from peft import LoraConfig
+
+            transformer.requires_grad_(False)
+            self.lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank,
+                                          init_lora_weights="gaussian", target_modules=list(target_modules))
+            transformer.add_adapter(self.lora_config, adapter_name="default")
+            if with_old:
+                transformer.add_adapter(self.lora_config, adapter_name="old")
+                self._copy_adapter("default", "old")
+            transformer.set_adapter("default")
+            self.ref_model = self.old_model = None
+        else:
+            transformer.requires_grad_(True)
+            self.ref_model = copy.deepcopy(transformer).requires_grad_(False).eval()
+            self.old_model = copy.deepcopy(transformer).requires_grad_(False).eval() if with_old else None
+        self.has_old = with_old
+
+    def parameters(self):
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def _adapter_params(self, name):
+        return {k: p for k, p in self.transformer.named_parameters() if f".{name}." in k and "lora_" in k}
+
+    @torch.no_grad()
+    def _copy_adapter(self, src, dst):
+        d = self._adapter_params(dst)
+        for k, p in self._adapter_params(src).items():
+            d[k.replace(f".{src}.", f".{dst}.")].copy_(p)
+
+    @contextlib.contextmanager
+    def ref(self):
+        if self.lora_rank > 0:
+            self.transformer.disable_adapters()
+            try:
+                yield self.transformer
+            finally:
+                self.transformer.enable_adapters()
+                self.transformer.set_adapter("default")
+        else:
+            yield self.ref_model
+
+    @contextlib.contextmanager
+    def old(self):
+        assert self.has_old, "Policy(with_old=True) is needed for old()"
+        if self.lora_rank > 0:
+            self.transformer.set_adapter("old")
+            try:
+                yield self.transformer
+            finally:
+                self.transformer.set_adapter("default")  # also makes "default" trainable again
+        else:
+            yield self.old_model
+
+    @torch.no_grad()
+    def update_old(self, decay):
+        """old <- decay * old + (1 - decay) * learner (decay 0 = copy)."""
+        if self.lora_rank > 0:
+            d = self._adapter_params("default")
+            for k, p in self._adapter_params("old").items():
+                p.lerp_(d[k.replace(".old.", ".default.")], 1 - decay)
+        else:
+            for p, q in zip(self.old_model.parameters(), self.transformer.parameters()):
+                p.lerp_(q, 1 - decay)
+
+    def trainable_state(self):
+        """What a checkpoint must hold: LoRA tensors (both adapters) or full weights (+ old copy)."""
+        if self.lora_rank > 0:
+            return {k: v.detach().clone() for k, v in self.transformer.state_dict().items() if "lora_" in k}
+        sd = {"learner." + k: v for k, v in self.transformer.state_dict().items()}
+        if self.old_model is not None:
+            sd.update({"old." + k: v for k, v in self.old_model.state_dict().items()})
+        return sd
+
+    def load_trainable_state(self, sd):
+        if self.lora_rank > 0:
+            missing = set(k for k in self.transformer.state_dict() if "lora_" in k) - set(sd)
+            if missing:
+                raise ValueError(f"checkpoint lacks {len(missing)} LoRA tensors (e.g. {sorted(missing)[0]})")
+            self.transformer.load_state_dict(sd, strict=False)
+        else:
+            self.transformer.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("learner.")})
+            if self.old_model is not None:
+                self.old_model.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("old.")})
+
+    def save_pretrained(self, run_dir):
+        """LoRA -> run_dir/lora (diffusers format, `StableDiffusion3Pipeline.load_lora_weights` reads it);
+        full fine-tuning -> run_dir/transformer (diffusers `save_pretrained`)."""
+        from diffusers import StableDiffusion3Pipeline
+        from peft.utils import get_peft_model_state_dict
+
+        if self.lora_rank > 0:
+            sd = get_peft_model_state_dict(self.transformer, adapter_name="default")
+            StableDiffusion3Pipeline.save_lora_weights(os.path.join(run_dir, "lora"), transformer_lora_layers=sd,
+                                                       transformer_lora_adapter_metadata=self.lora_config.to_dict())
+        else:
+            self.transformer.save_pretrained(os.path.join(run_dir, "transformer"))
+
+
+def load_finetuned(model, checkpoint):
+    """Apply a method's output to a loaded Model: a LoRA dir, a full `transformer/` dir, or a run dir holding
+    either. Returns the transformer to sample with."""
+    path = Path(checkpoint)
+    for cand in (path, path / "lora", path / "transformer"):
+        if (cand / "pytorch_lora_weights.safetensors").is_file():
+            model.transformer.load_lora_adapter(str(cand), prefix="transformer", adapter_name="default")
+            return model.transformer
+        if (cand / "config.json").is_file() and (cand / "diffusion_pytorch_model.safetensors").is_file():
+            t = SD3Transformer2DModel.from_pretrained(str(cand), torch_dtype=model.dtype).to(model.device)
+            model.transformer = t
+            return t
+    raise SystemExit(f"error: --checkpoint {checkpoint!r} holds no LoRA (pytorch_lora_weights.safetensors) and no "
+                     "transformer/ weights; pass a run directory, its lora/ or its transformer/ directory")

@@ -1,0 +1,192 @@
+"""Rewards: one interface, a registry, weighted combinations from the command line.
+
+A reward is a callable `(images, prompts, metadata) -> torch.Tensor (N,)` where images are float
+(N, 3, H, W) in [0, 1] on any device, prompts a list of str, metadata a list of dicts (for the embedded
+world: the prompt's shapes spec) or None.
+
+    reward_fn = build_reward("shapes=1.0,jpeg_compressibility=0.1", device)
+    rewards, parts = reward_fn(images, prompts, metadata)      # parts: {name: (N,)} for logging
+
+Embedded (no weights): shapes, shapes_strict, jpeg_compressibility, jpeg_incompressibility.
+Real (transformers, loaded lazily from a hub id in the local cache or a local path, see --reward-model-paths):
+pickscore, clipscore, vlm. An aesthetic predictor is not included: it needs bespoke MLP weight files.
+"""
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import shapes
+
+REAL_DEFAULT_PATHS = {
+    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),  # (model, processor)
+    "clipscore": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
+    "vlm": ("Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
+}
+
+
+def to_uint8(images):
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _specs(prompts, metadata):
+    return [m if m is not None else shapes.parse_caption(p) for p, m in zip(prompts, metadata or [None] * len(prompts))]
+
+
+def shapes_partial(images, prompts, metadata=None):
+    """Mini-GenEval partial credit in [0, 1] (common/shapes.py `score`)."""
+    return shapes.score(images, _specs(prompts, metadata))[0]
+
+
+def shapes_strict(images, prompts, metadata=None):
+    """Mini-GenEval strict pass/fail as 0/1."""
+    return shapes.score(images, _specs(prompts, metadata))[1].float()
+
+
+def jpeg_size_kb(images, quality=95):
+    sizes = []
+    for arr in to_uint8(images):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        sizes.append(buf.tell() / 1000)
+    return torch.tensor(sizes)
+
+
+def jpeg_compressibility(images, prompts=None, metadata=None):
+    """-(JPEG size in kB at quality 95), as in DDPO / Flow-GRPO's compression task."""
+    return -jpeg_size_kb(images)
+
+
+def jpeg_incompressibility(images, prompts=None, metadata=None):
+    return jpeg_size_kb(images)
+
+
+class PickScore:
+    """PickScore (Kirstain et al. 2023): logit_scale * cos(image, text) of a CLIP-H model fine-tuned on Pick-a-Pic."""
+
+    def __init__(self, device, model_path=None, processor_path=None, batch_size=32):
+        from transformers import AutoModel, AutoProcessor
+
+        model_path, processor_path = model_path or REAL_DEFAULT_PATHS["pickscore"][0], processor_path or REAL_DEFAULT_PATHS["pickscore"][1]
+        self.processor = AutoProcessor.from_pretrained(processor_path)
+        self.model = AutoModel.from_pretrained(model_path).eval().requires_grad_(False).to(device)
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata=None):
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            pix = self.processor(images=list(to_uint8(images[i:i + self.batch_size])), return_tensors="pt")
+            txt = self.processor(text=prompts[i:i + self.batch_size], padding=True, truncation=True, max_length=77,
+                                 return_tensors="pt")
+            img_emb = self.model.get_image_features(pixel_values=pix["pixel_values"].to(self.device, self.model.dtype))
+            txt_emb = self.model.get_text_features(**{k: v.to(self.device) for k, v in txt.items()})
+            img_emb, txt_emb = _features(img_emb), _features(txt_emb)
+            cos = torch.nn.functional.cosine_similarity(img_emb.float(), txt_emb.float(), dim=-1)
+            out.append(self.model.logit_scale.exp().float() * cos)
+        return torch.cat(out).cpu()
+
+
+def _features(x):
+    return x if torch.is_tensor(x) else x.pooler_output
+
+
+class CLIPScore(PickScore):
+    """Cosine similarity of CLIP image and text embeddings (ViT-L/14 by default), in [-1, 1]."""
+
+    def __init__(self, device, model_path=None, processor_path=None, batch_size=32):
+        super().__init__(device, model_path or REAL_DEFAULT_PATHS["clipscore"][0],
+                         processor_path or REAL_DEFAULT_PATHS["clipscore"][1], batch_size)
+
+    def __call__(self, images, prompts, metadata=None):
+        return super().__call__(images, prompts, metadata) / self.model.logit_scale.exp().float().cpu()
+
+
+class VLMYesNo:
+    """A Qwen2.5-VL-style VLM asked whether the image shows the prompt; reward = 100 * sigmoid(logit_yes - logit_no)
+    of the first answer token (as FDFO does)."""
+
+    question = 'Does this image show "{prompt}"? Answer yes or no.'
+
+    def __init__(self, device, model_path=None, processor_path=None, batch_size=8):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model_path = model_path or REAL_DEFAULT_PATHS["vlm"][0]
+        self.processor = AutoProcessor.from_pretrained(processor_path or model_path)
+        self.processor.tokenizer.padding_side = "left"  # the next-token logits sit at the last position
+        self.model = AutoModelForImageTextToText.from_pretrained(model_path).eval().requires_grad_(False).to(device)
+        tok = self.processor.tokenizer
+        self.yes, self.no = (tok.encode(w, add_special_tokens=False)[0] for w in ("yes", "no"))
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata=None):
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            imgs = [Image.fromarray(a) for a in to_uint8(images[i:i + self.batch_size])]
+            msgs = [[{"role": "user", "content": [{"type": "image"},
+                                                  {"type": "text", "text": self.question.format(prompt=p)}]}]
+                    for p in prompts[i:i + self.batch_size]]
+            text = [self.processor.apply_chat_template(m, add_generation_prompt=True) for m in msgs]
+            inputs = self.processor(text=text, images=imgs, padding=True, return_tensors="pt").to(self.device)
+            logits = self.model(**inputs).logits[:, -1].float()
+            out.append(100 * torch.sigmoid(logits[:, self.yes] - logits[:, self.no]))
+        return torch.cat(out).cpu()
+
+
+EMBEDDED_REWARDS = {"shapes": shapes_partial, "shapes_strict": shapes_strict,
+                    "jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility}
+REAL_REWARDS = {"pickscore": PickScore, "clipscore": CLIPScore, "vlm": VLMYesNo}
+REWARDS = sorted([*EMBEDDED_REWARDS, *REAL_REWARDS])
+
+
+def parse_reward_spec(spec):
+    """'shapes=1.0,jpeg_compressibility=0.1' (or 'shapes') -> {'shapes': 1.0, ...}. Raises ValueError with one line."""
+    weights = {}
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, _, w = part.partition("=")
+        name = name.strip()
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r}; choose from: {', '.join(REWARDS)}")
+        try:
+            weights[name] = float(w) if w else 1.0
+        except ValueError:
+            raise ValueError(f"malformed reward weight {w!r} for {name!r} in --reward {spec!r}; "
+                             "use name=float pairs, e.g. shapes=1.0,jpeg_compressibility=0.1") from None
+        if not np.isfinite(weights[name]):
+            raise ValueError(f"reward weight for {name!r} must be finite, got {w!r}")
+    if not weights:
+        raise ValueError(f"empty --reward {spec!r}; choose from: {', '.join(REWARDS)}")
+    return weights
+
+
+class RewardFn:
+    """Weighted sum of registered rewards. Real reward models load on first construction.
+    `paths` maps a real reward name to a model path (or 'model_path|processor_path')."""
+
+    def __init__(self, spec, device="cpu", paths=None):
+        self.weights = parse_reward_spec(spec)
+        self.fns = {}
+        for name in self.weights:
+            if name in EMBEDDED_REWARDS:
+                self.fns[name] = EMBEDDED_REWARDS[name]
+            else:
+                m, _, p = (paths or {}).get(name, "").partition("|")
+                self.fns[name] = REAL_REWARDS[name](device, m or None, p or None)
+
+    def __call__(self, images, prompts, metadata=None):
+        parts = {}
+        for name, fn in self.fns.items():
+            try:
+                parts[name] = fn(images, prompts, metadata).float().cpu()
+            except Exception as e:
+                raise RuntimeError(f"reward {name!r} failed on prompts {list(prompts)[:4]}"
+                                   f"{'...' if len(prompts) > 4 else ''}: {type(e).__name__}: {e}") from e
+        total = sum(self.weights[n] * r for n, r in parts.items())
+        return total, parts
+
+
+def build_reward(spec, device="cpu", paths=None):
+    return RewardFn(spec, device, paths)

@@ -1,0 +1,285 @@
+"""Training utilities shared by the method scripts: argument checks, seeding, run directory + TensorBoard,
+image grids, prompt groups sharded over ranks, DDP helpers, atomic checkpoints, summary.json."""
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common import models, rewards, shapes
+
+
+# ----------------------------------------------------------------------------------- argument checks
+def fail(msg):
+    """One clear line on stderr and a non-zero exit (used before any model is loaded)."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_args(args, world_size=1):
+    """Validate the flags every method shares. Runs before any model loading. Returns the prompt pool."""
+    a = args
+    try:
+        rewards.parse_reward_spec(a.reward)
+    except ValueError as e:
+        fail(str(e))
+    if a.lr < 0:
+        fail(f"--lr {a.lr} must be >= 0 (0 is allowed as a no-learning control)")
+    for name in ("num_iterations", "num_steps", "group_size", "prompts_per_iter"):
+        if hasattr(a, name) and getattr(a, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+    if a.guidance_scale < 1:
+        fail(f"--guidance-scale {a.guidance_scale} must be >= 1 (1 = no classifier-free guidance)")
+    if a.lora_rank < 0:
+        fail(f"--lora-rank {a.lora_rank} must be >= 1 for LoRA, or 0 for full fine-tuning")
+    if a.model != models.EMBEDDED and a.lora_rank == 0:
+        print("warning: --lora-rank 0 fully fine-tunes an SD3 model (needs a full frozen copy)", file=sys.stderr)
+    n = a.prompts_per_iter * a.group_size
+    if n % world_size:
+        fail(f"the prompt batch prompts_per_iter*group_size = {n} is not divisible by the world size {world_size}")
+    if a.train_batch_size < 1 or (n // world_size) % a.train_batch_size:
+        fail(f"--train-batch-size {a.train_batch_size} must divide the per-process batch {n // world_size} "
+             f"(prompts_per_iter*group_size/world_size)")
+    if a.resume:
+        p = Path(a.resume)
+        if not (p.is_file() or (p / "checkpoint.pt").is_file()):
+            fail(f"--resume {a.resume!r}: no checkpoint file there (expected a checkpoint.pt or a run directory "
+                 "holding one)")
+    if a.output_dir:
+        d = Path(a.output_dir)
+        parent = next((q for q in [d, *d.parents] if q.exists()), Path("."))
+        if not os.access(parent, os.W_OK) or (d.exists() and not d.is_dir()):
+            fail(f"--output-dir {a.output_dir!r} is not writable")
+    prompts = load_prompts(a.prompts_file, a.model, "train")
+    try:
+        models.check_model_available(a.model)
+    except SystemExit as e:
+        fail(str(e).removeprefix("error: "))
+    return prompts
+
+
+def load_prompts(prompts_file, model=models.EMBEDDED, split="train"):
+    """-> (captions, metadata). A prompts file has one prompt per line; for the embedded model every line must
+    parse with the shapes grammar (the error names the line). No file: the shapes grammar's `split`."""
+    if not prompts_file:
+        specs = shapes.split_specs(split)
+        return [s["caption"] for s in specs], specs
+    if not os.path.isfile(prompts_file):
+        fail(f"--prompts-file {prompts_file!r} does not exist")
+    lines = [(i, l.strip()) for i, l in enumerate(Path(prompts_file).read_text().splitlines(), 1) if l.strip()]
+    if not lines:
+        fail(f"--prompts-file {prompts_file!r} holds no prompts (one prompt per line expected)")
+    meta = []
+    for i, line in lines:
+        try:
+            meta.append(shapes.parse_caption(line))
+        except ValueError as e:
+            if model == models.EMBEDDED:
+                fail(f"{prompts_file} line {i}: {e}")
+            meta.append(None)
+    return [l for _, l in lines], meta
+
+
+# ----------------------------------------------------------------------------------- run set-up
+def seed_everything(seed, deterministic=True):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def run_dir_for(args, script_file):
+    exp = Path(script_file).stem
+    if args.output_dir:
+        return Path(args.output_dir)
+    if args.resume:
+        p = Path(args.resume)
+        return p if p.is_dir() else p.parent
+    task = "shapes" if args.model == models.EMBEDDED else Path(args.model).name
+    return Path("runs") / f"{task}__{exp}__{args.seed}__{int(time.time())}"
+
+
+def make_writer(run_dir, args, rank=0):
+    """TensorBoard writer (rank 0 only) whose first entry is a table of every hyperparameter."""
+    if rank != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_dir.name)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer
+
+
+def image_grid(images, captions, values=None, scale=4, ncol=8):
+    """A uint8 (H, W, 3) grid with each image's caption (and value) written under it."""
+    from PIL import Image, ImageDraw
+
+    imgs = rewards.to_uint8(images)
+    h, w = imgs.shape[1] * scale, imgs.shape[2] * scale
+    cell_h = h + 24
+    ncol = min(ncol, len(imgs))
+    nrow = (len(imgs) + ncol - 1) // ncol
+    canvas = Image.new("RGB", (ncol * w, nrow * cell_h), (40, 40, 40))
+    draw = ImageDraw.Draw(canvas)
+    for i, arr in enumerate(imgs):
+        x, y = (i % ncol) * w, (i // ncol) * cell_h
+        canvas.paste(Image.fromarray(arr).resize((w, h), Image.NEAREST), (x, y))
+        text = captions[i][: w // 6]
+        draw.text((x + 2, y + h + 1), text, fill=(255, 255, 255))
+        if values is not None:
+            draw.text((x + 2, y + h + 12), f"{float(values[i]):.3f}", fill=(255, 220, 120))
+    return np.asarray(canvas)
+
+
+def log_metrics(writer, metrics, step):
+    if writer is not None:
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, step)
+
+
+def log_eval(writer, res, step, prefix="eval/"):
+    """Held-out metrics: reward, strict accuracy, per-category accuracy, diversity."""
+    if writer is None:
+        return
+    writer.add_scalar(prefix + "reward_mean", res["reward_mean"], step)
+    writer.add_scalar(prefix + "strict_accuracy", res["strict_accuracy"], step)
+    writer.add_scalar(prefix + "diversity", res["diversity"], step)
+    for c, v in res.get("accuracy", {}).items():
+        writer.add_scalar(prefix + f"accuracy_{c}", v, step)
+
+
+# ----------------------------------------------------------------------------------- prompts and DDP
+class PromptSampler:
+    """Each iteration: `prompts_per_iter` prompt indices (same on every rank), each repeated `group_size` times,
+    then this rank's contiguous shard. Indices, not token ids, identify the groups. Deterministic in
+    (seed, iteration), so a resumed run draws the same prompts."""
+
+    def __init__(self, prompts, metadata, prompts_per_iter, group_size, seed=0, rank=0, world_size=1):
+        self.prompts, self.metadata = prompts, metadata
+        self.L, self.K, self.seed, self.rank, self.world = prompts_per_iter, group_size, seed, rank, world_size
+
+    def sample(self, iteration):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        n = len(self.prompts)
+        idx = torch.randperm(n, generator=g)[: self.L] if self.L <= n else torch.randint(n, (self.L,), generator=g)
+        full = idx.repeat_interleave(self.K)  # (L*K,) prompt index per sample, groups contiguous
+        per = len(full) // self.world
+        local = full[self.rank * per:(self.rank + 1) * per]
+        return ([self.prompts[i] for i in local], [self.metadata[i] for i in local], local)
+
+
+def setup_distributed(device=None):
+    """torchrun -> (rank, world_size, device); one process otherwise. gloo on CPU, nccl on GPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device is None or device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    return rank, world, torch.device(device)
+
+
+def world_size_from_env():
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def all_gather_cat(t):
+    """Concatenate a tensor from every rank along dim 0 (same shape on every rank), in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def sync_gradients(params):
+    """Average gradients over ranks (what DDP does), explicit so any forward pattern works."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path, state):
+    """Atomic: write to a temporary file, fsync, then rename over the old checkpoint, so a kill while saving
+    never leaves a corrupt latest checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"--resume {str(path)!r} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def write_summary(run_dir, summary):
+    tmp = Path(run_dir) / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, Path(run_dir) / "summary.json")
+
+
+class NonFiniteGuard:
+    """Skip updates whose loss or rewards are not finite; stop after `patience` in a row."""
+
+    def __init__(self, patience=5):
+        self.patience, self.in_a_row, self.total = patience, 0, 0
+
+    def ok(self, *tensors, iteration=0):
+        if all(torch.isfinite(t).all() for t in tensors):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        print(f"warning: non-finite loss/reward at iteration {iteration}; update skipped "
+              f"({self.in_a_row} in a row)", file=sys.stderr)
+        if self.in_a_row >= self.patience:
+            raise SystemExit(f"error: {self.in_a_row} non-finite updates in a row, last at iteration {iteration}; "
+                             "stopping (the last good checkpoint is kept)")
+        return False

@@ -1,0 +1,47 @@
+"""Tiny random SD3 pipeline built in code (no download): the offline stand-in for
+stabilityai/stable-diffusion-3.5-medium. Same classes, same code path, toy sizes; T5 dropped."""
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def build_tiny_sd3(path, seed=0):
+    """Write a diffusers SD3 pipeline directory (model_index.json + subfolders) to `path` and return it.
+    32x32 images, 4-channel latents at 16x16 (VAE factor 2), two 32-wide CLIP text encoders."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                                        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.5, shift_factor=0.06)
+    # a byte-level-free toy BPE: single characters (+ end-of-word forms) and a few merges
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges = ["#version: 0.2", "r e", "o n", "c i"]
+    for m in merges[1:]:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    tok_dir = path / "_tok"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("\n".join(merges) + "\n")
+    tokenizers = [CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+                                pad_token="<|endoftext|>") for _ in range(2)]
+    cfg = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**cfg)) for _ in range(2)]
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0],
+                                    text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(str(path))
+    return path
