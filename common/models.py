@@ -151,7 +151,7 @@ def load_embedded(device="cpu", dtype=torch.float32, path=ASSETS):
         transformer, text_encoder = build_embedded(config)
         transformer.load_state_dict({k: v.float() for k, v in load_file(path / "transformer.safetensors").items()})
         text_encoder.load_state_dict({k: v.float() for k, v in load_file(path / "text_encoder.safetensors").items()})
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
+    except Exception as e:  # missing file, bad header, wrong shapes ...
         raise SystemExit(f"error: embedded base weights in {path} are missing or corrupt ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]}); restore them from git or run `python -m common.pretrain`")
     text_encoder.requires_grad_(False).eval()
@@ -344,7 +344,8 @@ def load_finetuned(model, checkpoint):
     path = Path(checkpoint)
     for cand in (path, path / "lora", path / "transformer"):
         if (cand / "pytorch_lora_weights.safetensors").is_file():
-            model.transformer.load_lora_adapter(str(cand), prefix="transformer", adapter_name="default")
+            model.transformer.load_lora_adapter(str(cand), prefix="transformer", adapter_name="default",
+                                                weight_name="pytorch_lora_weights.safetensors")
             return model.transformer
         if (cand / "config.json").is_file() and (cand / "diffusion_pytorch_model.safetensors").is_file():
             t = SD3Transformer2DModel.from_pretrained(str(cand), torch_dtype=model.dtype).to(model.device)

@@ -1,0 +1,327 @@
+"""Tests of common/: the shapes world and scorer, samplers, model loading, LoRA policies, utilities."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from common import models, sampling, shapes, utils  # noqa: E402
+from common.evaluate import evaluate_model  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+# ----------------------------------------------------------------------------------- shapes world
+def test_scorer_on_ground_truth_renders():
+    specs = shapes.split_specs("all") * 5
+    partial, strict, _ = shapes.score(shapes.render_batch(specs, seed=123), specs)
+    assert strict.float().mean() >= 0.99
+    assert partial.mean() >= 0.995
+
+
+def test_scorer_rejects_wrong_images():
+    spec = shapes.parse_caption("two red circles")
+    black = torch.zeros(1, 3, 32, 32)
+    p, s, r = shapes.score(black, [spec])
+    assert p.item() == 0 and not s.item()
+    blue = shapes.render_batch([shapes.parse_caption("two blue circles")], seed=0)
+    p, s, r = shapes.score(blue, [spec])
+    assert r[0] == {"present_0": True, "color_0": False, "count_0": False} and abs(p.item() - 1 / 3) < 1e-6
+    three = shapes.render_batch([shapes.parse_caption("three red circles")], seed=0)
+    assert shapes.score(three, [spec])[2][0]["count_0"] is False
+    swapped = shapes.render_batch([shapes.parse_caption("a square left of a circle")], seed=0)
+    res = shapes.score(swapped, [shapes.parse_caption("a square right of a circle")])[2][0]
+    assert res["present_0"] and res["present_1"] and not res["position"]
+
+
+def test_grammar_round_trip_and_categories():
+    specs = shapes.all_specs()
+    assert len({s["caption"] for s in specs}) == len(specs)
+    for s in specs:
+        assert shapes.parse_caption(s["caption"]) == s
+        assert shapes.parse_caption("  " + s["caption"].upper() + " ") == s
+    assert set(s["category"] for s in specs) == set(shapes.CATEGORIES)
+    with pytest.raises(ValueError, match="cannot parse prompt 'a purple circle'"):
+        shapes.parse_caption("a purple circle")
+
+
+def test_splits_are_deterministic_and_hold_out_compositions():
+    train, test = shapes.split_specs("train"), shapes.split_specs("test")
+    assert [s["caption"] for s in train] == [s["caption"] for s in shapes.split_specs("train")]
+    shared = {s["caption"] for s in train} & {s["caption"] for s in test}
+    # only the two categories with 3 captions each are shared; every other test composition is unseen
+    assert all(shapes.parse_caption(c)["category"] in ("single_object", "two_object") for c in shared)
+    train_keys = {k for s in train for k in shapes._composition_key(s)}
+    for s in test:
+        if s["category"] not in ("single_object", "two_object"):
+            assert any(k in shapes.HELD_OUT and k not in train_keys for k in shapes._composition_key(s)), s
+    assert len(test) >= 30 and len(train) >= 80
+
+
+# ----------------------------------------------------------------------------------- samplers
+def _tiny_transformer(seed=0):
+    torch.manual_seed(seed)
+    t, _ = models.build_embedded()
+    return t.eval()
+
+
+def _inputs(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 3, 32, 32, generator=g), torch.randn(b, 10, 64, generator=g), torch.randn(b, 64, generator=g))
+
+
+def test_sde_step_noise_level_zero_is_euler():
+    x, v, _ = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), None
+    out, lp, mean, std = sampling.sde_step_with_logprob(v, 0.6, 0.4, x, noise_level=0.0)
+    assert torch.allclose(out, x + (0.4 - 0.6) * v, atol=1e-6) and torch.allclose(mean, out)
+
+
+def test_sde_logprob_matches_gaussian_density():
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    sigma, sigma_next, a = 0.7, 0.55, 0.7
+    prev, lp, mean, std = sampling.sde_step_with_logprob(v, sigma, sigma_next, x, a, generator=g)
+    # independent computation of Flow-GRPO eq. 9 with torch.distributions
+    dt = sigma_next - sigma
+    std_t = math.sqrt(sigma / (1 - sigma)) * a
+    mu = x + (v + std_t**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
+    ref = torch.distributions.Normal(mu, std_t * math.sqrt(-dt)).log_prob(prev).mean(dim=(1, 2, 3))
+    assert torch.allclose(lp, ref, atol=1e-5)
+    assert torch.allclose(mean, mu, atol=1e-6)
+
+
+def test_ode_sampler_matches_diffusers_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    transformer = _tiny_transformer()
+    latents, pe, pooled = _inputs()
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(6)
+    sigmas = sched.sigmas.clone()
+    ours = sampling.sample(transformer, pe, pooled, sigmas, latents, return_trajectory=True)["trajectory"]
+    x = latents.clone()
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            v = transformer(hidden_states=x, timestep=t.expand(3), encoder_hidden_states=pe, pooled_projections=pooled).sample
+            x = sched.step(v, t, x).prev_sample
+            assert torch.allclose(ours[:, i + 1], x, atol=1e-5), f"step {i}"
+
+
+def test_cfg_combines_conditional_and_unconditional():
+    transformer = _tiny_transformer()
+    x, pe, pooled = _inputs(2)
+    npe, npool = torch.zeros_like(pe), torch.zeros_like(pooled)
+    with torch.no_grad():
+        c = sampling.predict(transformer, x, 0.5, pe, pooled)
+        u = sampling.predict(transformer, x, 0.5, npe, npool)
+        g = sampling.predict(transformer, x, 0.5, pe, pooled, 4.5, npe, npool)
+    assert torch.allclose(g, u + 4.5 * (c - u), atol=1e-4)
+
+
+def test_on_policy_logprob_recomputation_ratio_is_one():
+    transformer = _tiny_transformer()
+    latents, pe, pooled = _inputs()
+    sigmas = torch.linspace(1, 0, 5)
+    out = sampling.sample(transformer, pe, pooled, sigmas, latents, noise_level=0.7,
+                          generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    traj, lps = out["trajectory"], out["log_probs"]
+    for i in range(4):
+        with torch.no_grad():
+            v = sampling.predict(transformer, traj[:, i], sigmas[i], pe, pooled)
+        _, lp, _, _ = sampling.sde_step_with_logprob(v, sigmas[i], sigmas[i + 1], traj[:, i], 0.7,
+                                                     prev_sample=traj[:, i + 1], sigma_max=sigmas[1].item())
+        assert torch.equal(torch.exp(lp - lps[:, i]), torch.ones(3))
+
+
+# ----------------------------------------------------------------------------------- models
+def test_embedded_model_forward_shapes():
+    model = models.load_model("embedded")
+    pe, pooled = model.encode_prompt(["a red circle", "two squares", ""])
+    assert pe.shape == (3, 10, 64) and pooled.shape == (3, 64)
+    v = sampling.predict(model.transformer, torch.randn(3, *model.latent_shape), 0.5, pe, pooled)
+    assert v.shape == (3, 3, 32, 32) and model.latent_shape == (3, 32, 32)
+    assert model.decode(torch.ones(1, 3, 32, 32)).max() == 1 and model.decode(-torch.ones(1, 3, 32, 32)).min() == 0
+    sig = model.sigmas(10)
+    assert sig.shape == (11,) and sig[0] == 1 and sig[-1] == 0 and (sig[1:] < sig[:-1]).all()
+
+
+def test_missing_model_fails_with_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no network/hub is reachable"):
+        models.check_model_available("stabilityai/stable-diffusion-3.5-medium")
+    with pytest.raises(SystemExit, match="missing or corrupt"):
+        (tmp_path / "config.json").write_text(json.dumps(models.EMBEDDED_CONFIG))
+        (tmp_path / "transformer.safetensors").write_bytes(b"garbage")
+        models.load_embedded(path=tmp_path)
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_policy_views(rank, tmp_path):
+    transformer = _tiny_transformer()
+    x, pe, pooled = _inputs(2)
+    with torch.no_grad():
+        base = sampling.predict(transformer, x, 0.3, pe, pooled)
+    policy = models.Policy(transformer, rank, with_old=True)
+    with torch.no_grad():
+        for p in policy.parameters():  # move the learner away from the base
+            p.add_(0.05 * torch.randn_like(p))
+        learner = sampling.predict(policy.transformer, x, 0.3, pe, pooled)
+        with policy.ref() as ref:
+            assert torch.allclose(sampling.predict(ref, x, 0.3, pe, pooled), base, atol=1e-6)
+        with policy.old() as old:  # old was copied from the (then zero-effect) learner
+            assert torch.allclose(sampling.predict(old, x, 0.3, pe, pooled), base, atol=1e-5)
+        policy.update_old(0.0)
+        with policy.old() as old:
+            assert torch.allclose(sampling.predict(old, x, 0.3, pe, pooled), learner, atol=1e-5)
+    assert not torch.allclose(learner, base, atol=1e-4)
+    assert all(p.requires_grad for p in policy.parameters()) and len(policy.parameters()) > 0
+    n_lora = sum(p.numel() for p in policy.parameters())
+    assert (n_lora < 0.2 * sum(p.numel() for p in transformer.parameters())) == (rank > 0)
+    # checkpoint round trip
+    state = {k: v.clone() for k, v in policy.trainable_state().items()}
+    policy2 = models.Policy(_tiny_transformer(), rank, with_old=True)
+    policy2.load_trainable_state(state)
+    with torch.no_grad():
+        assert torch.allclose(sampling.predict(policy2.transformer, x, 0.3, pe, pooled), learner, atol=1e-6)
+
+
+def test_tiny_sd3_samples_scores_saves_and_reloads_lora(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from tiny_sd3 import build_tiny_sd3
+
+    path = build_tiny_sd3(tmp_path / "sd3")
+    model = models.load_model(str(path), "cpu", resolution=32)
+    assert model.latent_shape == (4, 16, 16)
+    prompts = ["a red circle", "two squares"]
+    pe, pooled = model.encode_prompt(prompts)
+    # same prompt encoding as diffusers' own pipeline (T5 dropped)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), text_encoder_3=None, tokenizer_3=None)
+    pe2, _, pooled2, _ = pipe.encode_prompt(prompts, prompts, None, do_classifier_free_guidance=False, device="cpu")
+    assert torch.allclose(pe, pe2) and torch.allclose(pooled, pooled2)
+    policy = models.Policy(model.transformer, 4, with_old=True)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    noise = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    sigmas = model.sigmas(4)
+    images = model.decode(sampling.sample(policy.transformer, pe, pooled, sigmas, noise)["latents"])
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    partial, strict, _ = shapes.score(images, [shapes.parse_caption(p) for p in prompts])
+    assert partial.shape == (2,)
+    policy.save_pretrained(tmp_path / "run")
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    fresh = models.load_model(str(path), "cpu", resolution=32)
+    t = models.load_finetuned(fresh, tmp_path / "run")
+    again = fresh.decode(sampling.sample(t, pe, pooled, sigmas, noise)["latents"])
+    assert torch.allclose(images, again, atol=1e-5)
+    pipe.load_lora_weights(str(tmp_path / "run" / "lora"))  # diffusers reads it
+
+
+# ----------------------------------------------------------------------------------- utilities
+def test_prompt_sampler_groups_and_shards():
+    prompts = [f"p{i}" for i in range(20)]
+    full = utils.PromptSampler(prompts, prompts, 4, 3, seed=1)
+    caps, meta, idx = full.sample(7)
+    assert len(caps) == 12 and idx.view(4, 3).eq(idx.view(4, 3)[:, :1]).all()  # groups contiguous
+    assert caps == [prompts[i] for i in idx]
+    shards = [utils.PromptSampler(prompts, prompts, 4, 3, seed=1, rank=r, world_size=2).sample(7)[2] for r in (0, 1)]
+    assert torch.equal(torch.cat(shards), idx)
+    assert not torch.equal(full.sample(8)[2], idx) and torch.equal(full.sample(7)[2], idx)
+
+
+def test_checkpoint_is_atomic_and_round_trips(tmp_path):
+    state = {"a": torch.arange(5), "rng": utils.rng_state()}
+    utils.save_checkpoint(tmp_path / "checkpoint.pt", state)
+    assert list(tmp_path.iterdir()) == [tmp_path / "checkpoint.pt"]  # no temporary file left behind
+    assert torch.equal(utils.load_checkpoint(tmp_path)["a"], state["a"])
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        utils.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_image_grid_has_captions():
+    grid = utils.image_grid(torch.rand(3, 3, 32, 32), ["a red circle"] * 3, torch.tensor([0.1, 0.2, 0.3]))
+    assert grid.shape == (32 * 4 + 24, 3 * 32 * 4, 3) and grid.dtype.name == "uint8"
+
+
+def test_prompts_file_errors(tmp_path, capsys):
+    f = tmp_path / "p.txt"
+    f.write_text("a red circle\n\nan octagon\n")
+    with pytest.raises(SystemExit):
+        utils.load_prompts(str(f))
+    assert "line 3" in capsys.readouterr().err
+    f.write_text("a red circle\ntwo squares\n")
+    caps, meta = utils.load_prompts(str(f))
+    assert caps == ["a red circle", "two squares"] and meta[1]["objects"][0]["count"] == 2
+
+
+def test_torchrun_prompt_sampler_and_gathers(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from common import utils
+rank, world, device = utils.setup_distributed("cpu")
+s = utils.PromptSampler([f"p{{i}}" for i in range(10)], list(range(10)), 3, 4, seed=0, rank=rank, world_size=world)
+caps, meta, idx = s.sample(5)
+full = utils.PromptSampler([f"p{{i}}" for i in range(10)], list(range(10)), 3, 4, seed=0).sample(5)[2]
+assert torch.equal(utils.all_gather_cat(idx), full)
+x = torch.full((2,), float(rank))
+assert utils.all_gather_cat(x).tolist() == [0.0, 0.0, 1.0, 1.0]
+p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.full((3,), float(rank + 1))
+utils.sync_gradients([p]); assert p.grad.tolist() == [1.5, 1.5, 1.5]
+print("rank", rank, "ok")
+utils.cleanup_distributed()
+""")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
+
+
+# ----------------------------------------------------------------------------------- pretrain / evaluate
+def test_pretrain_smoke(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "common.pretrain", "--max-steps", "3", "--batch-size", "8",
+                          "--output-dir", str(tmp_path / "w"), "--log-dir", str(tmp_path / "log"), "--threads", "1",
+                          "--eval-every", "1000"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = models.load_embedded(path=tmp_path / "w")
+    assert json.loads((tmp_path / "w" / "pretrain_info.json").read_text())["steps"] == 3
+    assert m.transformer.config.patch_size == models.EMBEDDED_CONFIG["transformer"]["patch_size"]
+
+
+def test_evaluate_cli(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a red circle\ntwo squares\n")
+    out = subprocess.run([sys.executable, "-m", "common.evaluate", "--prompts-file", str(f), "--samples-per-prompt", "2",
+                          "--json", str(tmp_path / "r.json"), "--grid", str(tmp_path / "g.png")],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "colors" in out.stdout and "overall" in out.stdout
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert {"reward_mean", "strict_accuracy", "accuracy", "diversity", "n"} <= set(res) and res["n"] == 4
+    assert (tmp_path / "g.png").stat().st_size > 100
+    bad = subprocess.run([sys.executable, "-m", "common.evaluate", "--split", "val"], capture_output=True, text=True,
+                         env=ENV, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "unknown --split 'val'; choose from: train, test" in bad.stderr
+
+
+def test_committed_base_beats_random_init():
+    torch.manual_seed(0)
+    specs = shapes.split_specs("test")
+    base = models.load_model("embedded")
+    res_base = evaluate_model(base, base.transformer, specs, samples_per_prompt=4)
+    rand = models.load_model("embedded")
+    rand.transformer = models.build_embedded()[0]
+    res_rand = evaluate_model(rand, rand.transformer, specs, samples_per_prompt=4)
+    assert res_base["strict_accuracy"] > res_rand["strict_accuracy"] + 0.1
+    assert res_base["reward_mean"] > res_rand["reward_mean"] + 0.2
