@@ -1,0 +1,324 @@
+"""ORW-CFM-W2: online reward-weighted conditional flow matching with a Wasserstein-2 regulariser (Fan et al.,
+ICLR 2025, arXiv 2502.06061; official code github.com/markerthu/orw-cfm).
+
+Every iteration a lagged sampling copy of the learner draws images with the CFG-free ODE sampler; each image gets
+the weight w = exp(tau * r) of its reward; the learner does weighted flow matching on these samples at a fresh
+noised point x_t, plus alpha * ||v_theta - v_ref||^2 towards the frozen base at the same (x_t, sigma), whose time
+integral bounds the squared W2 distance to the base model (paper Thm. 3). Spec: shared/methods/orw_cfm_w2.md;
+docs: docs/orw_cfm_w2.md.
+
+    python orw_cfm_w2.py                             # embedded shapes world, 2 CPU cores, ~10 min
+    python orw_cfm_w2.py --alpha 0                   # ORW-CFM without W2 (collapses towards the reward maximiser)
+    python orw_cfm_w2.py --reward jpeg_compressibility --tau 10 --normalize-weights
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from common import models, rewards, sampling, utils
+from common.evaluate import evaluate_model
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 0
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """cudnn.deterministic"""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda:N"""
+    threads: int = 0
+    """torch CPU threads per process (0 = torch default)"""
+    track: bool = False
+    """also log to Weights & Biases (TensorBoard is always on)"""
+    wandb_project_name: str = "cleanflow"
+    output_dir: str | None = None
+    """run directory (default runs/{task}__{exp_name}__{seed}__{time})"""
+    save_model: bool = True
+    """save lora/ (or transformer/) in diffusers format at the end"""
+    resume: str | None = None
+    """a run directory or checkpoint.pt to continue from"""
+    checkpoint_every: int = 20
+    """iterations between resumable checkpoints"""
+    eval_every: int = 25
+    """iterations between held-out evaluations"""
+    log_images_every: int = 50
+
+    # model, prompts, reward
+    model: str = "embedded"
+    """'embedded' or a diffusers SD3 id / local path (e.g. stabilityai/stable-diffusion-3.5-medium)"""
+    resolution: int = 512
+    """SD3 image size (the embedded model is 32x32)"""
+    use_t5: bool = False
+    """SD3: also load the T5 text encoder"""
+    lora_rank: int = 0
+    """0 = full fine-tuning (embedded default); SD3.5-M: 32"""
+    lora_alpha: int | None = None
+    """LoRA alpha (default 2 * rank)"""
+    reward: str = "shapes"
+    """weighted rewards, e.g. shapes=1.0,jpeg_compressibility=0.1 (choices in common/rewards.py)"""
+    prompts_file: str | None = None
+    """training prompts, one per line (default: the shapes grammar's train split)"""
+    eval_prompts_file: str | None = None
+    """held-out prompts (default: the shapes test split)"""
+    eval_samples_per_prompt: int = 8
+    num_steps: int = 10
+    """ODE steps of the sampler (and of evaluation)"""
+    guidance_scale: float = 1.0
+    """CFG of evaluation; ORW-CFM-W2 samples CFG-free and trains the conditional branch (spec §8.3)"""
+
+    # algorithm
+    num_iterations: int = 120
+    """gradient steps; a fresh batch is sampled for every step (spec §3.6)"""
+    prompts_per_iter: int = 64
+    """prompts per iteration (SD3.5-M: 32)"""
+    group_size: int = 1
+    """images per prompt; ORW needs no groups (weights are per image), kept for the shared prompt sampler"""
+    train_batch_size: int = 64
+    """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
+    lr: float = 1e-4
+    """AdamW learning rate (official CIFAR code: Adam 2e-4; SD3.5-M LoRA: 1e-4)"""
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    tau: float = 5.0
+    """inverse temperature of w = exp(tau * r) (code default 0.5 for rewards in [-1, 1]; 5 for partial credit in [0, 1])"""
+    alpha: float = 0.3
+    """W2 coefficient: weight of ||v_theta - v_ref||^2 (paper sweeps 0-1; 0 = ORW-CFM without W2)"""
+    normalize_weights: bool = False
+    """divide the weights by their batch mean (not in the official code; keeps the alpha/reward balance fixed)"""
+    max_exponent: float = 20.0
+    """clamp tau * r at this value before exp (raw weights only; guard against overflow, spec §8.1)"""
+    sync_every: int = 1
+    """iterations between refreshes of the sampling copy (old <- learner; official code: once per 'epoch')"""
+    timesteps_per_image: int = 1
+    """noised points per image per iteration (official code: 1)"""
+    w2_eval_samples: int = 64
+    """held-out samples on which the W2 bound to the base model is estimated at each evaluation"""
+
+
+# ----------------------------------------------------------------------------------- weights and loss
+def orw_weights(rewards_, tau, normalize=False, max_exponent=20.0):
+    """w = exp(tau * r) (spec §3.1, official code), no gradient. normalize: w / mean(w) over the batch
+    (computed as B * softmax(tau * r), so it cannot overflow); raw: tau * r clamped at max_exponent."""
+    z = tau * rewards_.detach().double()
+    w = len(z) * torch.softmax(z, 0) if normalize else torch.exp(z.clamp(max=max_exponent))
+    return w.to(rewards_.dtype)
+
+
+def orw_loss(v, v_ref, noise, x0, weights, alpha):
+    """ORW-CFM-W2 eq. 10 (spec §3.4) per sample (B,): w * ||v - (noise - x0)||^2 + alpha * ||v - v_ref||^2, with
+    v, v_ref the learner's and the base model's predictions at the same (x_t, sigma), ||.||^2 the mean over latent
+    elements (official code). In sigma convention the paper's target x1 - x0 is -(noise - x0) (spec §2); both
+    terms are sign-invariant. Returns (per-sample loss, fm term, w2 term)."""
+    dims = tuple(range(1, v.ndim))
+    fm = ((v - (noise - x0)) ** 2).mean(dims)
+    w2 = ((v - v_ref) ** 2).mean(dims)
+    return weights * fm + alpha * w2, fm, w2
+
+
+@torch.no_grad()
+def w2_bound(policy, prompt_embeds, pooled, sigmas, noise):
+    """Paper Thm. 3 without its e^{2L} factor (spec §3.3): sum_i (sigma_i - sigma_i+1) * E||v_ft - v_ref||^2 along
+    the learner's own ODE path, and the paired-noise distance E||x_ft(z) - x_ref(z)||^2 (a coupling, so an upper
+    bound on W2^2 itself). Both per latent element."""
+    x, y, integral = noise, noise, 0.0
+    for i in range(len(sigmas) - 1):
+        dt = sigmas[i + 1] - sigmas[i]
+        v = sampling.predict(policy.transformer, x, sigmas[i], prompt_embeds, pooled)
+        with policy.ref() as ref:  # a separate context: under LoRA the reference is the same module, adapters off
+            v_ref = sampling.predict(ref, x, sigmas[i], prompt_embeds, pooled)
+            y = y + dt * sampling.predict(ref, y, sigmas[i], prompt_embeds, pooled)
+        integral += -float(dt) * ((v - v_ref) ** 2).mean().item()
+        x = x + dt * v
+    return integral, ((x - y) ** 2).mean().item()
+
+
+def check_method_args(a):
+    if a.tau < 0:
+        utils.fail(f"--tau {a.tau} must be >= 0 (0 = unweighted self-distillation)")
+    if a.alpha < 0:
+        utils.fail(f"--alpha {a.alpha} must be >= 0 (0 = ORW-CFM without the W2 term)")
+    if a.max_exponent <= 0:
+        utils.fail(f"--max-exponent {a.max_exponent} must be > 0")
+    for name in ("sync_every", "timesteps_per_image"):
+        if getattr(a, name) < 1:
+            utils.fail(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+    if a.w2_eval_samples < 0:
+        utils.fail(f"--w2-eval-samples {a.w2_eval_samples} must be >= 0 (0 = skip the W2 estimate)")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_method_args(args)
+    prompts, metadata = utils.check_args(args, utils.world_size_from_env())  # all checks before any loading
+    rank, world, device = utils.setup_distributed(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    utils.seed_everything(args.seed + rank, args.torch_deterministic)
+    run_dir = utils.run_dir_for(args, __file__)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = utils.make_writer(run_dir, args, rank)
+
+    # ---- setup: model, learner / sampling ("old") / reference views, optimizer, prompts, reward
+    model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5)
+    policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    reward_fn = rewards.build_reward(args.reward, device)
+    sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
+    eval_prompts, eval_meta = (utils.load_prompts(args.eval_prompts_file, args.model) if args.eval_prompts_file
+                               else utils.load_prompts(None, split="test") if not args.prompts_file
+                               else (prompts[:32], metadata[:32]))
+    sigmas = model.sigmas(args.num_steps)  # (T+1,) sampling grid, shift from the scheduler config
+
+    def evaluate():
+        res = None
+        if rank == 0:
+            res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
+                                 args.guidance_scale, args.num_steps, reward_fn, eval_prompts)
+            if args.w2_eval_samples:  # W2 bound to the base model on fixed held-out prompts and noise
+                caps = [eval_prompts[i % len(eval_prompts)] for i in range(args.w2_eval_samples)]
+                pe, pp = model.encode_prompt(caps)
+                z = torch.randn(len(caps), *model.latent_shape, generator=torch.Generator().manual_seed(args.seed + 1))
+                was_training = model.transformer.training
+                model.transformer.eval()
+                res["w2_integral"], res["w2_coupling"] = w2_bound(policy, pe, pp, sigmas, z.to(device, model.dtype))
+                model.transformer.train(was_training)
+        if world > 1:
+            torch.distributed.barrier()
+        return res
+
+    def log_eval(res, step):
+        utils.log_eval(writer, res, step)
+        for k in ("w2_integral", "w2_coupling", "train_reward_mean"):
+            if k in res:
+                writer.add_scalar(f"eval/{k}", res[k], step)
+
+    start_it, reward_queries, wall_before, summary = 0, 0, 0.0, {}
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        policy.load_trainable_state(ckpt["policy"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
+    else:
+        summary["base"] = evaluate()
+        if rank == 0:
+            log_eval(summary["base"], 0)
+            print("base:", {k: round(v, 4) for k, v in summary["base"].items() if isinstance(v, float)})
+
+    def save_checkpoint(iteration):
+        if rank == 0:
+            utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
+                policy=policy.trainable_state(), optimizer=optimizer.state_dict(), iteration=iteration,
+                reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
+                rng=utils.rng_state(), args=vars(args)))
+
+    guard = utils.NonFiniteGuard()
+    t0 = time.time()
+    bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="orw_cfm_w2")
+    completed = start_it
+    try:
+        for it in bar:
+            t_iter = time.time()
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it * 101 + rank)  # resume-exact noise
+            # ---- sample: CFG-free ODE samples of the lagged sampling copy theta_old (spec §3.6 / §4 step 1)
+            captions, meta, prompt_idx = sampler.sample(it)
+            prompt_embeds, pooled = model.encode_prompt(captions)
+            noise = torch.randn(len(captions), *model.latent_shape, generator=gen).to(device, model.dtype)
+            with policy.old() as old:
+                x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
+            # ---- reward (gathered over ranks so the weight normalisation and statistics are global)
+            reward, parts = reward_fn(model.decode(x0), captions, meta)
+            reward_queries += len(captions) * world
+            all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
+            local = slice(rank * len(captions), (rank + 1) * len(captions))
+            # ---- weights w = exp(tau * r), detached (spec §3.1 / §4 step 3)
+            weights = orw_weights(all_rewards, args.tau, args.normalize_weights, args.max_exponent)
+            w_local = weights[local].to(device)
+            # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated (spec §4 steps 4-7)
+            optimizer.zero_grad(set_to_none=True)
+            n_mb = len(captions) // args.train_batch_size
+            stats, losses = [], []
+            for _ in range(args.timesteps_per_image):
+                for mb in torch.arange(len(captions)).split(args.train_batch_size):
+                    b = len(mb)
+                    sigma = torch.rand(b, generator=gen).to(device)  # t ~ U(0, 1) <=> sigma ~ U(0, 1) (spec §2)
+                    # fresh independent noise, not the sampling noise and no OT re-pairing (spec §6 bug 1)
+                    eps = torch.randn(b, *model.latent_shape, generator=gen).to(device, model.dtype)
+                    s = sigma.view(-1, 1, 1, 1)
+                    x_t = (1 - s) * x0[mb] + s * eps  # forward process, the same x_t for learner and reference
+                    pe, pp = prompt_embeds[mb], pooled[mb]
+                    with torch.no_grad(), policy.ref() as ref:  # frozen base model (also logged when alpha = 0)
+                        v_ref = sampling.predict(ref, x_t, sigma, pe, pp)
+                    v = sampling.predict(policy.transformer, x_t, sigma, pe, pp)
+                    per, fm, w2 = orw_loss(v, v_ref, eps, x0[mb], w_local[mb], args.alpha)
+                    loss = per.mean()
+                    (loss / (n_mb * args.timesteps_per_image)).backward()
+                    losses.append(loss.detach())
+                    stats.append(torch.stack([fm.mean(), (w_local[mb] * fm).mean(), w2.mean()]).detach())
+            loss = torch.stack(losses).mean()
+            utils.sync_gradients(policy.parameters())
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            if guard.ok(loss, all_rewards, iteration=it):
+                optimizer.step()
+            # ---- sampling copy: theta_old <- theta every sync_every iterations (spec §3.6 / §4 step 8)
+            if (it + 1) % args.sync_every == 0:
+                policy.update_old(0.0)
+
+            # ---- log
+            if rank == 0:
+                fm_mean, wfm_mean, w2_mean = torch.stack(stats).mean(0).tolist()
+                metrics = {
+                    "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+                    "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                    "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
+                    "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
+                    "losses/fm": fm_mean, "losses/weighted_fm": wfm_mean, "losses/w2": w2_mean,
+                    "losses/alpha_w2": args.alpha * w2_mean,
+                    "losses/weight_mean": weights.mean().item(), "losses/weight_max": weights.max().item(),
+                    "losses/weight_ess": (weights.sum() ** 2 / (weights ** 2).sum() / len(weights)).item(),
+                    "losses/skipped_updates": guard.total,
+                }
+                metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
+                utils.log_metrics(writer, metrics, it + 1)
+                bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", w2=f"{w2_mean:.4f}")
+                if (it + 1) % args.log_images_every == 0:
+                    writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
+                                     it + 1, dataformats="HWC")
+            if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
+                res = evaluate()
+                if rank == 0:
+                    log_eval(res, it + 1)
+                    tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict "
+                               f"{res.get('strict_accuracy', 0):.3f} w2 {res.get('w2_integral', 0):.5f}")
+            completed = it + 1
+            if completed % args.checkpoint_every == 0:
+                save_checkpoint(completed)
+    except KeyboardInterrupt:
+        save_checkpoint(completed)
+        print(f"interrupted: checkpoint saved at iteration {completed} in {run_dir}; continue with --resume {run_dir}")
+        raise SystemExit(130)
+
+    # ---- final evaluation, model, checkpoint, summary
+    summary["final"] = evaluate()
+    if rank == 0:
+        log_eval(summary["final"], args.num_iterations)
+        if args.save_model:
+            policy.save_pretrained(run_dir)
+        save_checkpoint(args.num_iterations)
+        summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
+                       skipped_updates=guard.total, args=vars(args))
+        utils.write_summary(run_dir, summary)
+        b, f = summary["base"], summary["final"]
+        print(f"held-out reward {b['reward_mean']:.4f} -> {f['reward_mean']:.4f}; strict accuracy "
+              f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}; "
+              f"W2 bound {f.get('w2_integral', float('nan')):.5f}; {summary['wall_time_s'] / 60:.1f} min; run dir {run_dir}")
+        writer.close()
+    utils.cleanup_distributed()

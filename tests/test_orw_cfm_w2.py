@@ -1,0 +1,180 @@
+"""Tests of orw_cfm_w2.py: the weights and the loss against hand computations, the two special cases named by the
+paper (tau = 0, alpha = 0 is plain flow matching on the model's own samples; the W2 term vanishes while the learner
+equals the reference), flag checks, smoke runs on the embedded and the tiny SD3 model, and one learning test."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import orw_cfm_w2 as orw  # noqa: E402
+from common import models, sampling  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+SCRIPT = str(ROOT / "orw_cfm_w2.py")
+
+
+def _tiny_transformer(seed=0):
+    torch.manual_seed(seed)
+    return models.build_embedded()[0].eval()
+
+
+def _inputs(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 3, 32, 32, generator=g), torch.randn(b, 10, 64, generator=g), torch.randn(b, 64, generator=g))
+
+
+# ----------------------------------------------------------------------------------- weights and loss
+def test_weights_match_hand_values():
+    r = torch.tensor([0.0, 0.5, 1.0])
+    w = orw.orw_weights(r, tau=2.0)
+    assert torch.allclose(w, torch.tensor([1.0, math.e, math.e ** 2]))
+    wn = orw.orw_weights(r, tau=2.0, normalize=True)  # w / mean(w)
+    s = 1 + math.e + math.e ** 2
+    assert torch.allclose(wn, torch.tensor([3 / s, 3 * math.e / s, 3 * math.e ** 2 / s]))
+    assert torch.allclose(orw.orw_weights(r, tau=0.0), torch.ones(3))  # tau = 0: unweighted
+    # raw weights clamp the exponent; normalised ones are exact (softmax) even for huge tau * r
+    assert torch.allclose(orw.orw_weights(torch.tensor([100.0]), tau=1.0, max_exponent=20.0), torch.tensor([math.exp(20)]))
+    big = orw.orw_weights(torch.tensor([1000.0, 999.0]), tau=1.0, normalize=True)
+    assert torch.allclose(big, torch.tensor([2 / (1 + math.exp(-1)), 2 * math.exp(-1) / (1 + math.exp(-1))]))
+    assert not orw.orw_weights(torch.tensor([0.3], requires_grad=True), 1.0).requires_grad
+
+
+def test_loss_equals_hand_computation():
+    # two samples with two latent elements each, shaped (B, C, H, W) = (2, 1, 1, 2)
+    v = torch.tensor([[1.0, 2.0], [0.0, -1.0]]).view(2, 1, 1, 2)
+    v_ref = torch.tensor([[1.0, 1.0], [1.0, 1.0]]).view(2, 1, 1, 2)
+    noise = torch.tensor([[0.5, 0.5], [1.0, 0.0]]).view(2, 1, 1, 2)
+    x0 = torch.tensor([[0.5, -1.5], [0.0, 1.0]]).view(2, 1, 1, 2)
+    w = torch.tensor([2.0, 0.5])
+    # targets noise - x0: [0, 2] and [1, -1]; fm = mean sq error: [(1+0)/2, (1+0)/2] = [0.5, 0.5]
+    # w2 = mean (v - v_ref)^2: [(0+1)/2, (1+4)/2] = [0.5, 2.5]
+    per, fm, w2 = orw.orw_loss(v, v_ref, noise, x0, w, alpha=0.3)
+    assert torch.allclose(fm, torch.tensor([0.5, 0.5])) and torch.allclose(w2, torch.tensor([0.5, 2.5]))
+    assert torch.allclose(per, torch.tensor([2.0 * 0.5 + 0.3 * 0.5, 0.5 * 0.5 + 0.3 * 2.5]))
+    assert abs(per.mean().item() - (1.15 + 1.0) / 2) < 1e-6
+
+
+def test_tau0_alpha0_is_plain_flow_matching_on_own_samples():
+    """With w = exp(0 * r) = 1 and alpha = 0 the gradient is the standard (diffusers) flow-matching gradient on the
+    model's own ODE samples, whatever the rewards and whatever v_ref is."""
+    transformer = _tiny_transformer()
+    z, pe, pooled = _inputs(4)
+    x0 = sampling.sample(transformer, pe, pooled, torch.linspace(1, 0, 4), z)["latents"]  # the model's own samples
+    g = torch.Generator().manual_seed(1)
+    sigma, eps = torch.rand(4, generator=g), torch.randn(x0.shape, generator=g)
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+
+    def grads(loss):
+        transformer.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in transformer.parameters() if p.grad is not None]
+
+    v = sampling.predict(transformer, x_t, sigma, pe, pooled)
+    w = orw.orw_weights(torch.tensor([0.1, 0.9, 0.4, 0.7]), tau=0.0)
+    per, _, _ = orw.orw_loss(v, torch.randn_like(v), eps, x0, w, alpha=0.0)
+    g_orw = grads(per.mean())
+    model_pred = sampling.predict(transformer, x_t, sigma, pe, pooled)
+    g_fm = grads(torch.nn.functional.mse_loss(model_pred, eps - x0))  # train_dreambooth_sd3 loss, uniform sigma
+    assert len(g_orw) == len(g_fm) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_orw, g_fm))
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_w2_term_is_zero_while_learner_equals_reference(rank):
+    """LoRA: the adapter starts at B = 0; full fine-tuning: the learner starts as the reference copy."""
+    policy = models.Policy(_tiny_transformer(), rank, with_old=True)
+    x, pe, pooled = _inputs(2)
+    sigma = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        with policy.ref() as ref:
+            v_ref = sampling.predict(ref, x, sigma, pe, pooled)
+        v = sampling.predict(policy.transformer, x, sigma, pe, pooled)
+    _, _, w2 = orw.orw_loss(v, v_ref, x, x, torch.ones(2), alpha=1.0)
+    assert torch.equal(w2, torch.zeros(2))
+    assert orw.w2_bound(policy, pe, pooled, torch.linspace(1, 0, 4), x) == (0.0, 0.0)
+    with torch.no_grad():  # move the learner: both the loss term and the bound become positive
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        v = sampling.predict(policy.transformer, x, sigma, pe, pooled)
+    _, _, w2 = orw.orw_loss(v, v_ref, x, x, torch.ones(2), alpha=1.0)
+    integral, coupling = orw.w2_bound(policy, pe, pooled, torch.linspace(1, 0, 4), x)
+    assert (w2 > 0).all() and integral > 0 and coupling > 0
+
+
+# ----------------------------------------------------------------------------------- the script
+def _run(args, tmp_path, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, "--threads", "1", *args], capture_output=True, text=True, env=ENV,
+                          cwd=tmp_path, timeout=timeout)
+
+
+@pytest.mark.parametrize("flag,value,msg", [("--tau", "-1", "--tau -1.0 must be >= 0"),
+                                            ("--alpha", "-0.5", "--alpha -0.5 must be >= 0"),
+                                            ("--sync-every", "0", "--sync-every 0 must be >= 1"),
+                                            ("--reward", "shapez", "unknown reward 'shapez'")])
+def test_bad_flags_fail_before_loading(tmp_path, flag, value, msg):
+    out = _run([flag, value, "--model", str(tmp_path / "nowhere")], tmp_path, timeout=120)
+    assert out.returncode != 0 and msg in out.stderr and "Traceback" not in out.stderr
+
+
+TINY = ["--num-iterations", "2", "--prompts-per-iter", "2", "--group-size", "2", "--train-batch-size", "2",
+        "--eval-samples-per-prompt", "2", "--w2-eval-samples", "4", "--checkpoint-every", "1"]
+
+
+def _check_run(run, weights_dir):
+    s = json.loads((run / "summary.json").read_text())
+    for k in ("base", "final"):
+        assert {"reward_mean", "strict_accuracy", "accuracy", "diversity", "w2_integral", "w2_coupling"} <= set(s[k])
+    assert s["base"]["w2_integral"] == 0.0 and s["final"]["w2_integral"] > 0  # the learner moved away from the base
+    assert s["reward_queries"] == 2 * 4 and s["wall_time_s"] > 0
+    assert (run / weights_dir).is_dir() and (run / "checkpoint.pt").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
+    return s
+
+
+def test_smoke_embedded_and_resume(tmp_path):
+    run = tmp_path / "run"
+    out = _run([*TINY, "--sync-every", "2", "--output-dir", str(run)], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _check_run(run, "transformer")
+    out = _run([*TINY, "--num-iterations", "3", "--resume", str(run)], tmp_path)  # continue for one iteration
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["reward_queries"] == 3 * 4
+
+
+def test_smoke_tiny_sd3_lora(tmp_path):
+    from tiny_sd3 import build_tiny_sd3
+
+    path = build_tiny_sd3(tmp_path / "sd3")
+    (tmp_path / "p.txt").write_text("a red circle\ntwo blue squares\n")
+    run = tmp_path / "run"
+    out = _run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4", "--lr", "1e-2",
+                "--prompts-file", str(tmp_path / "p.txt"), "--reward", "shapes=1.0,jpeg_compressibility=0.1",
+                "--normalize-weights", "--output-dir", str(run)], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = _check_run(run, "lora")
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file() and "train_reward_mean" in s["final"]
+
+
+# ----------------------------------------------------------------------------------- learning
+LEARN = ["--num-iterations", "14", "--prompts-per-iter", "32", "--train-batch-size", "32", "--eval-every", "1000",
+         "--eval-samples-per-prompt", "2", "--w2-eval-samples", "0", "--checkpoint-every", "1000", "--no-save-model"]
+
+
+@pytest.mark.slow
+def test_learning_beats_lr0(tmp_path):
+    res = {}
+    for name, extra in (("learn", []), ("lr0", ["--lr", "0"])):
+        out = _run([*LEARN, *extra, "--output-dir", str(tmp_path / name)], tmp_path, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        res[name] = json.loads((tmp_path / name / "summary.json").read_text())["final"]["reward_mean"]
+    assert res["learn"] > res["lr0"] + 0.05, res
