@@ -9,7 +9,7 @@ docs: docs/orw_cfm_w2.md.
 
     python orw_cfm_w2.py                             # embedded shapes world, 2 CPU cores, ~10 min
     python orw_cfm_w2.py --alpha 0                   # ORW-CFM without W2 (collapses towards the reward maximiser)
-    python orw_cfm_w2.py --reward jpeg_compressibility --tau 10 --normalize-weights
+    python orw_cfm_w2.py --reward jpeg_compressibility --tau 20   # the paper's compression task
 """
 
 import os
@@ -88,18 +88,18 @@ class Args:
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     tau: float = 5.0
-    """inverse temperature of w = exp(tau * r) (code default 0.5 for rewards in [-1, 1]; 5 for partial credit in [0, 1])"""
+    """inverse temperature of w = exp(tau * r) (code: 0.5 for a CLIP reward in [-1, 1]; 5 for partial credit in [0, 1])"""
     alpha: float = 0.3
     """W2 coefficient: weight of ||v_theta - v_ref||^2 (paper sweeps 0-1; 0 = ORW-CFM without W2)"""
-    normalize_weights: bool = False
-    """divide the weights by their batch mean (not in the official code; keeps the alpha/reward balance fixed)"""
+    normalize_weights: bool = True
+    """w / mean_batch(w) (keeps the reward/alpha balance fixed, spec §8.1); --no-normalize-weights = official raw exp(tau r)"""
     max_exponent: float = 20.0
     """clamp tau * r at this value before exp (raw weights only; guard against overflow, spec §8.1)"""
     sync_every: int = 1
     """iterations between refreshes of the sampling copy (old <- learner; official code: once per 'epoch')"""
     timesteps_per_image: int = 1
     """noised points per image per iteration (official code: 1)"""
-    w2_eval_samples: int = 64
+    w2_eval_samples: int = 32
     """held-out samples on which the W2 bound to the base model is estimated at each evaluation"""
 
 
@@ -112,15 +112,15 @@ def orw_weights(rewards_, tau, normalize=False, max_exponent=20.0):
     return w.to(rewards_.dtype)
 
 
-def orw_loss(v, v_ref, noise, x0, weights, alpha):
-    """ORW-CFM-W2 eq. 10 (spec §3.4) per sample (B,): w * ||v - (noise - x0)||^2 + alpha * ||v - v_ref||^2, with
-    v, v_ref the learner's and the base model's predictions at the same (x_t, sigma), ||.||^2 the mean over latent
-    elements (official code). In sigma convention the paper's target x1 - x0 is -(noise - x0) (spec §2); both
-    terms are sign-invariant. Returns (per-sample loss, fm term, w2 term)."""
+def orw_loss(v, v_ref, target, w, alpha):
+    """ORW-CFM-W2 eq. 10 (spec §3.4) per sample (B,): w * ||v - target||^2 + alpha * ||v - v_ref||^2, with
+    target = noise - x0 (diffusers; the paper's u = x1 - x0 is its negative and the sign cancels in both terms,
+    spec §2), v, v_ref the learner's and the base model's predictions at the same (x_t, sigma), and ||.||^2 the
+    mean over latent elements (official code). Same signature as acflow.acflow_loss. Returns (loss, fm, w2)."""
     dims = tuple(range(1, v.ndim))
-    fm = ((v - (noise - x0)) ** 2).mean(dims)
+    fm = ((v - target) ** 2).mean(dims)
     w2 = ((v - v_ref) ** 2).mean(dims)
-    return weights * fm + alpha * w2, fm, w2
+    return w * fm + alpha * w2, fm, w2
 
 
 @torch.no_grad()
@@ -258,7 +258,7 @@ if __name__ == "__main__":
                     with torch.no_grad(), policy.ref() as ref:  # frozen base model (also logged when alpha = 0)
                         v_ref = sampling.predict(ref, x_t, sigma, pe, pp)
                     v = sampling.predict(policy.transformer, x_t, sigma, pe, pp)
-                    per, fm, w2 = orw_loss(v, v_ref, eps, x0[mb], w_local[mb], args.alpha)
+                    per, fm, w2 = orw_loss(v, v_ref, eps - x0[mb], w_local[mb], args.alpha)  # target v = noise - x0
                     loss = per.mean()
                     (loss / (n_mb * args.timesteps_per_image)).backward()
                     losses.append(loss.detach())
