@@ -1,0 +1,197 @@
+"""Tests of flow_grpo.py: the advantages, clipped loss and KL against hand computations, the exact on-policy
+ratio, smoke runs of the real script (embedded model and tiny offline SD3), and one learning test."""
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import flow_grpo  # noqa: E402
+from common import models, sampling  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+TINY = ["--threads", "1", "--num-iterations", "2", "--prompts-per-iter", "2", "--group-size", "2",
+        "--train-batch-size", "2", "--num-minibatches", "2", "--eval-samples-per-prompt", "1", "--num-steps", "4",
+        "--timestep-fraction", "0.5"]
+
+
+def run(args, tmp_path, name="run", timeout=600):
+    out = subprocess.run([sys.executable, "flow_grpo.py", *args, "--output-dir", str(tmp_path / name)],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((tmp_path / name / "summary.json").read_text())
+
+
+# ----------------------------------------------------------------------------------- advantages
+REWARDS = [0.2, 0.8, 0.5, 0.5, 1.0, 0.0, 0.3, 0.9]
+GROUPS = [7, 7, 7, 3, 3, 3, 1, 1]  # prompt indices, not necessarily contiguous ids
+
+
+def hand_advantages(global_std, clip):
+    out = []
+    for r, g in zip(REWARDS, GROUPS):
+        grp = [x for x, h in zip(REWARDS, GROUPS) if h == g]
+        std = statistics.pstdev(REWARDS) if global_std else statistics.pstdev(grp)
+        out.append(max(-clip, min(clip, (r - statistics.fmean(grp)) / (std + 1e-4))))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+def test_advantages_match_hand_computation(global_std):
+    r, g = torch.tensor(REWARDS, dtype=torch.float64), torch.tensor(GROUPS)
+    for clip in (5.0, 1.0):
+        adv = flow_grpo.grpo_advantages(r, g, global_std, clip)
+        assert torch.allclose(adv, hand_advantages(global_std, clip), atol=1e-10)
+    # the per-group std of group 7 is sqrt(0.06); by hand: (0.2 - 0.5) / (0.2449... + 1e-4)
+    adv = flow_grpo.grpo_advantages(r, g, False, 5.0)
+    assert abs(adv[0].item() - (-0.3 / (math.sqrt(0.06) + 1e-4))) < 1e-9
+    assert torch.allclose(flow_grpo.grpo_advantages(r, g, False, 1.0).abs().max(), torch.tensor(1.0, dtype=r.dtype))
+
+
+def test_zero_std_groups_give_zero_advantage_and_are_counted():
+    r = torch.tensor([0.5, 0.5, 0.5, 1.0, 0.0, 1.0, 0.3, 0.3])
+    g = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    assert flow_grpo.zero_std_fraction(r, g).item() == pytest.approx(2 / 3)
+    adv = flow_grpo.grpo_advantages(r, g)
+    assert torch.equal(adv[[0, 1, 2, 6, 7]], torch.zeros(5))
+
+
+# ----------------------------------------------------------------------------------- losses
+def test_clipped_loss_matches_hand_computation():
+    lp = torch.tensor([0.0, 0.1, -0.1, 0.1, -0.1, 0.0005])
+    old = torch.zeros(6)
+    adv = torch.tensor([1.0, 1.0, 1.0, -2.0, -2.0, 3.0])
+    eps = 0.05
+    loss, ratio = flow_grpo.ppo_clip_loss(lp, old, adv, eps)
+    r = [math.exp(x) for x in lp.tolist()]
+    per = []
+    for ri, a in zip(r, adv.tolist()):  # PPO: the pessimistic of the clipped and unclipped objectives
+        per.append(max(-a * ri, -a * min(max(ri, 1 - eps), 1 + eps)))
+    # by hand: A>0 & r>1+eps -> clipped (-(1.05)); A>0 & r<1-eps -> unclipped (-r); A<0 & r>1+eps -> unclipped
+    assert per[1] == pytest.approx(-1.05) and per[2] == pytest.approx(-math.exp(-0.1))
+    assert per[3] == pytest.approx(2 * math.exp(0.1)) and per[4] == pytest.approx(2 * 0.95)
+    assert loss.item() == pytest.approx(sum(per) / 6, rel=1e-6)
+    assert torch.allclose(ratio, torch.tensor(r))
+
+
+def test_kl_matches_hand_computation():
+    mean = torch.zeros(2, 1, 2, 2)
+    mean_ref = torch.tensor([1.0, 2.0, 0.0, 1.0]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    mean_ref[1] *= 2
+    sigma_t = torch.tensor(0.5)
+    # sample 0: mean sq diff = (1+4+0+1)/4 = 1.5; sample 1: 6.0; each / (2 * 0.25)
+    assert flow_grpo.kl_loss(mean, mean_ref, sigma_t).item() == pytest.approx((1.5 / 0.5 + 6.0 / 0.5) / 2)
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    t, _ = models.build_embedded()
+    g = torch.Generator().manual_seed(seed)
+    return t.eval(), torch.randn(3, 3, 32, 32, generator=g), torch.randn(3, 10, 64, generator=g), torch.randn(3, 64, generator=g)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_on_policy_ratio_is_exactly_one(guidance_scale):
+    """Recomputing a stored step's log-prob with the same model (with gradients on, as in training) gives
+    ratio == 1 exactly, with and without CFG."""
+    transformer, latents, pe, pooled = _tiny()
+    neg = (torch.zeros_like(pe), torch.zeros_like(pooled)) if guidance_scale > 1 else (None, None)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(5)
+    sigmas = sched.sigmas.float()
+    out = sampling.sample(transformer, pe, pooled, sigmas, latents, guidance_scale, *neg, noise_level=0.7,
+                          generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    traj, old = out["trajectory"], out["log_probs"]
+    for j in range(5):
+        lp, mean, sigma_t = flow_grpo.step_log_prob(transformer, traj[:, j], traj[:, j + 1], sigmas[j], sigmas[j + 1],
+                                                    pe, pooled, 0.7, sigmas[1].item(), guidance_scale, *neg)
+        loss, ratio = flow_grpo.ppo_clip_loss(lp, old[:, j], torch.ones(3), 1e-4)
+        assert torch.equal(ratio, torch.ones(3)), (j, ratio - 1)
+        assert lp.requires_grad
+        # sigma_t = a * sqrt(sigma / (1 - sigma)), sigma = 1 replaced by sigmas[1] (paper eq. 9)
+        s = sigmas[j].item()
+        assert sigma_t.item() == pytest.approx(0.7 * math.sqrt(s / (1 - (sigmas[1].item() if s >= 1 else s))), rel=1e-5)
+
+
+def test_cfg_gradient_only_through_conditional_branch():
+    transformer, latents, pe, pooled = _tiny()
+    sigmas = torch.tensor([1.0, 0.6, 0.0])
+    npe, npool = torch.zeros_like(pe), torch.zeros_like(pooled)
+    nxt = latents * 0.5
+    lp, _, _ = flow_grpo.step_log_prob(transformer, latents, nxt, sigmas[0], sigmas[1], pe, pooled, 0.7, 0.6, 3.0, npe, npool)
+    g_cfg = torch.autograd.grad(lp.sum(), transformer.proj_out.weight)[0]
+    # same gradient as differentiating guidance * v_cond with v_uncond held fixed
+    with torch.no_grad():
+        v_u = sampling.predict(transformer, latents, sigmas[0], npe, npool)
+    v_c = sampling.predict(transformer, latents, sigmas[0].expand(3), pe, pooled)
+    _, lp2, _, _ = sampling.sde_step_with_logprob(v_u + 3.0 * (v_c - v_u), sigmas[0], sigmas[1], latents, 0.7,
+                                                  prev_sample=nxt, sigma_max=0.6)
+    g_ref = torch.autograd.grad(lp2.sum(), transformer.proj_out.weight)[0]
+    assert torch.allclose(g_cfg, g_ref, rtol=1e-3, atol=1e-7)
+
+
+def test_ema_state_replaces_learner_for_saving():
+    sd = {"learner.w": torch.zeros(2), "old.w": torch.ones(2)}
+    assert torch.equal(flow_grpo.ema_as_learner(sd, 0)["learner.w"], torch.ones(2))
+    lora = {"a.lora_A.default.weight": torch.zeros(1), "a.lora_A.old.weight": torch.ones(1)}
+    assert flow_grpo.ema_as_learner(lora, 4)["a.lora_A.default.weight"].item() == 1.0
+
+
+# ----------------------------------------------------------------------------------- the real script
+@pytest.mark.parametrize("flags, message", [
+    (["--timestep-sampling", "last"], "unknown --timestep-sampling 'last'; choose from: random, first"),
+    (["--noise-level", "0"], "--noise-level 0.0 must be > 0"),
+    (["--num-minibatches", "3"], "--num-minibatches 3 x --train-batch-size 8 must divide the per-process batch 32"),
+])
+def test_bad_flags_fail_before_loading(flags, message):
+    out = subprocess.run([sys.executable, "flow_grpo.py", *flags], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode != 0 and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_smoke_embedded_with_kl_and_resume(tmp_path):
+    s = run([*TINY, "--beta", "0.04", "--checkpoint-every", "1"], tmp_path)
+    assert {"base", "final", "wall_time_s", "reward_queries"} <= set(s)
+    assert s["reward_queries"] == 2 * 4 and s["skipped_updates"] == 0
+    for k in ("reward_mean", "strict_accuracy", "accuracy"):
+        assert k in s["base"] and k in s["final"]
+    assert (tmp_path / "run" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    # resuming a finished 2-iteration run for 3 iterations continues the counters
+    s3 = run([*TINY, "--beta", "0.04", "--num-iterations", "3", "--resume", str(tmp_path / "run")], tmp_path)
+    assert s3["reward_queries"] == 3 * 4 and s3["base"] == s["base"]
+
+
+def test_smoke_tiny_sd3_lora_cfg(tmp_path):
+    from tiny_sd3 import build_tiny_sd3
+
+    path = build_tiny_sd3(tmp_path / "sd3")
+    s = run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4", "--guidance-scale", "2.0",
+             "--global-std", "--timestep-sampling", "first", "--beta", "0.01", "--no-ema"], tmp_path)
+    assert {"base", "final", "wall_time_s", "reward_queries"} <= set(s)
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    s = run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4"], tmp_path, "ema")
+    assert (tmp_path / "ema" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------- learning
+@pytest.mark.slow
+def test_learning_beats_lr0(tmp_path):
+    flags = ["--threads", "1", "--num-iterations", "20", "--eval-every", "1000", "--eval-samples-per-prompt", "4"]
+    learned = run([*flags], tmp_path, "learn", timeout=1200)
+    control = run([*flags, "--lr", "0"], tmp_path, "lr0", timeout=1200)
+    assert control["final"]["reward_mean"] == pytest.approx(control["base"]["reward_mean"], abs=1e-6)
+    assert learned["final"]["reward_mean"] > control["final"]["reward_mean"] + 0.03
