@@ -50,7 +50,7 @@ class Args:
     """a run directory or checkpoint.pt to continue from"""
     checkpoint_every: int = 20
     """iterations between resumable checkpoints"""
-    eval_every: int = 25
+    eval_every: int = 20
     """iterations between held-out evaluations"""
     log_images_every: int = 50
 
@@ -78,10 +78,10 @@ class Args:
     """CFG of evaluation; AC-Flow rolls out CFG-free (issue; spec §7.11 would sample with CFG)"""
 
     # algorithm
-    num_iterations: int = 250
-    prompts_per_iter: int = 8
+    num_iterations: int = 120
+    prompts_per_iter: int = 16
     """prompts per iteration (SD3.5-M: 8)"""
-    group_size: int = 8
+    group_size: int = 4
     """images per prompt (SD3.5-M: 4)"""
     train_batch_size: int = 64
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
