@@ -247,19 +247,21 @@ if __name__ == "__main__":
     try:
         for it in bar:
             t_iter = time.time()
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it * 101 + rank)  # resume-exact noise
+            # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
+            # a 2-process run sees the same numbers as a 1-process run with the same global batch
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
             # ---- sample: CFG-free ODE rollouts of the rollout policy (spec §4); only final samples are kept
             captions, meta, prompt_idx = sampler.sample(it)
+            n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
             prompt_embeds, pooled = model.encode_prompt(captions)
-            noise = torch.randn(len(captions), *model.latent_shape, generator=gen).to(device, model.dtype)
+            noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
             with policy.old() as old:
                 x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
             # ---- reward (gathered over ranks so groups and batch statistics are global)
             reward, parts = reward_fn(model.decode(x0), captions, meta)
-            reward_queries += len(captions) * world
+            reward_queries += n * world
             all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
             groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
-            local = slice(rank * len(captions), (rank + 1) * len(captions))
             # ---- advantages: AF spec §3.1, or DiffusionNFT's optimality probability r (spec §3.1, NFT code)
             if args.nft:
                 r = nft_optimality(all_rewards, groups, args.nft_adv_clip)
@@ -269,17 +271,16 @@ if __name__ == "__main__":
             adv_local = adv[local].to(device)
             # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated
             optimizer.zero_grad(set_to_none=True)
-            n_mb = len(captions) // args.train_batch_size
+            n_mb = n // args.train_batch_size
             stats, losses = [], []
             for _ in range(args.timesteps_per_image):
-                for mb in torch.arange(len(captions)).split(args.train_batch_size):
-                    b = len(mb)
-                    if args.timestep_sampling == "grid":  # one sigma of the rollout grid per image (spec §7.1)
-                        sigma = sigmas[torch.randint(0, args.num_steps, (b,), generator=gen)]
-                    else:
-                        sigma = torch.rand(b, generator=gen)
-                    sigma = sigma.to(device)
-                    eps = torch.randn(b, *model.latent_shape, generator=gen).to(device, model.dtype)
+                if args.timestep_sampling == "grid":  # one sigma of the rollout grid per image (spec §7.1)
+                    sigma_all = sigmas[torch.randint(0, args.num_steps, (n * world,), generator=gen)][local]
+                else:
+                    sigma_all = torch.rand(n * world, generator=gen)[local]
+                eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+                for mb in torch.arange(n).split(args.train_batch_size):
+                    sigma, eps = sigma_all[mb].to(device), eps_all[mb]
                     s = sigma.view(-1, 1, 1, 1)
                     x_t = (1 - s) * x0[mb] + s * eps  # forward process, same x_t for all three models
                     pe, pp = prompt_embeds[mb], pooled[mb]
@@ -308,7 +309,7 @@ if __name__ == "__main__":
             loss = torch.stack(losses).mean()
             utils.sync_gradients(policy.parameters())
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            if guard.ok(loss, all_rewards, iteration=it):
+            if guard.ok(loss, grad_norm, all_rewards, iteration=it):
                 optimizer.step()
             # ---- rollout policy: EMA of the learner, rho_i = min(rate * i, max) (spec §7.3 / NFT eta_i)
             rho = min(args.rollout_ema_rate * (it + 1), args.rollout_ema_max)

@@ -38,8 +38,6 @@ def check_args(args, world_size=1):
         fail(f"--guidance-scale {a.guidance_scale} must be >= 1 (1 = no classifier-free guidance)")
     if a.lora_rank < 0:
         fail(f"--lora-rank {a.lora_rank} must be >= 1 for LoRA, or 0 for full fine-tuning")
-    if a.model != models.EMBEDDED and a.lora_rank == 0:
-        print("warning: --lora-rank 0 fully fine-tunes an SD3 model (needs a full frozen copy)", file=sys.stderr)
     n = a.prompts_per_iter * a.group_size
     if n % world_size:
         fail(f"the prompt batch prompts_per_iter*group_size = {n} is not divisible by the world size {world_size}")
@@ -51,16 +49,21 @@ def check_args(args, world_size=1):
         if not (p.is_file() or (p / "checkpoint.pt").is_file()):
             fail(f"--resume {a.resume!r}: no checkpoint file there (expected a checkpoint.pt or a run directory "
                  "holding one)")
+        ckpt = load_checkpoint(p)  # corrupt files fail here, before any model loads
+        if not isinstance(ckpt, dict) or "iteration" not in ckpt:
+            fail(f"--resume {a.resume!r} is not a cleanflow checkpoint (no 'iteration' entry)")
     if a.output_dir:
-        d = Path(a.output_dir)
-        parent = next((q for q in [d, *d.parents] if q.exists()), Path("."))
-        if not os.access(parent, os.W_OK) or (d.exists() and not d.is_dir()):
-            fail(f"--output-dir {a.output_dir!r} is not writable")
+        d = Path(a.output_dir).absolute()
+        parent = next(q for q in [d, *d.parents] if q.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            fail(f"--output-dir {a.output_dir!r} is not writable ({parent} is not a writable directory)")
     prompts = load_prompts(a.prompts_file, a.model, "train")
     try:
         models.check_model_available(a.model)
     except SystemExit as e:
         fail(str(e).removeprefix("error: "))
+    if a.model != models.EMBEDDED and a.lora_rank == 0:
+        print("warning: --lora-rank 0 fully fine-tunes an SD3 model (needs a full frozen copy)", file=sys.stderr)
     return prompts
 
 
