@@ -1,0 +1,350 @@
+"""FDFO: Finite Difference Flow Optimization (McAllister, Aittala, Karras, Hellsten, Kanazawa, Aila, Laine 2026,
+arXiv 2603.12893; official code NVlabs/finite-difference-flow-optimization).
+
+Per prompt, ONE initial noise and TWO sampling trajectories with a tiny, independent EDM-style churn, so the two
+final images are near-identical counterfactuals. The reward difference times the normalised difference of the
+final latents is a finite-difference estimate of the reward gradient in latent space; it is copied, without
+backpropagating through the sampler, to every visited state of both trajectories as a velocity target
+u = v_old - dbar, trained with an FPO-style likelihood-free ratio inside the SPO surrogate (a soft trust
+region), over K shuffled optimizer steps per iteration. Spec: shared/methods/fdfo.md; docs: docs/fdfo.md.
+
+    python fdfo.py                                       # embedded shapes world, 2 CPU cores, ~10 min
+    python fdfo.py --churn 0.0025 --eps-clip 0.03        # the paper's churn and trust region
+"""
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from common import models, rewards, sampling, utils
+from common.evaluate import evaluate_model
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 0
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """cudnn.deterministic"""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda:N"""
+    threads: int = 0
+    """torch CPU threads per process (0 = torch default)"""
+    track: bool = False
+    """also log to Weights & Biases (TensorBoard is always on)"""
+    wandb_project_name: str = "cleanflow"
+    output_dir: str | None = None
+    """run directory (default runs/{task}__{exp_name}__{seed}__{time})"""
+    save_model: bool = True
+    """save lora/ (or transformer/) in diffusers format at the end"""
+    resume: str | None = None
+    """a run directory or checkpoint.pt to continue from"""
+    checkpoint_every: int = 20
+    """iterations between resumable checkpoints"""
+    eval_every: int = 25
+    """iterations between held-out evaluations"""
+    log_images_every: int = 50
+
+    # model, prompts, reward
+    model: str = "embedded"
+    """'embedded' or a diffusers SD3 id / local path (e.g. stabilityai/stable-diffusion-3.5-medium)"""
+    resolution: int = 512
+    """SD3 image size (the embedded model is 32x32)"""
+    use_t5: bool = False
+    """SD3: also load the T5 text encoder"""
+    lora_rank: int = 0
+    """0 = full fine-tuning (embedded default); SD3.5-M: 32"""
+    lora_alpha: int | None = None
+    """LoRA alpha (default 2 * rank)"""
+    reward: str = "shapes"
+    """weighted rewards, e.g. shapes=1.0,jpeg_compressibility=0.1 (choices in common/rewards.py; paper: pickscore=1.0,vlm=0.1)"""
+    prompts_file: str | None = None
+    """training prompts, one per line (default: the shapes grammar's train split)"""
+    eval_prompts_file: str | None = None
+    """held-out prompts (default: the shapes test split)"""
+    eval_samples_per_prompt: int = 8
+    num_steps: int = 10
+    """churned sampler steps of the rollouts and ODE steps of evaluation (SD3.5-M: 40)"""
+    guidance_scale: float = 1.0
+    """CFG of rollouts, training forward and evaluation (negative = empty prompt; paper default 1.0 = none)"""
+
+    # algorithm
+    num_iterations: int = 300
+    prompts_per_iter: int = 8
+    """pairs per iteration, one prompt per pair (SD3.5-M: 432)"""
+    group_size: int = 2
+    """images per prompt: must be 2 (the two branches A, B of a pair)"""
+    train_batch_size: int = 16
+    """micro-batch of the rollouts (images) and of the update ((image, step) items)"""
+    lr: float = 1e-4
+    """AdamW learning rate (SD3.5-M LoRA: 3e-5)"""
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    churn: float = 0.0025
+    """gamma: EDM churn of the prior and of every step but the last (spec §3.1)"""
+    eps_clip: float = 0.03
+    """SPO trust region epsilon (spec §3.3)"""
+    num_minibatches: int = 4
+    """K optimizer steps per iteration over the shuffled (image, step) items (official gradient_steps_per_epoch)"""
+    kl_weight: float = 0.0
+    """weight of mean((v - v_base)^2), velocity-space pull to the base model (spec §3.5; paper 0)"""
+
+
+# ----------------------------------------------------------------------------------- churned paired sampler (spec §3.1)
+def churn_gammas(num_steps, gamma):
+    """(T+1,) [prior, step 0, ..., step T-1] = [g, ..., g, 0]: no churn on the last step to sigma = 0 (official code)."""
+    g = torch.full((num_steps + 1,), float(gamma))
+    g[-1] = 0.0
+    return g
+
+
+def churn_prior(noise, gamma, xi):
+    """Variance-preserving churn of the initial noise: (eps + sqrt((1+g)^2 - 1) xi) / (1+g)."""
+    return (noise + math.sqrt((1 + gamma) ** 2 - 1) * xi) / (1 + gamma)
+
+
+def churn_step(latents, v, sigma, sigma_next, gamma, xi):
+    """EDM churn in RF units: Euler to r = s / (1 + g(1 - s)) (overshoot below the target level s), shrink by
+    1 + g r and add r sqrt((1+g)^2 - 1) / (1 + g r) fresh noise; lands exactly at noise level s (spec §3.1)."""
+    r = sigma_next / (1 + gamma * (1 - sigma_next))
+    overshoot = latents + (r - sigma) * v
+    return (overshoot + r * math.sqrt((1 + gamma) ** 2 - 1) * xi) / (1 + gamma * r)
+
+
+@torch.no_grad()
+def churn_sample(transformer, prompt_embeds, pooled, sigmas, noise, gammas, generator, guidance_scale=1.0,
+                 neg_embeds=None, neg_pooled=None):
+    """Churned rollouts from `noise` (already shared within each pair). Returns the visited states (B, T, C, H, W),
+    the velocities used there (B, T, C, H, W) and the final latents (B, C, H, W); churn math in fp32."""
+    dtype = noise.dtype
+    randn = lambda: torch.randn(noise.shape, generator=generator).to(noise.device)  # noqa: E731
+    x = churn_prior(noise.float(), gammas[0].item(), randn())  # independent xi per branch
+    states, velocities = [], []
+    for i in range(len(sigmas) - 1):
+        v = sampling.predict(transformer, x.to(dtype), sigmas[i], prompt_embeds, pooled, guidance_scale,
+                             neg_embeds, neg_pooled)
+        states.append(x.to(dtype))
+        velocities.append(v)
+        x = churn_step(x, v.float(), sigmas[i].item(), sigmas[i + 1].item(), gammas[i + 1].item(), randn())
+    return torch.stack(states, 1), torch.stack(velocities, 1), x.to(dtype)
+
+
+# ----------------------------------------------------------------------------------- finite difference (spec §3.2)
+def finite_difference(rewards_, final_latents):
+    """Pairs are adjacent (A = even, B = odd index). a_A = (R_A - R_B)/2, a_B = -a_A; d_A = (z_A - z_B)/2, d_B = -d_A;
+    dbar = d / (mean(d^2) + 1e-6), the mean over latent elements (divide by the mean square, not the RMS)."""
+    r_a, r_b = rewards_[0::2].float(), rewards_[1::2].float()
+    adv = torch.stack([(r_a - r_b) / 2, (r_b - r_a) / 2], 1).reshape(-1)  # (B,)
+    z_a, z_b = final_latents[0::2].float(), final_latents[1::2].float()
+    d = torch.stack([(z_a - z_b) / 2, (z_b - z_a) / 2], 1).flatten(0, 1)  # (B, C, H, W)
+    ms = d.pow(2).mean(dim=tuple(range(1, d.ndim)), keepdim=True)
+    return adv, d / (ms + 1e-6)
+
+
+# ----------------------------------------------------------------------------------- loss (spec §3.3)
+def spo_loss(v, v_old, dbar, adv, eps_clip):
+    """Per item (B,): rho = exp(ell_old - ell), ell = mean((v - u)^2), u = v_old - dbar, ell_old = mean(dbar^2);
+    L = -a rho + |a| / (2 eps_clip) (rho - 1)^2 (SPO surrogate). ell - ell_old is computed as
+    mean(delta^2 + 2 delta dbar), delta = v - v_old (the same quantity, without cancelling two large numbers)."""
+    delta = v.float() - v_old.float()
+    dims = tuple(range(1, delta.ndim))
+    rho = torch.exp(-(delta.pow(2) + 2 * delta * dbar.float()).mean(dims))
+    return -adv * rho + adv.abs() / (2 * eps_clip) * (rho - 1) ** 2, rho
+
+
+def check_method_args(a):
+    if a.group_size != 2:
+        utils.fail(f"--group-size {a.group_size} must be 2 for FDFO (the two branches of a pair; "
+                   "--prompts-per-iter counts pairs)")
+    n = a.prompts_per_iter * 2
+    world = utils.world_size_from_env()
+    if n % world == 0 and (n // world) % 2:
+        utils.fail(f"the per-process batch prompts_per_iter*2/world_size = {n // world} is odd, which would split a "
+                   "pair across processes; use a prompts_per_iter divisible by the world size")
+    if a.churn <= 0:
+        utils.fail(f"--churn {a.churn} must be > 0 (0 gives identical branches and no finite difference)")
+    if a.eps_clip <= 0 or a.kl_weight < 0:
+        utils.fail("--eps-clip must be > 0 and --kl-weight >= 0")
+    if a.num_minibatches < 1:
+        utils.fail(f"--num-minibatches {a.num_minibatches} must be >= 1")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_method_args(args)
+    prompts, metadata = utils.check_args(args, utils.world_size_from_env())  # all checks before any loading
+    rank, world, device = utils.setup_distributed(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    utils.seed_everything(args.seed + rank, args.torch_deterministic)
+    run_dir = utils.run_dir_for(args, __file__)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = utils.make_writer(run_dir, args, rank)
+
+    # ---- setup: model, learner / reference views (v_old = the stored rollout velocities), optimizer, prompts, reward
+    model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5)
+    policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    reward_fn = rewards.build_reward(args.reward, device)
+    sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
+    eval_prompts, eval_meta = (utils.load_prompts(args.eval_prompts_file, args.model) if args.eval_prompts_file
+                               else utils.load_prompts(None, split="test") if not args.prompts_file
+                               else (prompts[:32], metadata[:32]))
+    sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
+    gammas = churn_gammas(args.num_steps, args.churn)  # (T+1,) spec §3.1
+    neg = model.encode_prompt([""]) if args.guidance_scale > 1 else None  # CFG negative = empty prompt (spec §3.6)
+
+    def negs(b):
+        return (neg[0].expand(b, -1, -1), neg[1].expand(b, -1)) if neg is not None else (None, None)
+
+    def evaluate():
+        res = None
+        if rank == 0:
+            res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
+                                 args.guidance_scale, args.num_steps, reward_fn, eval_prompts)
+        if world > 1:
+            torch.distributed.barrier()
+        return res
+
+    start_it, reward_queries, wall_before, summary = 0, 0, 0.0, {}
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume)
+        policy.load_trainable_state(ckpt["policy"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
+    else:
+        summary["base"] = evaluate()
+        if rank == 0:
+            utils.log_eval(writer, summary["base"], 0)
+            print("base:", {k: round(v, 4) for k, v in summary["base"].items() if isinstance(v, float)})
+
+    def save_checkpoint(iteration):
+        if rank == 0:
+            utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
+                policy=policy.trainable_state(), optimizer=optimizer.state_dict(), iteration=iteration,
+                reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
+                rng=utils.rng_state(), args=vars(args)))
+
+    guard = utils.NonFiniteGuard()
+    t0 = time.time()
+    bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="fdfo")
+    completed = start_it
+    try:
+        for it in bar:
+            t_iter = time.time()
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it * 101 + rank)  # resume-exact noise
+            # ---- sample: one shared noise per pair, two branches with independent churn (spec §3.1), in micro-batches
+            captions, meta, prompt_idx = sampler.sample(it)  # each prompt twice, pairs adjacent
+            prompt_embeds, pooled = model.encode_prompt(captions)
+            noise = torch.randn(len(captions) // 2, *model.latent_shape, generator=gen).repeat_interleave(2, 0)
+            noise = noise.to(device, model.dtype)
+            outs = [churn_sample(policy.transformer, prompt_embeds[mb], pooled[mb], sigmas, noise[mb], gammas, gen,
+                                 args.guidance_scale, *negs(len(mb)))
+                    for mb in torch.arange(len(captions)).split(args.train_batch_size)]
+            states, v_old, x0 = (torch.cat(t) for t in zip(*outs))  # (B, T, C, H, W) x2, (B, C, H, W)
+            # ---- reward (gathered over ranks for logging; pairs never cross ranks)
+            reward, parts = reward_fn(model.decode(x0), captions, meta)
+            reward_queries += len(captions) * world
+            all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
+            # ---- finite difference: half reward differences and normalised endpoint directions (spec §3.2)
+            adv, dbar = finite_difference(reward.to(device), x0)
+            pair_adv = utils.all_gather_cat(adv)[0::2].cpu()  # (R_A - R_B) / 2 of every pair, for logging
+            # ---- loss + update: K optimizer steps over the shuffled (image, step) items, uniform weights (spec §3.4)
+            T = args.num_steps
+            perm = torch.randperm(len(captions) * T, generator=gen)
+            stats, losses, onpolicy_err = [], [], 0.0
+            for k, chunk in enumerate(perm.chunk(args.num_minibatches)):
+                optimizer.zero_grad(set_to_none=True)
+                chunk_losses = []
+                # items with a = 0 (equal rewards) contribute exactly zero to the SPO loss: skip their forward pass
+                active = chunk if args.kl_weight > 0 else chunk[adv[chunk // T].cpu() != 0]
+                for mb in active.split(args.train_batch_size) if len(active) else []:
+                    b, i = mb // T, mb % T  # image index, step index
+                    pe, pp = prompt_embeds[b], pooled[b]
+                    v = sampling.predict(policy.transformer, states[b, i], sigmas[i].to(device), pe, pp,
+                                         args.guidance_scale, *negs(len(mb)))
+                    per, rho = spo_loss(v, v_old[b, i], dbar[b], adv[b], args.eps_clip)
+                    kl = torch.zeros((), device=device)
+                    if args.kl_weight > 0:  # velocity-space pull to the base model (spec §3.5)
+                        with torch.no_grad(), policy.ref() as ref:
+                            v_base = sampling.predict(ref, states[b, i], sigmas[i].to(device), pe, pp,
+                                                      args.guidance_scale, *negs(len(mb)))
+                        kl = ((v - v_base) ** 2).mean(dim=tuple(range(1, v.ndim)))
+                    loss = (per + args.kl_weight * kl).sum() / len(chunk)  # mean over all items of the chunk
+                    loss.backward()
+                    chunk_losses.append(loss.detach() * len(chunk) / len(mb))
+                    with torch.no_grad():  # SPO / ratio diagnostics
+                        d = rho - 1
+                        stats.append(torch.stack([per.mean(), kl.mean(), rho.mean(),
+                                                  (d.abs() > args.eps_clip).float().mean(), (-rho.log()).mean()]))
+                        if k == 0:  # before the first update of an iteration the ratio must be exactly 1
+                            onpolicy_err = max(onpolicy_err, d.abs().max().item())
+                for p in policy.parameters():  # a rank whose chunk had no active items still joins the all-reduce
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                utils.sync_gradients(policy.parameters())
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                losses += chunk_losses
+                if guard.ok(torch.stack(chunk_losses or [torch.zeros(())]), all_rewards, iteration=it):
+                    optimizer.step()
+            loss = torch.stack(losses).mean() if losses else torch.zeros(())
+
+            # ---- log
+            if rank == 0:
+                s = torch.stack(stats).mean(0).tolist() if stats else [0.0, 0.0, 1.0, 0.0, 0.0]
+                endpoint_rms = (2 * dbar.pow(2).mean(dim=(1, 2, 3)).rsqrt()).mean()  # ~= rms(z_A - z_B) when >> 1e-6
+                metrics = {
+                    "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+                    "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                    "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
+                    "losses/loss": loss.item(), "losses/policy_loss": s[0], "losses/kl_loss": s[1],
+                    "losses/ratio_mean": s[2], "losses/clipfrac": s[3], "losses/ell_increase": s[4],
+                    "losses/onpolicy_ratio_err": onpolicy_err, "losses/grad_norm": grad_norm.item(),
+                    "losses/reward_diff_abs": (2 * pair_adv).abs().mean().item(),
+                    "losses/zero_diff_pair_frac": (pair_adv == 0).float().mean().item(),
+                    "losses/endpoint_diff_rms": endpoint_rms.item(),
+                    "losses/skipped_updates": guard.total,
+                }
+                metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
+                utils.log_metrics(writer, metrics, it + 1)
+                bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", clipfrac=f"{s[3]:.2f}")
+                if (it + 1) % args.log_images_every == 0:
+                    writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
+                                     it + 1, dataformats="HWC")
+            if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
+                res = evaluate()
+                if rank == 0:
+                    utils.log_eval(writer, res, it + 1)
+                    tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
+            completed = it + 1
+            if completed % args.checkpoint_every == 0:
+                save_checkpoint(completed)
+    except KeyboardInterrupt:
+        save_checkpoint(completed)
+        print(f"interrupted: checkpoint saved at iteration {completed} in {run_dir}; continue with --resume {run_dir}")
+        raise SystemExit(130)
+
+    # ---- final evaluation, model, checkpoint, summary
+    summary["final"] = evaluate()
+    if rank == 0:
+        utils.log_eval(writer, summary["final"], args.num_iterations)
+        if args.save_model:
+            policy.save_pretrained(run_dir)
+        save_checkpoint(args.num_iterations)
+        summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
+                       skipped_updates=guard.total, args=vars(args))
+        utils.write_summary(run_dir, summary)
+        b, f = summary["base"], summary["final"]
+        print(f"held-out reward {b['reward_mean']:.4f} -> {f['reward_mean']:.4f}; strict accuracy "
+              f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}; "
+              f"{summary['wall_time_s'] / 60:.1f} min; run dir {run_dir}")
+        writer.close()
+    utils.cleanup_distributed()

@@ -1,0 +1,207 @@
+"""Tests of fdfo.py: the churn step lands on the target noise level in distribution, the finite difference and
+SPO loss against hand computations, a sign test (one gradient step moves the predicted clean image toward the
+better branch), argument checks, smoke runs (embedded model and tiny offline SD3) and one learning test."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import fdfo  # noqa: E402
+from common import models, sampling  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+TINY = ["--threads", "1", "--prompts-per-iter", "2", "--train-batch-size", "4", "--num-minibatches", "2",
+        "--eval-samples-per-prompt", "1", "--num-steps", "3"]
+
+
+# ----------------------------------------------------------------------------------- churned sampler (spec §3.1)
+@pytest.mark.parametrize("gamma", [0.0025, 0.5])
+@pytest.mark.parametrize("sigma,s", [(1.0, 0.9), (0.6, 0.35), (0.2, 0.05)])
+def test_churn_step_lands_on_noise_level_s(gamma, sigma, s):
+    """For point-mass data x0 the exact velocity at x_sigma = (1-sigma) x0 + sigma eps is eps - x0; one churn step
+    must give (1 - s) x0 + s N(0, I) in distribution, with a fresh-noise share r sqrt((1+g)^2-1) / (1+gr)."""
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    x0 = torch.full((n,), 0.7, dtype=torch.float64)
+    eps, xi = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    x = (1 - sigma) * x0 + sigma * eps
+    z = fdfo.churn_step(x, eps - x0, sigma, s, gamma, xi)
+    noise = (z - (1 - s) * x0) / s
+    assert abs(noise.mean().item()) < 5e-3 and abs(noise.var().item() - 1) < 1e-2
+    # by hand: r = s / (1 + g (1 - s)); fresh-noise std r sqrt((1+g)^2 - 1) / (1 + g r)
+    r = s / (1 + gamma * (1 - s))
+    fresh = z - fdfo.churn_step(x, eps - x0, sigma, s, gamma, torch.zeros_like(xi))
+    assert fresh.std().item() == pytest.approx(r * math.sqrt((1 + gamma) ** 2 - 1) / (1 + gamma * r), rel=1e-2)
+    if gamma == 0.0025:  # ~7% of the current noise level (spec §3.1)
+        assert fresh.std().item() / s == pytest.approx(0.0708, abs=2e-3)
+
+
+def test_churn_prior_is_variance_preserving_and_gammas():
+    g = torch.Generator().manual_seed(1)
+    eps, xi = torch.randn(400_000, generator=g, dtype=torch.float64), torch.randn(400_000, generator=g, dtype=torch.float64)
+    z = fdfo.churn_prior(eps, 0.1, xi)
+    assert abs(z.var().item() - 1) < 1e-2
+    assert (z * eps).mean().item() == pytest.approx(1 / 1.1, abs=1e-2)  # correlation with the shared noise
+    assert fdfo.churn_gammas(4, 0.0025).tolist() == pytest.approx([0.0025] * 4 + [0.0])  # none on the last step
+    with torch.no_grad():  # gamma = 0: the churn step is the Euler step
+        x, v = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+        assert torch.allclose(fdfo.churn_step(x, v, 0.7, 0.4, 0.0, torch.randn(2, 3)), x + (0.4 - 0.7) * v)
+
+
+def test_churn_sample_pairs_and_ode_limit():
+    """Embedded model: without churn both branches follow the Euler ODE exactly; with gamma = 0.0025 the two
+    branches of a pair differ a little (the last step adds no noise), the states/velocities are the ones used."""
+    torch.set_num_threads(1)
+    model = models.load_model("embedded")
+    pe, pooled = model.encode_prompt(["a red circle"] * 2 + ["two blue squares"] * 2)
+    sigmas = model.sigmas(4)
+    noise = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0)).repeat_interleave(2, 0)
+    ode = sampling.sample(model.transformer, pe, pooled, sigmas, noise)["latents"]
+    gen = torch.Generator().manual_seed(1)
+    states, vels, x0 = fdfo.churn_sample(model.transformer, pe, pooled, sigmas, noise, fdfo.churn_gammas(4, 0.0), gen)
+    assert states.shape == vels.shape == (4, 4, *model.latent_shape)
+    assert torch.allclose(x0, ode, atol=1e-5) and torch.equal(states[:, 0], noise)
+    states, vels, x0 = fdfo.churn_sample(model.transformer, pe, pooled, sigmas, noise, fdfo.churn_gammas(4, 0.0025), gen)
+    rms = (x0[0::2] - x0[1::2]).pow(2).mean().sqrt().item()
+    assert 1e-3 < rms < 0.5
+    with torch.no_grad():  # the stored velocity is the model's at the stored state; the last step is plain Euler
+        v = sampling.predict(model.transformer, states[:, 2], sigmas[2], pe, pooled)
+        assert torch.allclose(v, vels[:, 2], atol=1e-5)
+        last = states[:, 3] + (sigmas[4] - sigmas[3]) * vels[:, 3]
+        assert torch.allclose(x0, last, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- finite difference (spec §3.2)
+def test_finite_difference_hand_computed():
+    rewards = torch.tensor([0.75, 0.25, 0.5, 0.5])  # pair 0: A better by 0.5; pair 1: a tie
+    z = torch.tensor([[1.0, 3.0], [0.0, 1.0], [2.0, 2.0], [2.0, 0.0]]).view(4, 1, 1, 2)
+    adv, dbar = fdfo.finite_difference(rewards, z)
+    assert adv.tolist() == [0.25, -0.25, 0.0, 0.0]
+    # pair 0: d_A = ((1,3)-(0,1))/2 = (0.5, 1); mean square = (0.25 + 1)/2 = 0.625
+    d_a = torch.tensor([0.5, 1.0]) / (0.625 + 1e-6)
+    # pair 1: d_A = (0, 1); mean square = 0.5
+    d_c = torch.tensor([0.0, 1.0]) / (0.5 + 1e-6)
+    expected = torch.stack([d_a, -d_a, d_c, -d_c]).view(4, 1, 1, 2)
+    assert torch.allclose(dbar, expected)
+    # a_b * dbar_b is the same for both branches: DR * Dz / mean(Dz^2) (up to the 1e-6)
+    prod = adv.view(-1, 1, 1, 1) * dbar
+    assert torch.allclose(prod[0], prod[1]) and torch.allclose(prod[0].flatten(), torch.tensor([1.0, 2.0]) * 0.5 / 2.5,
+                                                               atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- SPO loss (spec §3.3)
+def test_spo_loss_hand_computed():
+    v = torch.tensor([[0.30, -0.20], [1.00, 0.50], [0.0, 0.0]]).view(3, 1, 1, 2)
+    v_old = torch.tensor([[0.25, -0.10], [1.00, 0.55], [0.0, 0.0]]).view(3, 1, 1, 2)
+    dbar = torch.tensor([[2.0, -1.0], [0.5, 0.5], [3.0, 1.0]]).view(3, 1, 1, 2)
+    adv = torch.tensor([0.2, -0.1, 0.05])
+    eps = 0.03
+    per, rho = fdfo.spo_loss(v, v_old, dbar, adv, eps)
+    for j in range(3):  # naive form: u = v_old - dbar, ell = mean((v - u)^2), ell_old = mean(dbar^2)
+        vv, vo, db = v[j].flatten().tolist(), v_old[j].flatten().tolist(), dbar[j].flatten().tolist()
+        ell = sum((a - (b - c)) ** 2 for a, b, c in zip(vv, vo, db)) / 2
+        ell_old = sum(c ** 2 for c in db) / 2
+        r = math.exp(ell_old - ell)
+        a = adv[j].item()
+        assert rho[j].item() == pytest.approx(r, rel=1e-5)
+        assert per[j].item() == pytest.approx(-a * r + abs(a) / (2 * eps) * (r - 1) ** 2, rel=1e-5, abs=1e-7)
+    assert rho[2].item() == 1.0 and per[2].item() == pytest.approx(-0.05)  # on-policy: rho = 1, L = -a
+    # a worked number: item 0, delta = (0.05, -0.1), ell - ell_old = mean(delta^2 + 2 delta dbar) = (0.2025 + 0.21)/2
+    assert rho[0].item() == pytest.approx(math.exp(-(0.0025 + 0.2 + 0.01 + 0.2) / 2), rel=1e-6)
+
+
+@pytest.mark.parametrize("better", ["A", "B"])
+def test_one_gradient_step_moves_clean_image_toward_better_branch(better):
+    """Spec §3.3 sign check: v is a free tensor at theta_old (v = v_old); after one small SGD step on the FDFO loss
+    of both branches, x0_hat = x - sigma v moves along +(z_better - z_worse) at every item."""
+    g = torch.Generator().manual_seed(3)
+    T = 4
+    z_final = torch.randn(2, 3, 4, 4, generator=g)  # branch A, branch B final latents
+    r = torch.tensor([0.8, 0.3]) if better == "A" else torch.tensor([0.3, 0.8])
+    adv, dbar = fdfo.finite_difference(r, z_final)
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    v_old = torch.randn(2, T, 3, 4, 4, generator=g)
+    v = v_old.clone().requires_grad_()
+    b = torch.arange(2).repeat_interleave(T)
+    i = torch.arange(T).repeat(2)
+    per, rho = fdfo.spo_loss(v[b, i], v_old[b, i], dbar[b], adv[b], 0.03)
+    assert torch.allclose(rho, torch.ones_like(rho))
+    per.mean().backward()
+    with torch.no_grad():
+        s = sigmas.view(1, T, 1, 1, 1)
+        moved = -s * (-1e-3 * v.grad)  # change of x0_hat = x - sigma v under v <- v - lr * grad
+        direction = (z_final[0] - z_final[1]) * (1 if better == "A" else -1)
+        cos = torch.nn.functional.cosine_similarity(moved.flatten(2), direction.flatten().view(1, 1, -1), dim=-1)
+    assert (cos > 0.999).all(), cos  # every (branch, step) item moves straight toward the better image
+
+
+# ----------------------------------------------------------------------------------- the script
+def _run(tmp_path, *extra, name="run", env=ENV):
+    out_dir = tmp_path / name
+    out = subprocess.run([sys.executable, "fdfo.py", "--output-dir", str(out_dir), *extra],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out_dir, json.loads((out_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("flags,world,line", [
+    (["--group-size", "4"], "1", "error: --group-size 4 must be 2 for FDFO (the two branches of a pair; "
+                                 "--prompts-per-iter counts pairs)"),
+    (["--prompts-per-iter", "3"], "2", "error: the per-process batch prompts_per_iter*2/world_size = 3 is odd, which "
+                                       "would split a pair across processes; use a prompts_per_iter divisible by the "
+                                       "world size"),
+    (["--churn", "0"], "1", "error: --churn 0.0 must be > 0 (0 gives identical branches and no finite difference)"),
+])
+def test_bad_arguments_fail_before_loading(flags, world, line):
+    out = subprocess.run([sys.executable, "fdfo.py", *flags], capture_output=True, text=True, cwd=ROOT,
+                         env={**ENV, "WORLD_SIZE": world}, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == line
+
+
+@pytest.mark.parametrize("flags", [[], ["--lora-rank", "4", "--kl-weight", "0.01", "--guidance-scale", "2.0"]])
+def test_smoke_embedded(tmp_path, flags):
+    out_dir, summary = _run(tmp_path, "--num-iterations", "2", *TINY, *flags)
+    assert summary["reward_queries"] == 2 * 4
+    for k in ("base", "final"):
+        assert 0 <= summary[k]["reward_mean"] <= 1 and "strict_accuracy" in summary[k] and "accuracy" in summary[k]
+    assert summary["skipped_updates"] == 0 and summary["wall_time_s"] > 0
+    assert (out_dir / "checkpoint.pt").is_file()
+    assert (out_dir / ("lora" if "--lora-rank" in flags else "transformer")).is_dir()
+
+
+def test_resume_continues(tmp_path):
+    out_dir, _ = _run(tmp_path, "--num-iterations", "1", *TINY, "--checkpoint-every", "1")
+    out = subprocess.run([sys.executable, "fdfo.py", "--resume", str(out_dir), "--num-iterations", "2", *TINY],
+                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((out_dir / "summary.json").read_text())["reward_queries"] == 8
+
+
+def test_smoke_tiny_sd3(tmp_path):
+    from tiny_sd3 import build_tiny_sd3
+
+    path = build_tiny_sd3(tmp_path / "sd3")
+    out_dir, summary = _run(tmp_path, "--model", str(path), "--resolution", "32", "--lora-rank", "4",
+                            "--num-iterations", "1", *TINY)
+    assert (out_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert summary["reward_queries"] == 4 and "reward_mean" in summary["final"]
+
+
+@pytest.mark.slow
+def test_learning_beats_lr_zero(tmp_path):
+    """A short run must beat the identical run with --lr 0 on held-out prompts."""
+    flags = ["--num-iterations", "40", "--threads", "2", "--eval-every", "1000", "--eval-samples-per-prompt", "4"]
+    _, learn = _run(tmp_path, *flags, name="learn")
+    _, frozen = _run(tmp_path, *flags, "--lr", "0", name="frozen")
+    assert learn["final"]["reward_mean"] > frozen["final"]["reward_mean"] + 0.03, (learn["final"], frozen["final"])
