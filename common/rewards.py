@@ -8,7 +8,7 @@ world: the prompt's shapes spec) or None.
     rewards, parts = reward_fn(images, prompts, metadata)      # parts: {name: (N,)} for logging
 
 Embedded (no weights): shapes, shapes_strict, jpeg_compressibility, jpeg_incompressibility.
-Real (transformers, loaded lazily from a hub id in the local cache or a local path, see --reward-model-paths):
+Real (transformers; a hub id in the local cache by default, or a local path via `paths`, see RewardFn):
 pickscore, clipscore, vlm. An aesthetic predictor is not included: it needs bespoke MLP weight files.
 """
 
@@ -76,7 +76,7 @@ class PickScore:
 
     @torch.no_grad()
     def __call__(self, images, prompts, metadata=None):
-        out = []
+        prompts, out = list(prompts), []
         for i in range(0, len(prompts), self.batch_size):
             pix = self.processor(images=list(to_uint8(images[i:i + self.batch_size])), return_tensors="pt")
             txt = self.processor(text=prompts[i:i + self.batch_size], padding=True, truncation=True, max_length=77,
@@ -105,33 +105,45 @@ class CLIPScore(PickScore):
 
 
 class VLMYesNo:
-    """A Qwen2.5-VL-style VLM asked whether the image shows the prompt; reward = 100 * sigmoid(logit_yes - logit_no)
-    of the first answer token (as FDFO does)."""
+    """A VLM asked whether the image matches the prompt, as FDFO does (spec fdfo.md 6.1): Qwen2.5-VL chat template
+    with a system turn, the image bilinearly resized to 504x504, one forward pass, and
+    reward = 100 * sigmoid(logit["Yes"] - logit["No"]) at the last position, in [0, 100]. Works with any
+    AutoModelForImageTextToText whose processor has a chat template and whose tokenizer has "Yes"/"No" tokens.
+    (transformers' Qwen2.5-VL processor needs torchvision for its video processor.)"""
 
-    question = 'Does this image show "{prompt}"? Answer yes or no.'
+    system = "You are a helpful assistant."
+    question = 'Does this image match the caption "{prompt}"? Answer Yes or No.'
+    answers = ("Yes", "No")
 
-    def __init__(self, device, model_path=None, processor_path=None, batch_size=8):
+    def __init__(self, device, model_path=None, processor_path=None, batch_size=8, image_size=504):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         model_path = model_path or REAL_DEFAULT_PATHS["vlm"][0]
         self.processor = AutoProcessor.from_pretrained(processor_path or model_path)
         self.processor.tokenizer.padding_side = "left"  # the next-token logits sit at the last position
         self.model = AutoModelForImageTextToText.from_pretrained(model_path).eval().requires_grad_(False).to(device)
-        tok = self.processor.tokenizer
-        self.yes, self.no = (tok.encode(w, add_special_tokens=False)[0] for w in ("yes", "no"))
-        self.device, self.batch_size = device, batch_size
+        ids = [self.processor.tokenizer.encode(w, add_special_tokens=False) for w in self.answers]
+        if any(len(i) != 1 for i in ids):
+            raise ValueError(f"the tokenizer of VLM {model_path} splits the answers {self.answers} into {ids}; "
+                             "need one token each")
+        self.yes, self.no = ids[0][0], ids[1][0]
+        self.device, self.batch_size, self.image_size = device, batch_size, image_size
 
     @torch.no_grad()
     def __call__(self, images, prompts, metadata=None):
-        out = []
+        prompts, out = list(prompts), []
+        if self.image_size:
+            images = torch.nn.functional.interpolate(images.float(), size=(self.image_size,) * 2, mode="bilinear")
         for i in range(0, len(prompts), self.batch_size):
             imgs = [Image.fromarray(a) for a in to_uint8(images[i:i + self.batch_size])]
-            msgs = [[{"role": "user", "content": [{"type": "image"},
+            msgs = [[{"role": "system", "content": [{"type": "text", "text": self.system}]},
+                     {"role": "user", "content": [{"type": "image"},
                                                   {"type": "text", "text": self.question.format(prompt=p)}]}]
                     for p in prompts[i:i + self.batch_size]]
-            text = [self.processor.apply_chat_template(m, add_generation_prompt=True) for m in msgs]
-            inputs = self.processor(text=text, images=imgs, padding=True, return_tensors="pt").to(self.device)
-            logits = self.model(**inputs).logits[:, -1].float()
+            text = [self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+            inputs = self.processor(text=text, images=imgs, padding=True, return_tensors="pt")
+            inputs = inputs.to(self.device, dtype=self.model.dtype)  # casts only the floating tensors (pixels)
+            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # vocab logits of the answer token
             out.append(100 * torch.sigmoid(logits[:, self.yes] - logits[:, self.no]))
         return torch.cat(out).cpu()
 
