@@ -119,12 +119,13 @@ def churn_step(latents, v, sigma, sigma_next, gamma, xi):
 
 
 @torch.no_grad()
-def churn_sample(transformer, prompt_embeds, pooled, sigmas, noise, gammas, generator, guidance_scale=1.0,
+def churn_sample(transformer, prompt_embeds, pooled, sigmas, noise, gammas, generators, guidance_scale=1.0,
                  neg_embeds=None, neg_pooled=None):
-    """Churned rollouts from `noise` (already shared within each pair). Returns the visited states (B, T, C, H, W),
-    the velocities used there (B, T, C, H, W) and the final latents (B, C, H, W); churn math in fp32."""
+    """Churned rollouts from `noise` (already shared within each pair); `generators` (one per image) draw each
+    image's independent churn noise xi. Returns the visited states (B, T, C, H, W), the velocities used there
+    (B, T, C, H, W) and the final latents (B, C, H, W); churn math in fp32."""
     dtype = noise.dtype
-    randn = lambda: torch.randn(noise.shape, generator=generator).to(noise.device)  # noqa: E731
+    randn = lambda: torch.stack([torch.randn(noise.shape[1:], generator=g) for g in generators]).to(noise.device)  # noqa: E731
     x = churn_prior(noise.float(), gammas[0].item(), randn())  # independent xi per branch
     states, velocities = [], []
     for i in range(len(sigmas) - 1):
@@ -163,11 +164,10 @@ def check_method_args(a):
     if a.group_size != 2:
         utils.fail(f"--group-size {a.group_size} must be 2 for FDFO (the two branches of a pair; "
                    "--prompts-per-iter counts pairs)")
-    n = a.prompts_per_iter * 2
     world = utils.world_size_from_env()
-    if n % world == 0 and (n // world) % 2:
-        utils.fail(f"the per-process batch prompts_per_iter*2/world_size = {n // world} is odd, which would split a "
-                   "pair across processes; use a prompts_per_iter divisible by the world size")
+    if a.prompts_per_iter % world:
+        utils.fail(f"--prompts-per-iter {a.prompts_per_iter} (pairs) is not divisible by the world size {world}: "
+                   "each process must hold whole pairs")
     if a.churn <= 0:
         utils.fail(f"--churn {a.churn} must be > 0 (0 gives identical branches and no finite difference)")
     if a.eps_clip <= 0 or a.kl_weight < 0:
@@ -240,34 +240,41 @@ if __name__ == "__main__":
     try:
         for it in bar:
             t_iter = time.time()
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it * 101 + rank)  # resume-exact noise
+            # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
+            # a 2-process run sees the same numbers as a 1-process run with the same global batch
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
             # ---- sample: one shared noise per pair, two branches with independent churn (spec §3.1), in micro-batches
-            captions, meta, prompt_idx = sampler.sample(it)  # each prompt twice, pairs adjacent
+            captions, meta, prompt_idx = sampler.sample(it)  # each prompt twice, pairs adjacent, never split over ranks
+            n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
             prompt_embeds, pooled = model.encode_prompt(captions)
-            noise = torch.randn(len(captions) // 2, *model.latent_shape, generator=gen).repeat_interleave(2, 0)
+            noise = torch.randn(n * world // 2, *model.latent_shape, generator=gen).repeat_interleave(2, 0)[local]
             noise = noise.to(device, model.dtype)
-            outs = [churn_sample(policy.transformer, prompt_embeds[mb], pooled[mb], sigmas, noise[mb], gammas, gen,
-                                 args.guidance_scale, *negs(len(mb)))
-                    for mb in torch.arange(len(captions)).split(args.train_batch_size)]
+            seeds = torch.randint(2**62, (n * world,), generator=gen)[local].tolist()
+            churn_gens = [torch.Generator().manual_seed(x) for x in seeds]  # one churn-noise stream per image
+            outs = [churn_sample(policy.transformer, prompt_embeds[j:j + bs], pooled[j:j + bs], sigmas, noise[j:j + bs],
+                                 gammas, churn_gens[j:j + bs], args.guidance_scale, *negs(len(seeds[j:j + bs])))
+                    for j, bs in ((j, args.train_batch_size) for j in range(0, n, args.train_batch_size))]
             states, v_old, x0 = (torch.cat(t) for t in zip(*outs))  # (B, T, C, H, W) x2, (B, C, H, W)
             # ---- reward (gathered over ranks for logging; pairs never cross ranks)
             reward, parts = reward_fn(model.decode(x0), captions, meta)
-            reward_queries += len(captions) * world
+            reward_queries += n * world
             all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
             # ---- finite difference: half reward differences and normalised endpoint directions (spec §3.2)
             adv, dbar = finite_difference(reward.to(device), x0)
             pair_adv = utils.all_gather_cat(adv)[0::2].cpu()  # (R_A - R_B) / 2 of every pair, for logging
-            # ---- loss + update: K optimizer steps over the shuffled (image, step) items, uniform weights (spec §3.4)
+            # ---- loss + update: K optimizer steps over the globally shuffled (image, step) items, uniform weights
+            # (spec §3.4); each rank takes its own items of a chunk, scaled so the rank average is the chunk mean
             T = args.num_steps
-            perm = torch.randperm(len(captions) * T, generator=gen)
+            perm = torch.randperm(n * world * T, generator=gen)  # global item index = global image * T + step
             stats, losses, onpolicy_err = [], [], 0.0
             for k, chunk in enumerate(perm.chunk(args.num_minibatches)):
                 optimizer.zero_grad(set_to_none=True)
-                chunk_losses = []
+                mine = chunk[(chunk >= rank * n * T) & (chunk < (rank + 1) * n * T)] - rank * n * T
                 # items with a = 0 (equal rewards) contribute exactly zero to the SPO loss: skip their forward pass
-                active = chunk if args.kl_weight > 0 else chunk[adv[chunk // T].cpu() != 0]
+                active = mine if args.kl_weight > 0 else mine[adv[mine // T].cpu() != 0]
+                chunk_losses = []
                 for mb in active.split(args.train_batch_size) if len(active) else []:
-                    b, i = mb // T, mb % T  # image index, step index
+                    b, i = mb // T, mb % T  # local image index, step index
                     pe, pp = prompt_embeds[b], pooled[b]
                     v = sampling.predict(policy.transformer, states[b, i], sigmas[i].to(device), pe, pp,
                                          args.guidance_scale, *negs(len(mb)))
@@ -278,22 +285,22 @@ if __name__ == "__main__":
                             v_base = sampling.predict(ref, states[b, i], sigmas[i].to(device), pe, pp,
                                                       args.guidance_scale, *negs(len(mb)))
                         kl = ((v - v_base) ** 2).mean(dim=tuple(range(1, v.ndim)))
-                    loss = (per + args.kl_weight * kl).sum() / len(chunk)  # mean over all items of the chunk
+                    loss = (per + args.kl_weight * kl).sum() * world / len(chunk)  # spec §4: mean over the chunk
                     loss.backward()
-                    chunk_losses.append(loss.detach() * len(chunk) / len(mb))
+                    chunk_losses.append((per + args.kl_weight * kl).mean().detach())
                     with torch.no_grad():  # SPO / ratio diagnostics
                         d = rho - 1
                         stats.append(torch.stack([per.mean(), kl.mean(), rho.mean(),
                                                   (d.abs() > args.eps_clip).float().mean(), (-rho.log()).mean()]))
                         if k == 0:  # before the first update of an iteration the ratio must be exactly 1
                             onpolicy_err = max(onpolicy_err, d.abs().max().item())
-                for p in policy.parameters():  # a rank whose chunk had no active items still joins the all-reduce
+                for p in policy.parameters():  # a rank without active items in this chunk still joins the all-reduce
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                 utils.sync_gradients(policy.parameters())
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 losses += chunk_losses
-                if guard.ok(torch.stack(chunk_losses or [torch.zeros(())]), all_rewards, iteration=it):
+                if guard.ok(torch.stack(chunk_losses or [torch.zeros(())]), grad_norm, all_rewards, iteration=it):
                     optimizer.step()
             loss = torch.stack(losses).mean() if losses else torch.zeros(())
 

@@ -67,11 +67,11 @@ def test_churn_sample_pairs_and_ode_limit():
     sigmas = model.sigmas(4)
     noise = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0)).repeat_interleave(2, 0)
     ode = sampling.sample(model.transformer, pe, pooled, sigmas, noise)["latents"]
-    gen = torch.Generator().manual_seed(1)
-    states, vels, x0 = fdfo.churn_sample(model.transformer, pe, pooled, sigmas, noise, fdfo.churn_gammas(4, 0.0), gen)
+    gens = [torch.Generator().manual_seed(j) for j in range(4)]
+    states, vels, x0 = fdfo.churn_sample(model.transformer, pe, pooled, sigmas, noise, fdfo.churn_gammas(4, 0.0), gens)
     assert states.shape == vels.shape == (4, 4, *model.latent_shape)
     assert torch.allclose(x0, ode, atol=1e-5) and torch.equal(states[:, 0], noise)
-    states, vels, x0 = fdfo.churn_sample(model.transformer, pe, pooled, sigmas, noise, fdfo.churn_gammas(4, 0.0025), gen)
+    states, vels, x0 = fdfo.churn_sample(model.transformer, pe, pooled, sigmas, noise, fdfo.churn_gammas(4, 0.0025), gens)
     rms = (x0[0::2] - x0[1::2]).pow(2).mean().sqrt().item()
     assert 1e-3 < rms < 0.5
     with torch.no_grad():  # the stored velocity is the model's at the stored state; the last step is plain Euler
@@ -157,9 +157,8 @@ def _run(tmp_path, *extra, name="run", env=ENV):
 @pytest.mark.parametrize("flags,world,line", [
     (["--group-size", "4"], "1", "error: --group-size 4 must be 2 for FDFO (the two branches of a pair; "
                                  "--prompts-per-iter counts pairs)"),
-    (["--prompts-per-iter", "3"], "2", "error: the per-process batch prompts_per_iter*2/world_size = 3 is odd, which "
-                                       "would split a pair across processes; use a prompts_per_iter divisible by the "
-                                       "world size"),
+    (["--prompts-per-iter", "3"], "2", "error: --prompts-per-iter 3 (pairs) is not divisible by the world size 2: "
+                                       "each process must hold whole pairs"),
     (["--churn", "0"], "1", "error: --churn 0.0 must be > 0 (0 gives identical branches and no finite difference)"),
 ])
 def test_bad_arguments_fail_before_loading(flags, world, line):
