@@ -23,8 +23,9 @@ from common import rewards, utils  # noqa: E402
 METHODS = [m for m in ("advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo") if (ROOT / f"{m}.py").is_file()]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # per method: the batch flags of a tiny run (fdfo needs pairs), and one method option with a bad value
-TINY = {m: ["--prompts-per-iter", "2", "--group-size", "2" if m == "fdfo" else "3", "--eval-samples-per-prompt", "1",
-            "--num-steps", "3", "--threads", "1"] for m in METHODS}
+TINY = {m: ["--prompts-per-iter", "2", "--group-size", "2" if m == "fdfo" else "3", "--train-batch-size",
+            "2" if m == "fdfo" else "3", "--eval-samples-per-prompt", "1", "--num-steps", "3", "--threads", "1"]
+        for m in METHODS}
 BAD_OPTION = {"advantageflow": ("--gamma-mode", "big"), "flow_grpo": ("--noise-level", "-1"),
               "orw_cfm_w2": ("--sync-every", "0"), "acflow": ("--shaping", "wild"), "fdfo": ("--group-size", "3")}
 
