@@ -258,7 +258,9 @@ if __name__ == "__main__":
             with policy.old() as old:
                 x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
             # ---- reward (gathered over ranks so groups and batch statistics are global)
+            t_sample = time.time()
             reward, parts = reward_fn(model.decode(x0), captions, meta)
+            t_reward = time.time()
             reward_queries += n * world
             all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
             groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
@@ -314,6 +316,7 @@ if __name__ == "__main__":
             # ---- rollout policy: EMA of the learner, rho_i = min(rate * i, max) (spec §7.3 / NFT eta_i)
             rho = min(args.rollout_ema_rate * (it + 1), args.rollout_ema_max)
             policy.update_old(rho)
+            t_train = time.time()
 
             # ---- log
             if rank == 0:
@@ -321,6 +324,8 @@ if __name__ == "__main__":
                 metrics = {
                     "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
                     "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                    "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
+                    "perf/train_s": t_train - t_reward,
                     "charts/lr": optimizer.param_groups[0]["lr"], "charts/rollout_ema": rho,
                     "charts/reward_queries": reward_queries,
                     "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
