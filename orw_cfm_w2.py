@@ -227,31 +227,33 @@ if __name__ == "__main__":
     try:
         for it in bar:
             t_iter = time.time()
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it * 101 + rank)  # resume-exact noise
+            # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
+            # a 2-process run sees the same numbers as a 1-process run with the same global batch
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
             # ---- sample: CFG-free ODE samples of the lagged sampling copy theta_old (spec §3.6 / §4 step 1)
             captions, meta, prompt_idx = sampler.sample(it)
+            n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
             prompt_embeds, pooled = model.encode_prompt(captions)
-            noise = torch.randn(len(captions), *model.latent_shape, generator=gen).to(device, model.dtype)
+            noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
             with policy.old() as old:
                 x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
             # ---- reward (gathered over ranks so the weight normalisation and statistics are global)
             reward, parts = reward_fn(model.decode(x0), captions, meta)
-            reward_queries += len(captions) * world
+            reward_queries += n * world
             all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
-            local = slice(rank * len(captions), (rank + 1) * len(captions))
             # ---- weights w = exp(tau * r), detached (spec §3.1 / §4 step 3)
             weights = orw_weights(all_rewards, args.tau, args.normalize_weights, args.max_exponent)
             w_local = weights[local].to(device)
             # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated (spec §4 steps 4-7)
             optimizer.zero_grad(set_to_none=True)
-            n_mb = len(captions) // args.train_batch_size
+            n_mb = n // args.train_batch_size
             stats, losses = [], []
             for _ in range(args.timesteps_per_image):
-                for mb in torch.arange(len(captions)).split(args.train_batch_size):
-                    b = len(mb)
-                    sigma = torch.rand(b, generator=gen).to(device)  # t ~ U(0, 1) <=> sigma ~ U(0, 1) (spec §2)
-                    # fresh independent noise, not the sampling noise and no OT re-pairing (spec §6 bug 1)
-                    eps = torch.randn(b, *model.latent_shape, generator=gen).to(device, model.dtype)
+                sigma_all = torch.rand(n * world, generator=gen)[local]  # t ~ U(0, 1) <=> sigma ~ U(0, 1) (spec §2)
+                # fresh independent noise, not the sampling noise and no OT re-pairing (spec §6 bug 1)
+                eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+                for mb in torch.arange(n).split(args.train_batch_size):
+                    sigma, eps = sigma_all[mb].to(device), eps_all[mb]
                     s = sigma.view(-1, 1, 1, 1)
                     x_t = (1 - s) * x0[mb] + s * eps  # forward process, the same x_t for learner and reference
                     pe, pp = prompt_embeds[mb], pooled[mb]
@@ -266,7 +268,7 @@ if __name__ == "__main__":
             loss = torch.stack(losses).mean()
             utils.sync_gradients(policy.parameters())
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            if guard.ok(loss, all_rewards, iteration=it):
+            if guard.ok(loss, grad_norm, all_rewards, iteration=it):
                 optimizer.step()
             # ---- sampling copy: theta_old <- theta every sync_every iterations (spec §3.6 / §4 step 8)
             if (it + 1) % args.sync_every == 0:
