@@ -78,7 +78,7 @@ class Args:
     """CFG of evaluation; AC-Flow rolls out CFG-free (issue; spec §7.11 would sample with CFG)"""
 
     # algorithm
-    num_iterations: int = 120
+    num_iterations: int = 100
     prompts_per_iter: int = 16
     """prompts per iteration (SD3.5-M: 8)"""
     group_size: int = 4
