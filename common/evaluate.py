@@ -72,7 +72,7 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
         values, strict, _ = shapes.score(images, rep_specs)
         cats = [c for c in shapes.CATEGORIES if any(s["category"] == c for s in rep_specs)]
         mask = {c: torch.tensor([s["category"] == c for s in rep_specs]) for c in cats}
-        res.update(strict_accuracy=float(strict.float().mean()),
+        res.update(strict_accuracy=float(strict.float().mean()), clean_fraction=shapes.clean_fraction(images, rep_specs),
                    accuracy={c: float(strict[m].float().mean()) for c, m in mask.items()},
                    partial={c: float(values[m].mean()) for c, m in mask.items()})
     if values is None:
@@ -88,7 +88,8 @@ def format_table(res):
     for c in res.get("accuracy", {}):
         lines.append(f"{c:<15}{res['accuracy'][c]:>12.3f}{res['partial'][c]:>10.3f}")
     lines.append(f"{'overall':<15}{res.get('strict_accuracy', float('nan')):>12.3f}{res['reward_mean']:>10.3f}")
-    lines.append(f"diversity {res['diversity']:.4f}   n = {res['n']}")
+    lines.append(f"diversity {res['diversity']:.4f}   clean scenes {res.get('clean_fraction', float('nan')):.3f}   "
+                 f"n = {res['n']}")
     return "\n".join(lines)
 
 

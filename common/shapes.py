@@ -214,7 +214,8 @@ def detect(images, min_area=6):
 def check(spec, objs):
     """Per-check results (dict name -> bool) for one image's detected objects, GenEval style:
     each object's shape is present; its colour is right (if given); its count is exact (counting);
-    the relation holds between some instance of object 0 and some instance of object 1 (position)."""
+    the relation holds between some instance of object 0 and some instance of object 1 (position).
+    Like GenEval, extra objects are not penalised (outside counting); `clean_fraction` reports them."""
     res = {}
     for k, o in enumerate(spec["objects"]):
         same_shape = [d for d in objs if d["shape"] == o["shape"]]
@@ -230,6 +231,11 @@ def check(spec, objs):
         res["position"] = any(_relation_holds(spec["relation"], (p["cx"], p["cy"]), (q["cx"], q["cy"]))
                               for p in a for q in b)
     return res
+
+
+def clean_fraction(images, specs):
+    """Fraction of images holding no more objects than their prompt asks for (a clutter diagnostic)."""
+    return sum(len(o) <= sum(x["count"] for x in s["objects"]) for s, o in zip(specs, detect(images))) / len(specs)
 
 
 def score(images, specs):

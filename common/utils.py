@@ -161,6 +161,8 @@ def log_eval(writer, res, step, prefix="eval/"):
     writer.add_scalar(prefix + "reward_mean", res["reward_mean"], step)
     writer.add_scalar(prefix + "strict_accuracy", res["strict_accuracy"], step)
     writer.add_scalar(prefix + "diversity", res["diversity"], step)
+    if "clean_fraction" in res:
+        writer.add_scalar(prefix + "clean_fraction", res["clean_fraction"], step)
     for c, v in res.get("accuracy", {}).items():
         writer.add_scalar(prefix + f"accuracy_{c}", v, step)
 
