@@ -76,14 +76,14 @@ class Args:
     """CFG of rollouts, training forward and evaluation (negative = empty prompt; paper default 1.0 = none)"""
 
     # algorithm
-    num_iterations: int = 300
-    prompts_per_iter: int = 8
-    """pairs per iteration, one prompt per pair (SD3.5-M: 432)"""
+    num_iterations: int = 160
+    prompts_per_iter: int = 16
+    """pairs per iteration, one prompt per pair (SD3.5-M: 432); 16 pairs = flow_grpo.py's 32 reward queries"""
     group_size: int = 2
     """images per prompt: must be 2 (the two branches A, B of a pair)"""
     train_batch_size: int = 16
     """micro-batch of the rollouts (images) and of the update ((image, step) items)"""
-    lr: float = 1e-4
+    lr: float = 3e-6
     """AdamW learning rate (SD3.5-M LoRA: 3e-5)"""
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
