@@ -55,23 +55,26 @@ def _grad(loss_fn, batch):
 
 
 def test_completed_square_equals_three_term_loss():
-    """Spec §3.3: kappa||f - f*||^2 and A||f-x0||^2 + gamma||f-f_old||^2 + lam||f-f_ref||^2 differ by a constant."""
+    """Spec §3.3: the loss and kappa||f - f*||^2 (f* = (A x0 + gamma f_old + lam f_ref)/kappa) differ by a
+    theta-independent constant, so their gradients are equal."""
     b = _batch()
     gamma, lam = 1.1, 1e-3
     s = b["sigma"].view(-1, 1, 1, 1)
     a = b["adv"].view(-1, 1, 1, 1)
 
-    def three_term(v):
-        f, f_old, f_ref = b["x_t"] - s * v, b["x_t"] - s * b["v_old"], b["x_t"] - s * b["v_ref"]
-        return (a * (f - b["x0"]) ** 2 + gamma * (f - f_old) ** 2 + lam * (f - f_ref) ** 2).mean(dim=(1, 2, 3))
-
     def completed(v):
+        f, f_old, f_ref = b["x_t"] - s * v, b["x_t"] - s * b["v_old"], b["x_t"] - s * b["v_ref"]
+        kappa = a + gamma + lam
+        f_star = (a * b["x0"] + gamma * f_old + lam * f_ref) / kappa
+        return (kappa * (f - f_star) ** 2).mean(dim=(1, 2, 3))
+
+    def loss(v):
         return af.af_loss(v, b["v_old"], b["v_ref"], b["x0"], b["x_t"], b["sigma"], b["adv"], gamma, lam, "none")
 
-    assert torch.allclose(_grad(three_term, b), _grad(completed, b), atol=1e-6)
+    assert torch.allclose(_grad(completed, b), _grad(loss, b), atol=1e-6)
     other = b["v"].detach() + 0.3
-    d1 = three_term(b["v"].detach()) - completed(b["v"].detach())
-    d2 = three_term(other) - completed(other)
+    d1 = completed(b["v"].detach()) - loss(b["v"].detach())
+    d2 = completed(other) - loss(other)
     assert torch.allclose(d1, d2, atol=1e-5)  # the difference does not depend on theta
 
 
