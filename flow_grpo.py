@@ -74,14 +74,14 @@ class Args:
     """CFG of rollouts, training log-probs and evaluation (negative = empty prompt; SD3.5-M: 4.5)"""
 
     # algorithm
-    num_iterations: int = 160
+    num_iterations: int = 100
     prompts_per_iter: int = 4
     """prompts per iteration (SD3.5-M: 48)"""
     group_size: int = 8
     """G images per prompt (SD3.5-M: 24)"""
     train_batch_size: int = 8
     """micro-batch of rollouts and of the update (the same, so recomputed log-probs match, STYLE §4)"""
-    lr: float = 3e-5
+    lr: float = 1e-4
     """AdamW learning rate (SD3.5-M LoRA: 3e-4)"""
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0

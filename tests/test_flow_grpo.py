@@ -190,8 +190,10 @@ def test_smoke_tiny_sd3_lora_cfg(tmp_path):
 # ----------------------------------------------------------------------------------- learning
 @pytest.mark.slow
 def test_learning_beats_lr0(tmp_path):
-    flags = ["--threads", "1", "--num-iterations", "20", "--eval-every", "1000", "--eval-samples-per-prompt", "4"]
-    learned = run([*flags], tmp_path, "learn", timeout=1200)
-    control = run([*flags, "--lr", "0"], tmp_path, "lr0", timeout=1200)
+    """12 default iterations (384 images) vs the same run with --lr 0 (calibrated: about +0.1 partial credit)."""
+    flags = ["--threads", "1", "--num-iterations", "12", "--eval-every", "1000", "--eval-samples-per-prompt", "4",
+             "--checkpoint-every", "1000", "--no-save-model"]
+    learned = run([*flags], tmp_path, "learn", timeout=1800)
+    control = run([*flags, "--lr", "0"], tmp_path, "lr0", timeout=1800)
     assert control["final"]["reward_mean"] == pytest.approx(control["base"]["reward_mean"], abs=1e-6)
-    assert learned["final"]["reward_mean"] > control["final"]["reward_mean"] + 0.03
+    assert learned["final"]["reward_mean"] > control["final"]["reward_mean"] + 0.04
