@@ -69,7 +69,7 @@ class Args:
     """held-out prompts (default: the shapes test split)"""
     eval_samples_per_prompt: int = 8
     num_steps: int = 10
-    """SDE steps of the rollouts (denoising reduction, paper §4.2) and ODE steps of evaluation"""
+    """SDE steps of the rollouts (paper's Denoising Reduction) and ODE steps of evaluation"""
     guidance_scale: float = 1.0
     """CFG of rollouts, training log-probs and evaluation (negative = empty prompt; SD3.5-M: 4.5)"""
 
@@ -86,7 +86,7 @@ class Args:
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     noise_level: float = 0.7
-    """a in the SDE's std sigma_t = a * sqrt(t / (1 - t)) (paper eq. 9)"""
+    """a in the SDE's std sigma_t = a * sqrt(t / (1 - t)) (paper, ODE-to-SDE conversion)"""
     timestep_fraction: float = 0.3
     """trains int(num_steps * fraction) steps of each trajectory (SD3.5-M: 0.99, i.e. 9 of 10)"""
     timestep_sampling: str = "random"
@@ -111,7 +111,7 @@ class Args:
     """optimizer steps between EMA updates (official code: 8)"""
 
 
-# ----------------------------------------------------------------------------------- advantages (paper eq. 4)
+# ----------------------------------------------------------------------------------- advantages (paper)
 def group_mean(x, groups):
     """Mean of x over the samples that share a group id, broadcast back to every sample."""
     _, inv = torch.unique(groups, return_inverse=True)
@@ -121,7 +121,7 @@ def group_mean(x, groups):
 
 
 def grpo_advantages(rewards_, groups, global_std=False, clip_max=5.0):
-    """A = (r - group mean) / (std + 1e-4), std = population std of the group (paper eq. 4) or of all rewards
+    """A = (r - group mean) / (std + 1e-4), std = population std of the group (paper) or of all rewards
     (--global-std, official `stat_tracking.py`), then clipped to +-clip_max (official code)."""
     centred = rewards_ - group_mean(rewards_, groups)
     std = rewards_.std(unbiased=False) if global_std else group_mean(centred**2, groups).sqrt()
@@ -137,11 +137,11 @@ def zero_std_fraction(rewards_, groups):
     return (hi == lo).float().mean()
 
 
-# ----------------------------------------------------------------------------------- losses (paper eq. 6)
+# ----------------------------------------------------------------------------------- losses (paper)
 def step_log_prob(transformer, latents, next_latents, sigma, sigma_next, prompt_embeds, pooled, noise_level,
                   sigma_max, guidance_scale=1.0, neg_embeds=None, neg_pooled=None):
-    """log pi(next_latents | latents) of one SDE step (B,), its mean and sigma_t (paper eq. 9-10). With CFG,
-    one batched pass as in the sampler, the unconditional branch detached (official `compute_log_prob`)."""
+    """log pi(next_latents | latents) of one SDE step (B,), its mean and sigma_t (paper, ODE-to-SDE conversion).
+    With CFG, one batched pass as in the sampler, the unconditional branch detached (official `compute_log_prob`)."""
     s = sigma.expand(latents.shape[0])
     if guidance_scale > 1:
         v_u, v_c = sampling.predict(transformer, torch.cat([latents, latents]), torch.cat([s, s]),
@@ -155,7 +155,8 @@ def step_log_prob(transformer, latents, next_latents, sigma, sigma_next, prompt_
 
 
 def ppo_clip_loss(log_prob, old_log_prob, adv, clip_range):
-    """Paper eq. 6 / official code: mean of max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = pi_theta / pi_old."""
+    """Paper (clipped GRPO objective) / official code: mean of max(-A r, -A clip(r, 1 - eps, 1 + eps)),
+    r = pi_theta / pi_old."""
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
     return torch.maximum(unclipped, clipped).mean(), ratio
@@ -265,7 +266,7 @@ if __name__ == "__main__":
         for it in bar:
             t_iter = time.time()
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it * 101 + rank)  # resume-exact noise
-            # ---- sample: SDE rollouts of the learner with per-step log-probs (paper eq. 9-10), in micro-batches
+            # ---- sample: SDE rollouts of the learner with per-step log-probs (paper's ODE-to-SDE), in micro-batches
             captions, meta, prompt_idx = sampler.sample(it)
             prompt_embeds, pooled = model.encode_prompt(captions)
             noise = torch.randn(len(captions), *model.latent_shape, generator=gen).to(device, model.dtype)
@@ -284,10 +285,10 @@ if __name__ == "__main__":
             all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
             groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
             local = slice(rank * len(captions), (rank + 1) * len(captions))
-            # ---- advantages: group-relative (paper eq. 4), per-group or global std, clipped
+            # ---- advantages: group-relative (paper), per-group or global std, clipped
             adv = grpo_advantages(all_rewards, groups, args.global_std, args.adv_clip_max)
             adv_local = adv[local].to(device)
-            # ---- loss + update: inner epochs x minibatches, one optimizer step per minibatch (paper eq. 6)
+            # ---- loss + update: inner epochs x minibatches, one optimizer step each (paper's clipped objective)
             stats, losses, onpolicy_err = [], [], 0.0
             n_opt = it * args.num_inner_epochs * args.num_minibatches  # optimizer steps so far
             for epoch in range(args.num_inner_epochs):
@@ -306,7 +307,7 @@ if __name__ == "__main__":
                                 sigma_max, args.guidance_scale, *negs(len(mb)))
                             policy_loss, ratio = ppo_clip_loss(log_prob, old_log_probs[mb, j], a, args.clip_range)
                             kl = torch.zeros(())
-                            if args.beta > 0:  # KL to the frozen base (paper eq. 7, official code's form)
+                            if args.beta > 0:  # KL to the frozen base (paper's KL term in the official code's form)
                                 with torch.no_grad(), policy.ref() as ref:
                                     _, mean_ref, _ = step_log_prob(ref, x, x_next, sigmas[j], sigmas[j + 1], pe, pp,
                                                                    args.noise_level, sigma_max, args.guidance_scale,
@@ -349,7 +350,8 @@ if __name__ == "__main__":
                     "losses/adv_abs_mean": adv.abs().mean().item(),
                     "losses/adv_clip_frac": (adv.abs() >= args.adv_clip_max).float().mean().item(),
                     "losses/zero_std_group_frac": zero_std_fraction(all_rewards, groups).item(),
-                    "losses/group_reward_std": group_mean((all_rewards - group_mean(all_rewards, groups)) ** 2, groups).sqrt().mean().item(),
+                    "losses/group_reward_std":
+                        group_mean((all_rewards - group_mean(all_rewards, groups)) ** 2, groups).sqrt().mean().item(),
                     "losses/skipped_updates": guard.total,
                 }
                 metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})

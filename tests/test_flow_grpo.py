@@ -120,7 +120,7 @@ def test_on_policy_ratio_is_exactly_one(guidance_scale):
         loss, ratio = flow_grpo.ppo_clip_loss(lp, old[:, j], torch.ones(3), 1e-4)
         assert torch.equal(ratio, torch.ones(3)), (j, ratio - 1)
         assert lp.requires_grad
-        # sigma_t = a * sqrt(sigma / (1 - sigma)), sigma = 1 replaced by sigmas[1] (paper eq. 9)
+        # sigma_t = a * sqrt(sigma / (1 - sigma)), sigma = 1 replaced by sigmas[1] (paper, ODE-to-SDE conversion)
         s = sigmas[j].item()
         assert sigma_t.item() == pytest.approx(0.7 * math.sqrt(s / (1 - (sigmas[1].item() if s >= 1 else s))), rel=1e-5)
 
