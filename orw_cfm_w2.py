@@ -47,7 +47,7 @@ class Args:
     """a run directory or checkpoint.pt to continue from"""
     checkpoint_every: int = 20
     """iterations between resumable checkpoints"""
-    eval_every: int = 25
+    eval_every: int = 20
     """iterations between held-out evaluations"""
     log_images_every: int = 50
 
@@ -75,22 +75,22 @@ class Args:
     """CFG of evaluation; ORW-CFM-W2 samples CFG-free and trains the conditional branch (spec §8.3)"""
 
     # algorithm
-    num_iterations: int = 120
+    num_iterations: int = 60
     """gradient steps; a fresh batch is sampled for every step (spec §3.6)"""
-    prompts_per_iter: int = 64
+    prompts_per_iter: int = 32
     """prompts per iteration (SD3.5-M: 32)"""
     group_size: int = 1
     """images per prompt; ORW needs no groups (weights are per image), kept for the shared prompt sampler"""
-    train_batch_size: int = 64
+    train_batch_size: int = 32
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
-    lr: float = 1e-4
+    lr: float = 3e-5
     """AdamW learning rate (official CIFAR code: Adam 2e-4; SD3.5-M LoRA: 1e-4)"""
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     tau: float = 5.0
     """inverse temperature of w = exp(tau * r) (code: 0.5 for a CLIP reward in [-1, 1]; 5 for partial credit in [0, 1])"""
-    alpha: float = 0.3
-    """W2 coefficient: weight of ||v_theta - v_ref||^2 (paper sweeps 0-1; 0 = ORW-CFM without W2)"""
+    alpha: float = 1.0
+    """W2 coefficient: weight of ||v_theta - v_ref||^2 (official code 1.0; paper sweeps 0-1; 0 = ORW-CFM without W2)"""
     normalize_weights: bool = True
     """w / mean_batch(w) (keeps the reward/alpha balance fixed, spec §8.1); --no-normalize-weights = official raw exp(tau r)"""
     max_exponent: float = 20.0
