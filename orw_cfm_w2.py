@@ -7,7 +7,7 @@ noised point x_t, plus alpha * ||v_theta - v_ref||^2 towards the frozen base at 
 integral bounds the squared W2 distance to the base model (paper Thm. 3). Spec: shared/methods/orw_cfm_w2.md;
 docs: docs/orw_cfm_w2.md.
 
-    python orw_cfm_w2.py                             # embedded shapes world, 2 CPU cores, ~10 min
+    python orw_cfm_w2.py                             # embedded shapes world, 2 CPU cores, ~4 min
     python orw_cfm_w2.py --alpha 0                   # ORW-CFM without W2 (collapses towards the reward maximiser)
     python orw_cfm_w2.py --reward jpeg_compressibility --tau 20   # the paper's compression task
 """
