@@ -159,7 +159,8 @@ def log_eval(writer, res, step, prefix="eval/"):
     if writer is None:
         return
     writer.add_scalar(prefix + "reward_mean", res["reward_mean"], step)
-    writer.add_scalar(prefix + "strict_accuracy", res["strict_accuracy"], step)
+    if "strict_accuracy" in res:  # shapes prompts only
+        writer.add_scalar(prefix + "strict_accuracy", res["strict_accuracy"], step)
     writer.add_scalar(prefix + "diversity", res["diversity"], step)
     if "clean_fraction" in res:
         writer.add_scalar(prefix + "clean_fraction", res["clean_fraction"], step)
