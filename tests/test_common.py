@@ -279,7 +279,7 @@ x = torch.full((2,), float(rank))
 assert utils.all_gather_cat(x).tolist() == [0.0, 0.0, 1.0, 1.0]
 p = torch.nn.Parameter(torch.zeros(3)); p.grad = torch.full((3,), float(rank + 1))
 utils.sync_gradients([p]); assert p.grad.tolist() == [1.5, 1.5, 1.5]
-print("rank", rank, "ok")
+open({str(tmp_path)!r} + f"/rank{{rank}}.ok", "w").write("ok")
 utils.cleanup_distributed()
 """)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
