@@ -335,6 +335,7 @@ if __name__ == "__main__":
             with policy.old() as old:
                 out = sampling.sample(old, prompt_embeds, pooled, sigmas, noise, return_trajectory=args.critic_on_trajectory)
             x0 = out["latents"]  # (B, C, H, W), the paper's x_1
+            t_sample = time.time()
             # ---- reward (gathered over ranks so batch statistics are global), shaping (spec §3.5)
             reward, parts = reward_fn(model.decode(x0), captions, meta)
             reward_queries += len(captions) * world
@@ -344,6 +345,7 @@ if __name__ == "__main__":
             shaped_all, shaping_stats = shape_rewards(all_rewards.float(), args.shaping, groups, shaping_stats,
                                                       args.shaping_momentum, args.shaping_clamp)
             shaped = shaped_all[local].to(device)
+            t_reward = time.time()
             # ---- noised points (spec §4 step 5): x_t = (1 - sigma) x0 + sigma eps (paper t = 1 - sigma); the
             # critic baseline V(x_t, sigma, c) is read before this iteration's critic step (out-of-sample)
             points = []
@@ -404,11 +406,14 @@ if __name__ == "__main__":
             if warm and args.warmup_ev > 0 and args.critic and ev > args.warmup_ev:
                 warmup_end = it + 1  # spec §3.8: end the warm-up early once the critic explains the rewards
 
+            t_train = time.time()
             # ---- log
             if rank == 0:
                 metrics = {
                     "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
                     "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                    "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
+                    "perf/train_s": t_train - t_reward,
                     "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
                     "charts/critic_warmup": float(warm),
                     "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),

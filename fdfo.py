@@ -255,10 +255,12 @@ if __name__ == "__main__":
                                  gammas, churn_gens[j:j + bs], args.guidance_scale, *negs(len(seeds[j:j + bs])))
                     for j, bs in ((j, args.train_batch_size) for j in range(0, n, args.train_batch_size))]
             states, v_old, x0 = (torch.cat(t) for t in zip(*outs))  # (B, T, C, H, W) x2, (B, C, H, W)
+            t_sample = time.time()
             # ---- reward (gathered over ranks for logging; pairs never cross ranks)
             reward, parts = reward_fn(model.decode(x0), captions, meta)
             reward_queries += n * world
             all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
+            t_reward = time.time()
             # ---- finite difference: half reward differences and normalised endpoint directions (spec §3.2)
             adv, dbar = finite_difference(reward.to(device), x0)
             pair_adv = utils.all_gather_cat(adv)[0::2].cpu()  # (R_A - R_B) / 2 of every pair, for logging
@@ -304,6 +306,7 @@ if __name__ == "__main__":
                     optimizer.step()
             loss = torch.stack(losses).mean() if losses else torch.zeros(())
 
+            t_train = time.time()
             # ---- log
             if rank == 0:
                 s = torch.stack(stats).mean(0).tolist() if stats else [0.0, 0.0, 1.0, 0.0, 0.0]
@@ -311,6 +314,8 @@ if __name__ == "__main__":
                 metrics = {
                     "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
                     "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                    "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
+                    "perf/train_s": t_train - t_reward,
                     "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
                     "losses/loss": loss.item(), "losses/policy_loss": s[0], "losses/kl_loss": s[1],
                     "losses/ratio_mean": s[2], "losses/clipfrac": s[3], "losses/ell_increase": s[4],

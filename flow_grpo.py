@@ -279,12 +279,14 @@ if __name__ == "__main__":
                 old_lps.append(out["log_probs"])
             traj, old_log_probs = torch.cat(trajs), torch.cat(old_lps)  # (B, T+1, C, H, W), (B, T)
             x0 = traj[:, -1]
+            t_sample = time.time()
             # ---- reward (gathered over ranks so groups and batch statistics are global)
             reward, parts = reward_fn(model.decode(x0), captions, meta)
             reward_queries += len(captions) * world
             all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
             groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
             local = slice(rank * len(captions), (rank + 1) * len(captions))
+            t_reward = time.time()
             # ---- advantages: group-relative (paper), per-group or global std, clipped
             adv = grpo_advantages(all_rewards, groups, args.global_std, args.adv_clip_max)
             adv_local = adv[local].to(device)
@@ -335,12 +337,15 @@ if __name__ == "__main__":
                         policy.update_old(ema_decay)
             loss = torch.stack(losses).mean()
 
+            t_train = time.time()
             # ---- log
             if rank == 0:
                 s = torch.stack(stats).mean(0).tolist()
                 metrics = {
                     "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
                     "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                    "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
+                    "perf/train_s": t_train - t_reward,
                     "charts/lr": optimizer.param_groups[0]["lr"], "charts/ema_decay": ema_decay,
                     "charts/reward_queries": reward_queries,
                     "losses/loss": loss.item(), "losses/policy_loss": s[0], "losses/kl_loss": s[1],

@@ -237,10 +237,12 @@ if __name__ == "__main__":
             noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
             with policy.old() as old:
                 x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
+            t_sample = time.time()
             # ---- reward (gathered over ranks so the weight normalisation and statistics are global)
             reward, parts = reward_fn(model.decode(x0), captions, meta)
             reward_queries += n * world
             all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
+            t_reward = time.time()
             # ---- weights w = exp(tau * r), detached (spec §3.1 / §4 step 3)
             weights = orw_weights(all_rewards, args.tau, args.normalize_weights, args.max_exponent)
             w_local = weights[local].to(device)
@@ -274,12 +276,15 @@ if __name__ == "__main__":
             if (it + 1) % args.sync_every == 0:
                 policy.update_old(0.0)
 
+            t_train = time.time()
             # ---- log
             if rank == 0:
                 fm_mean, wfm_mean, w2_mean = torch.stack(stats).mean(0).tolist()
                 metrics = {
                     "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
                     "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                    "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
+                    "perf/train_s": t_train - t_reward,
                     "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
                     "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
                     "losses/fm": fm_mean, "losses/weighted_fm": wfm_mean, "losses/w2": w2_mean,

@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 METHODS = ("advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def batch_size(method):
@@ -36,20 +37,95 @@ def run_one(method, seed, budget, out, eval_points):
     run_dir = out / method / f"seed{seed}"
     if (run_dir / "summary.json").is_file():
         return run_dir
-    # the wrapper records the process's peak resident memory next to summary.json
-    wrapper = ("import resource, runpy, sys, json; sys.argv = sys.argv[1:]; "
-               "exec('try:\\n runpy.run_path(sys.argv[0], run_name=\"__main__\")\\nfinally:\\n "
-               "open(sys.argv[sys.argv.index(\"--output-dir\") + 1] + \"/peak_rss_mb.json\", \"w\")"
-               ".write(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))')")
-    cmd = [sys.executable, "-c", wrapper, f"{method}.py", "--seed", str(seed), "--num-iterations", str(it),
-           "--eval-every", str(max(1, it // eval_points)), "--threads", "1", "--output-dir", str(run_dir)]
     run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "benchmark" / "trace.py"), str(run_dir / "record.json"), f"{method}.py",
+           "--seed", str(seed), "--num-iterations", str(it), "--eval-every", str(max(1, it // eval_points)),
+           "--threads", "1", "--output-dir", str(run_dir)]
     t = time.time()
     with open(run_dir / "stdout.txt", "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV).returncode
     print(f"{method} seed {seed}: exit {rc} after {time.time() - t:.0f} s", flush=True)
     return run_dir
+
+
+# ----------------------------------------------------------------------------------- cost breakdown and scaling
+NO_EVAL = ["--eval-every", "100000", "--checkpoint-every", "100000", "--eval-samples-per-prompt", "1", "--threads", "1"]
+
+
+def iteration_times(run_dir, skip=1):
+    """Mean measured seconds per iteration, {sample, reward, train}, skipping the first `skip` iterations."""
+    return {k: statistics.mean(v for st, _, v in scalars(run_dir, f"perf/{k}_s") if st > skip)
+            for k in ("sample", "reward", "train")}
+
+
+def time_passes(calls, reps=3):
+    """Seconds of each recorded transformer pass timed alone on the embedded model, one thread: forward under
+    no_grad, or forward + backward (all parameters trainable, as in the default full fine-tuning)."""
+    import torch
+
+    from common.models import load_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tr = load_model("embedded", "cpu").transformer.requires_grad_(True)
+    cache = {}
+    for hs, ehs, pp, grad, _ in calls:
+        key = (tuple(hs), tuple(ehs), tuple(pp), grad)
+        if key in cache:
+            continue
+        x, e, p, t = torch.randn(hs), torch.randn(ehs), torch.randn(pp), torch.rand(hs[0]) * 1000
+
+        def once():
+            with torch.set_grad_enabled(grad):
+                out = tr(hidden_states=x, encoder_hidden_states=e, pooled_projections=p, timestep=t).sample
+                if grad:
+                    out.pow(2).mean().backward()
+                    tr.zero_grad(set_to_none=True)
+
+        once()  # warm-up
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            once()
+            ts.append(time.perf_counter() - t0)
+        cache[key] = statistics.median(ts)
+    return [cache[(tuple(hs), tuple(ehs), tuple(pp), grad)] for hs, ehs, pp, grad, _ in calls]
+
+
+def cost_one(method, out, iterations=4):
+    """Trace a short run of `method` (alone on the machine), then time the passes it made alone."""
+    d = out / "cost" / method
+    if not (d / "cost.json").is_file():
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(ROOT / "benchmark" / "trace.py"), str(d / "record.json"), "--calls", f"{method}.py",
+               "--num-iterations", str(iterations), "--output-dir", str(d / "run"), *NO_EVAL]
+        subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, check=True)
+        rec = json.loads((d / "record.json").read_text())
+        secs = time_passes(rec["calls"])
+        n = rec["iterations"]
+        pure = {ph: sum(s for s, c in zip(secs, rec["calls"]) if c[4] == ph) / n for ph in ("sample", "train")}
+        passes = {k: sum(c[3] == g for c in rec["calls"]) / n for k, g in (("forward", False), ("forward_backward", True))}
+        measured = iteration_times(d / "run")
+        (d / "cost.json").write_text(json.dumps(dict(measured=measured, pure=pure, passes=passes, iterations=n)))
+    c = json.loads((d / "cost.json").read_text())
+    print(f"{method} cost: {c}", flush=True)
+    return c
+
+
+def scaling(method, out, prompts_per_process, iterations=6):
+    """images/s of `torchrun --nproc_per_node 2` against one process, the same per-process batch, 1 thread each."""
+    res = {}
+    for nproc in (1, 2):
+        d = out / "scaling" / method / f"nproc{nproc}"
+        if not (d / "summary.json").is_file():
+            launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                          "--nproc_per_node", str(nproc)]
+            subprocess.run([*launch, f"{method}.py", "--prompts-per-iter", str(prompts_per_process * nproc),
+                            "--num-iterations", str(iterations), "--output-dir", str(d), *NO_EVAL], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, check=True)
+        res[nproc] = statistics.mean(v for st, _, v in scalars(d, "charts/images_per_sec") if st > 1)
+    print(f"{method} scaling: {res}", flush=True)
+    return res
 
 
 def scalars(run_dir, tag):
@@ -76,7 +152,8 @@ def collect(out, methods, seeds):
             curve = [(0, 0.0, summ["base"]["reward_mean"])] + [(st * bs, w - start, v) for st, w, v in ev]
             perf = {k: statistics.mean(v for _, _, v in scalars(d, f"perf/{k}_s") or [(0, 0, float("nan"))])
                     for k in ("sample", "reward", "train")}
-            rss = json.loads((d / "peak_rss_mb.json").read_text()) if (d / "peak_rss_mb.json").is_file() else None
+            rec = d / "record.json"
+            rss = json.loads(rec.read_text())["peak_rss_mb"] if rec.is_file() else None
             runs.append(dict(summary=summ, curve=curve, perf=perf, peak_rss_mb=rss))
         res[m] = runs
     return res
@@ -90,7 +167,28 @@ def queries_to_reach(curve, target):
     return next((q for q, _, v in curve if v >= target), None)
 
 
-def report(res, out, budget, seeds, docs):
+def cost_table(costs):
+    rows = ["| method | measured s/iter: sample / reward / train (total) | pure model compute s/iter: sample / train "
+            "(total) | ratio | passes per iter: forward / forward+backward |", "|---|---|---|---|---|"]
+    notes = []
+    for m, c in costs.items():
+        me, pu, pa = c["measured"], c["pure"], c["passes"]
+        tot_m, tot_p = sum(me.values()), sum(pu.values())
+        ratio = tot_m / tot_p
+        rows.append(f"| {m} | {me['sample']:.2f} / {me['reward']:.2f} / {me['train']:.2f} ({tot_m:.2f}) | "
+                    f"{pu['sample']:.2f} / {pu['train']:.2f} ({tot_p:.2f}) | {ratio:.2f} | "
+                    f"{pa['forward']:.0f} / {pa['forward_backward']:.0f} |")
+        if ratio > 1.15:
+            notes.append(f"- **{m}** ({ratio:.2f}): of the {tot_m - tot_p:.2f} s per iteration above pure compute, "
+                         f"{me['reward']:.2f} s is the reward (the programmatic scorer and the reward gathers; no "
+                         f"model), {me['sample'] - pu['sample']:.2f} s is sampling outside the transformer "
+                         f"(prompt encoding, scheduler / log-prob arithmetic, decoding) and "
+                         f"{me['train'] - pu['train']:.2f} s is training outside the timed passes (loss "
+                         f"arithmetic, gradient clipping, the optimizer step, EMA / copy updates).")
+    return "\n".join(rows), "\n".join(notes)
+
+
+def report(res, out, budget, seeds, docs, costs=None, scale=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,6 +243,31 @@ Budget: {budget} reward queries per run, seeds {', '.join(map(str, seeds))}, eac
 mean final value of the flow_grpo runs (evaluations are spaced ~10% of the budget apart). The s/iter split
 comes from each script's `perf/` scalars (rank 0, first seed).
 """
+    if costs:
+        table, notes = cost_table(costs)
+        text += f"""
+## Cost breakdown
+
+One short run per method (4 iterations of its default batch, one thread, nothing else running, no evaluation in
+the loop; the first iteration is dropped). "Measured" comes from the script's `perf/` scalars. "Pure model
+compute" replays every transformer pass the iteration made (recorded by `benchmark/trace.py`: input shapes and
+whether it ran with gradients) alone on the same model with random inputs: forward under `no_grad`, or forward +
+backward. Passes made before the iteration's reward call count as sampling, later ones as training. The
+programmatic reward of the embedded world and AC-Flow's small critic are not model compute.
+
+{table}
+
+{notes}
+"""
+    if scale:
+        for m, r in scale.items():
+            text += f"""
+## Scaling: `torchrun --nproc_per_node 2` on CPU
+
+`{m}.py`, the same per-process batch ({r['prompts_per_process']} prompts per process), one thread per process,
+gloo: one process {r[1]:.1f} images/s, two processes {r[2]:.1f} images/s, ratio **{r[2] / r[1]:.2f}** (ideal 2 on
+the 2 cores). Mean of `charts/images_per_sec` over iterations 2-6.
+"""
     (docs / "benchmark.md").write_text(text)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     print(text)
@@ -160,6 +283,9 @@ def main():
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results"))
     p.add_argument("--docs", default=str(ROOT / "docs"))
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--no-cost", action="store_true", help="skip the cost breakdown and the scaling runs")
+    p.add_argument("--scaling-method", default="advantageflow")
+    p.add_argument("--scaling-prompts", type=int, default=4, help="prompts per process in the scaling runs")
     a = p.parse_args()
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
@@ -169,7 +295,12 @@ def main():
         jobs = [(m, s) for s in a.seeds for m in a.methods]
         with ThreadPoolExecutor(a.workers) as ex:
             list(ex.map(lambda j: run_one(j[0], j[1], a.budget, out, a.eval_points), jobs))
-    report(collect(out, a.methods, a.seeds), out, a.budget, a.seeds, Path(a.docs))
+    costs = scale = None
+    if not a.no_cost:  # run alone, after the parallel runs, so the timings are not disturbed
+        costs = {m: cost_one(m, out) for m in a.methods}
+        r = scaling(a.scaling_method, out, a.scaling_prompts)
+        scale = {a.scaling_method: {**r, "prompts_per_process": a.scaling_prompts}}
+    report(collect(out, a.methods, a.seeds), out, a.budget, a.seeds, Path(a.docs), costs, scale)
 
 
 if __name__ == "__main__":
