@@ -166,14 +166,6 @@ class Critic(nn.Module):
 
 
 # ----------------------------------------------------------------------------------- shaping, advantages, weights
-def group_mean(x, groups):
-    """Mean of x over the samples that share a group id, broadcast back to every sample."""
-    _, inv = torch.unique(groups, return_inverse=True)
-    sums = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, x)
-    counts = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, torch.ones_like(x))
-    return (sums / counts)[inv]
-
-
 def shape_rewards(r, mode="batch", groups=None, stats=None, momentum=0.99, clamp=0.0):
     """Spec §3.5 [R]: r~ = (r - mean) / (std + 1e-6) with population statistics of the batch (batch), of each
     prompt's group (group), or EMA statistics (running; stats = (mean, var), first batch initialises);
@@ -181,8 +173,8 @@ def shape_rewards(r, mode="batch", groups=None, stats=None, momentum=0.99, clamp
     if mode == "batch":
         z = (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
     elif mode == "group":
-        mu = group_mean(r, groups)
-        z = (r - mu) / (group_mean((r - mu) ** 2, groups).sqrt() + 1e-6)
+        mu = utils.group_mean(r, groups)
+        z = (r - mu) / (utils.group_mean((r - mu) ** 2, groups).sqrt() + 1e-6)
     elif mode == "running":
         m, v = r.mean(), r.var(unbiased=False)
         stats = (m, v) if stats is None else (momentum * stats[0] + (1 - momentum) * m,
@@ -262,7 +254,8 @@ def check_method_args(a):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_method_args(args)
-    prompts, metadata = utils.check_args(args, utils.world_size_from_env())  # all checks before any loading
+    # all checks before any loading; held-out prompts: --eval-prompts-file or the shapes test split
+    prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
     rank, world, device = utils.setup_distributed(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -281,9 +274,6 @@ if __name__ == "__main__":
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.critic_weight_decay)
     reward_fn = rewards.build_reward(args.reward, device)
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
-    eval_prompts, eval_meta = (utils.load_prompts(args.eval_prompts_file, args.model) if args.eval_prompts_file
-                               else utils.load_prompts(None, split="test") if not args.prompts_file
-                               else (prompts[:32], metadata[:32]))
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
     warmup_end = args.critic_warmup if args.critic_warmup >= 0 else args.num_iterations // 10
 
@@ -415,17 +405,14 @@ if __name__ == "__main__":
                     "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
                     "perf/train_s": t_train - t_reward,
                     "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
-                    "charts/critic_warmup": float(warm),
-                    "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
+                    "charts/critic_warmup": float(warm), "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
                     "losses/fm_loss": torch.stack(fms).mean().item() if fms else 0.0,
                     "losses/w2_loss": torch.stack(w2s).mean().item() if w2s else 0.0,
-                    "losses/value_mean": all_values.mean().item(),
-                    "losses/critic_explained_variance": ev,
+                    "losses/value_mean": all_values.mean().item(), "losses/critic_explained_variance": ev,
                     "losses/adv_mean": adv.mean().item(), "losses/adv_std": adv.std().item(),
                     "losses/adv_abs_mean": adv.abs().mean().item(),
                     "losses/adv_clip_frac": (adv.abs() >= args.adv_clip - 1e-6).float().mean().item() if args.adv_clip > 0 else 0.0,
-                    "losses/weight_mean": w_all.mean().item(), "losses/weight_min": w_all.min().item(),
-                    "losses/weight_max": w_all.max().item(), "losses/weight_std": w_all.std().item(),
+                    **{f"losses/weight_{k}": getattr(w_all, k)().item() for k in ("mean", "min", "max", "std")},
                     "losses/skipped_updates": guard.total,
                 }
                 if critic_losses:
@@ -433,8 +420,7 @@ if __name__ == "__main__":
                                     "losses/critic_grad_norm": critic_grad_norm.item()})
                 metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
                 utils.log_metrics(writer, metrics, it + 1)
-                bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", loss=f"{loss.item():.4f}",
-                                ev=f"{metrics['losses/critic_explained_variance']:.2f}")
+                bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", loss=f"{loss.item():.4f}", ev=f"{ev:.2f}")
                 if (it + 1) % args.log_images_every == 0:
                     writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
                                      it + 1, dataformats="HWC")

@@ -118,23 +118,15 @@ class Args:
 # ----------------------------------------------------------------------------------- advantages (spec §3.1)
 def af_advantages(rewards_, groups, clip=1.0):
     """A = clip((R - prompt mean) / Z, -clip, clip), Z = sqrt(mean over the batch of the centred rewards^2)."""
-    centred = rewards_ - group_mean(rewards_, groups)
+    centred = rewards_ - utils.group_mean(rewards_, groups)
     z = centred.pow(2).mean().sqrt().clamp(min=1e-6)
     return (centred / z).clamp(-clip, clip)
 
 
 def nft_optimality(rewards_, groups, clip=5.0):
     """DiffusionNFT code: z = (R - group mean) / (std of all rewards + 1e-4); r = clip(clip(z,-c,c)/c/2 + 1/2, 0, 1)."""
-    z = (rewards_ - group_mean(rewards_, groups)) / (rewards_.std() + 1e-4)
+    z = (rewards_ - utils.group_mean(rewards_, groups)) / (rewards_.std() + 1e-4)
     return (z.clamp(-clip, clip) / clip / 2 + 0.5).clamp(0, 1)
-
-
-def group_mean(x, groups):
-    """Mean of x over the samples that share a group id, broadcast back to every sample."""
-    _, inv = torch.unique(groups, return_inverse=True)
-    sums = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, x)
-    counts = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, torch.ones_like(x))
-    return (sums / counts)[inv]
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -191,7 +183,8 @@ def check_method_args(a):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_method_args(args)
-    prompts, metadata = utils.check_args(args, utils.world_size_from_env())  # all checks before any loading
+    # all checks before any loading; held-out prompts: --eval-prompts-file or the shapes test split
+    prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
     rank, world, device = utils.setup_distributed(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,9 +199,6 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = rewards.build_reward(args.reward, device)
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
-    eval_prompts, eval_meta = (utils.load_prompts(args.eval_prompts_file, args.model) if args.eval_prompts_file
-                               else utils.load_prompts(None, split="test") if not args.prompts_file
-                               else (prompts[:32], metadata[:32]))
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
 
     def evaluate():
@@ -331,7 +321,7 @@ if __name__ == "__main__":
                     "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
                     "losses/adv_abs_mean": adv.abs().mean().item(),
                     "losses/adv_clip_frac": (adv.abs() >= (1 if args.nft else args.adv_clip) - 1e-6).float().mean().item(),
-                    "losses/zero_std_group_frac": (group_mean((all_rewards - group_mean(all_rewards, groups)) ** 2, groups) == 0).float().mean().item(),
+                    "losses/zero_std_group_frac": (utils.group_mean((all_rewards - utils.group_mean(all_rewards, groups)) ** 2, groups) == 0).float().mean().item(),
                     "losses/v_minus_v_old_sq": drift_old, "losses/v_minus_v_ref_sq": drift_ref,
                     "losses/skipped_updates": guard.total,
                 }

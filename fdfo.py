@@ -179,7 +179,8 @@ def check_method_args(a):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_method_args(args)
-    prompts, metadata = utils.check_args(args, utils.world_size_from_env())  # all checks before any loading
+    # all checks before any loading; held-out prompts: --eval-prompts-file or the shapes test split
+    prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
     rank, world, device = utils.setup_distributed(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,9 +195,6 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = rewards.build_reward(args.reward, device)
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
-    eval_prompts, eval_meta = (utils.load_prompts(args.eval_prompts_file, args.model) if args.eval_prompts_file
-                               else utils.load_prompts(None, split="test") if not args.prompts_file
-                               else (prompts[:32], metadata[:32]))
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
     gammas = churn_gammas(args.num_steps, args.churn)  # (T+1,) spec §3.1
     neg = model.encode_prompt([""]) if args.guidance_scale > 1 else None  # CFG negative = empty prompt (spec §3.6)

@@ -112,19 +112,11 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------- advantages (paper)
-def group_mean(x, groups):
-    """Mean of x over the samples that share a group id, broadcast back to every sample."""
-    _, inv = torch.unique(groups, return_inverse=True)
-    sums = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, x)
-    counts = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, torch.ones_like(x))
-    return (sums / counts)[inv]
-
-
 def grpo_advantages(rewards_, groups, global_std=False, clip_max=5.0):
     """A = (r - group mean) / (std + 1e-4), std = population std of the group (paper) or of all rewards
     (--global-std, official `stat_tracking.py`), then clipped to +-clip_max (official code)."""
-    centred = rewards_ - group_mean(rewards_, groups)
-    std = rewards_.std(unbiased=False) if global_std else group_mean(centred**2, groups).sqrt()
+    centred = rewards_ - utils.group_mean(rewards_, groups)
+    std = rewards_.std(unbiased=False) if global_std else utils.group_mean(centred**2, groups).sqrt()
     return (centred / (std + 1e-4)).clamp(-clip_max, clip_max)
 
 
@@ -198,7 +190,8 @@ def check_method_args(a):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_method_args(args)
-    prompts, metadata = utils.check_args(args, utils.world_size_from_env())  # all checks before any loading
+    # all checks before any loading; held-out prompts: --eval-prompts-file or the shapes test split
+    prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
     rank, world, device = utils.setup_distributed(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,9 +206,6 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = rewards.build_reward(args.reward, device)
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
-    eval_prompts, eval_meta = (utils.load_prompts(args.eval_prompts_file, args.model) if args.eval_prompts_file
-                               else utils.load_prompts(None, split="test") if not args.prompts_file
-                               else (prompts[:32], metadata[:32]))
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
     sigma_max = sigmas[1].item()  # replaces sigma = 1 in sigma_t, as in the sampler
     neg = model.encode_prompt([""]) if args.guidance_scale > 1 else None  # CFG negative = empty prompt
@@ -356,7 +346,7 @@ if __name__ == "__main__":
                     "losses/adv_clip_frac": (adv.abs() >= args.adv_clip_max).float().mean().item(),
                     "losses/zero_std_group_frac": zero_std_fraction(all_rewards, groups).item(),
                     "losses/group_reward_std":
-                        group_mean((all_rewards - group_mean(all_rewards, groups)) ** 2, groups).sqrt().mean().item(),
+                        utils.group_mean((all_rewards - utils.group_mean(all_rewards, groups)) ** 2, groups).sqrt().mean().item(),
                     "losses/skipped_updates": guard.total,
                 }
                 metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})

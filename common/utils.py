@@ -23,7 +23,8 @@ def fail(msg):
 
 
 def check_args(args, world_size=1):
-    """Validate the flags every method shares. Runs before any model loading. Returns the prompt pool."""
+    """Validate the flags every method shares. Runs before any model loading.
+    Returns (captions, metadata) of the training pool, then of the held-out prompts."""
     a = args
     try:
         rewards.parse_reward_spec(a.reward)
@@ -58,26 +59,31 @@ def check_args(args, world_size=1):
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             fail(f"--output-dir {a.output_dir!r} is not writable ({parent} is not a writable directory)")
     prompts = load_prompts(a.prompts_file, a.model, "train")
+    eval_file = getattr(a, "eval_prompts_file", None)
+    if eval_file:
+        eval_prompts = load_prompts(eval_file, a.model, flag="--eval-prompts-file")
+    else:  # the shapes test split, or the first 32 training prompts of a --prompts-file
+        eval_prompts = (prompts[0][:32], prompts[1][:32]) if a.prompts_file else load_prompts(None, split="test")
     try:
         models.check_model_available(a.model)
     except SystemExit as e:
         fail(str(e).removeprefix("error: "))
     if a.model != models.EMBEDDED and a.lora_rank == 0:
         print("warning: --lora-rank 0 fully fine-tunes an SD3 model (needs a full frozen copy)", file=sys.stderr)
-    return prompts
+    return (*prompts, *eval_prompts)
 
 
-def load_prompts(prompts_file, model=models.EMBEDDED, split="train"):
+def load_prompts(prompts_file, model=models.EMBEDDED, split="train", flag="--prompts-file"):
     """-> (captions, metadata). A prompts file has one prompt per line; for the embedded model every line must
     parse with the shapes grammar (the error names the line). No file: the shapes grammar's `split`."""
     if not prompts_file:
         specs = shapes.split_specs(split)
         return [s["caption"] for s in specs], specs
     if not os.path.isfile(prompts_file):
-        fail(f"--prompts-file {prompts_file!r} does not exist")
+        fail(f"{flag} {prompts_file!r} does not exist")
     lines = [(i, l.strip()) for i, l in enumerate(Path(prompts_file).read_text().splitlines(), 1) if l.strip()]
     if not lines:
-        fail(f"--prompts-file {prompts_file!r} holds no prompts (one prompt per line expected)")
+        fail(f"{flag} {prompts_file!r} holds no prompts (one prompt per line expected)")
     meta = []
     for i, line in lines:
         try:
@@ -169,6 +175,14 @@ def log_eval(writer, res, step, prefix="eval/"):
 
 
 # ----------------------------------------------------------------------------------- prompts and DDP
+def group_mean(x, groups):
+    """Mean of x over the samples that share a group id, broadcast back to every sample."""
+    _, inv = torch.unique(groups, return_inverse=True)
+    sums = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, x)
+    counts = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, torch.ones_like(x))
+    return (sums / counts)[inv]
+
+
 class PromptSampler:
     """Each iteration: `prompts_per_iter` prompt indices (same on every rank), each repeated `group_size` times,
     then this rank's contiguous shard. Indices, not token ids, identify the groups. Deterministic in

@@ -56,6 +56,7 @@ BAD_INPUTS = [  # (argv, text the single error line must contain)
     (["--model", "stabilityai/stable-diffusion-3.5-medium"], "no network/hub is reachable"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "--prompts-file '/nonexistent/prompts.txt' does not exist"),
     (["--prompts-file", "EMPTY"], "holds no prompts"),
+    (["--eval-prompts-file", "/nonexistent/eval.txt"], "--eval-prompts-file '/nonexistent/eval.txt' does not exist"),
     (["--prompts-file", "UNPARSEABLE"], "line 2: cannot parse prompt 'a purple octagon'"),
     (["--train-batch-size", "5"], "--train-batch-size 5 must divide"),
     (["--lr", "-0.001"], "--lr -0.001 must be >= 0"),
@@ -102,8 +103,8 @@ def test_bad_method_option_and_subprocess_exit(method):
 
 def test_lr_zero_is_allowed():
     mod = importlib.import_module("advantageflow")
-    prompts, meta = utils.check_args(tyro.cli(mod.Args, args=["--lr", "0"]))
-    assert len(prompts) == len(meta) > 10
+    prompts, meta, eval_prompts, _ = utils.check_args(tyro.cli(mod.Args, args=["--lr", "0"]))
+    assert len(prompts) == len(meta) > 10 and len(eval_prompts) == 32
 
 
 def test_failing_reward_names_itself_and_the_prompts():
