@@ -190,17 +190,19 @@ def test_smoke_tiny_sd3_lora(tmp_path):
 
 
 # The compression reward (as for ORW-CFM-W2): on the shapes partial credit AC-Flow did not beat --lr 0 in any short
-# configuration tried (docs/acflow.md, Results); on JPEG size it does (measured: -1.257 -> -1.057 kB, 2 x 1 min).
+# configuration tried (docs/acflow.md, Results); on JPEG size it does. Measured (held-out -kB): lr 0 -1.257,
+# uniform weights (--beta 0, self-training + W2 only) -1.240, the test's run -1.057: the weighting makes the gain.
 @pytest.mark.slow
 def test_learning_beats_lr0(tmp_path):
-    flags = ["--threads", "1", "--reward", "jpeg_compressibility", "--beta", "2", "--num-iterations", "20",
-             "--prompts-per-iter", "32", "--group-size", "1", "--train-batch-size", "32", "--eval-every", "1000",
-             "--eval-samples-per-prompt", "2", "--checkpoint-every", "1000", "--no-save-model"]
+    flags = ["--threads", "1", "--reward", "jpeg_compressibility", "--num-iterations", "20", "--prompts-per-iter", "32",
+             "--group-size", "1", "--train-batch-size", "32", "--eval-every", "1000", "--eval-samples-per-prompt", "2",
+             "--checkpoint-every", "1000", "--no-save-model"]
     res = {}
-    for lr in ("3e-5", "0"):
-        out = tmp_path / f"lr{lr}"
-        cmd = [sys.executable, str(ROOT / "acflow.py"), *flags, "--lr", lr, "--output-dir", str(out)]
+    for name, extra in (("learn", ["--lr", "3e-5", "--beta", "2"]), ("lr0", ["--lr", "0", "--beta", "2"]),
+                        ("beta0", ["--lr", "3e-5", "--beta", "0"])):
+        out = tmp_path / name
+        cmd = [sys.executable, str(ROOT / "acflow.py"), *flags, *extra, "--output-dir", str(out)]
         p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
         assert p.returncode == 0, p.stderr[-3000:]
-        res[lr] = json.loads((out / "summary.json").read_text())["final"]["train_reward_mean"]  # held-out -kB
-    assert res["3e-5"] > res["0"] + 0.04, res
+        res[name] = json.loads((out / "summary.json").read_text())["final"]["train_reward_mean"]  # held-out -kB
+    assert res["learn"] > res["lr0"] + 0.04 and res["learn"] > res["beta0"] + 0.04, res
