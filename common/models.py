@@ -328,10 +328,10 @@ class Policy:
     def save_pretrained(self, run_dir):
         """LoRA -> run_dir/lora (diffusers format, `StableDiffusion3Pipeline.load_lora_weights` reads it);
         full fine-tuning -> run_dir/transformer (diffusers `save_pretrained`)."""
-        from diffusers import StableDiffusion3Pipeline
-        from peft.utils import get_peft_model_state_dict
-
         if self.lora_rank > 0:
+            from diffusers import StableDiffusion3Pipeline  # imports transformers' image processors: LoRA only
+            from peft.utils import get_peft_model_state_dict
+
             sd = get_peft_model_state_dict(self.transformer, adapter_name="default")
             StableDiffusion3Pipeline.save_lora_weights(os.path.join(run_dir, "lora"), transformer_lora_layers=sd,
                                                        transformer_lora_adapter_metadata=self.lora_config.to_dict())
