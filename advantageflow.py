@@ -6,7 +6,7 @@ rewards become clipped group-centred advantages A in [-1, 1]; the learner regres
 x_t of each image, onto  A*x0 + gamma*f_old + lambda*f_ref  (x0-prediction space), which is convex in the
 prediction whenever A + gamma + lambda > 0. Spec: shared/methods/advantageflow.md; docs: docs/advantageflow.md.
 
-    python advantageflow.py                      # embedded shapes world, 2 CPU cores, ~10 min
+    python advantageflow.py                      # embedded shapes world, 2 CPU cores, ~5 min
     python advantageflow.py --lr 1e-4 --gamma-mode one-minus-a
     python advantageflow.py --nft                # DiffusionNFT's own loss and schedule
 """
