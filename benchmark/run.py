@@ -120,8 +120,10 @@ def scaling(method, out, prompts_per_process, iterations=6):
         if not (d / "summary.json").is_file():
             launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                           "--nproc_per_node", str(nproc)]
+            per_process = prompts_per_process * importlib.import_module(method).Args().group_size
             subprocess.run([*launch, f"{method}.py", "--prompts-per-iter", str(prompts_per_process * nproc),
-                            "--num-iterations", str(iterations), "--output-dir", str(d), *NO_EVAL], cwd=ROOT,
+                            "--train-batch-size", str(per_process), "--num-iterations", str(iterations),
+                            "--output-dir", str(d), *NO_EVAL], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, check=True)
         res[nproc] = statistics.mean(v for st, _, v in scalars(d, "charts/images_per_sec") if st > 1)
     print(f"{method} scaling: {res}", flush=True)
@@ -198,12 +200,14 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None):
     img.mkdir(parents=True, exist_ok=True)
     grpo = [r["summary"]["final"]["reward_mean"] for r in res.get("flow_grpo", [])]
     target = statistics.mean(grpo) if grpo else None
-    rows = ["| method | seeds | final partial credit | final strict accuracy | diversity | queries to Flow-GRPO's final | "
-            "wall time (min) | s/iter: sample / reward / train | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | seeds | base partial credit | final partial credit | final strict accuracy | best partial credit (queries) | diversity | "
+            "queries to Flow-GRPO's final | wall time (min) | s/iter: sample / reward / train | peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     for m, runs in res.items():
         if not runs:
             continue
+        b0 = [r["summary"]["base"]["reward_mean"] for r in runs]  # evaluation noise depends on the seed
         f = [r["summary"]["final"]["reward_mean"] for r in runs]
         st = [r["summary"]["final"]["strict_accuracy"] for r in runs]
         dv = [r["summary"]["final"]["diversity"] for r in runs]
@@ -211,10 +215,12 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None):
         reach = [queries_to_reach(r["curve"], target) for r in runs] if target is not None else []
         reach_s = (f"{statistics.mean([q for q in reach if q is not None]):.0f} ({sum(q is not None for q in reach)}/{len(reach)} seeds)"
                    if any(q is not None for q in reach) else "not reached")
+        best = [max(r["curve"], key=lambda c: c[2]) for r in runs]  # (queries, wall, value) of each run's peak
+        best_s = f"{mean_std([b[2] for b in best])[0]:.3f} ({statistics.mean(b[0] for b in best):.0f})"
         p = runs[0]["perf"]
         rss = [r["peak_rss_mb"] for r in runs if r["peak_rss_mb"]]
-        rows.append(f"| {m} | {len(runs)} | {mean_std(f)[0]:.3f} ± {mean_std(f)[1]:.3f} | {mean_std(st)[0]:.3f} ± "
-                    f"{mean_std(st)[1]:.3f} | {mean_std(dv)[0]:.3f} | {reach_s} | {mean_std(wt)[0]:.1f} | "
+        rows.append(f"| {m} | {len(runs)} | {mean_std(b0)[0]:.3f} | {mean_std(f)[0]:.3f} ± {mean_std(f)[1]:.3f} | {mean_std(st)[0]:.3f} ± "
+                    f"{mean_std(st)[1]:.3f} | {best_s} | {mean_std(dv)[0]:.3f} | {reach_s} | {mean_std(wt)[0]:.1f} | "
                     f"{p['sample']:.2f} / {p['reward']:.2f} / {p['train']:.2f} | {max(rss) if rss else float('nan'):.0f} |")
         for i, r in enumerate(runs):
             q, w, v = zip(*r["curve"])
@@ -239,7 +245,8 @@ Budget: {budget} reward queries per run, seeds {', '.join(map(str, seeds))}, eac
 
 ![curves](img/benchmark.png)
 
-"Queries to Flow-GRPO's final" is the first evaluation at which a run's held-out partial credit reaches the
+"Best partial credit" is the mean over seeds of each run's highest held-out evaluation (base included), with
+the mean number of reward queries at which it came. "Queries to Flow-GRPO's final" is the first evaluation at which a run's held-out partial credit reaches the
 mean final value of the flow_grpo runs (evaluations are spaced ~10% of the budget apart). The s/iter split
 comes from each script's `perf/` scalars (rank 0, first seed).
 """
@@ -268,6 +275,9 @@ programmatic reward of the embedded world and AC-Flow's small critic are not mod
 gloo: one process {r[1]:.1f} images/s, two processes {r[2]:.1f} images/s, ratio **{r[2] / r[1]:.2f}** (ideal 2 on
 the 2 cores). Mean of `charts/images_per_sec` over iterations 2-6.
 """
+    notes = ROOT / "benchmark" / "commentary.md"  # hand-written reading of the numbers, kept across re-runs
+    if notes.is_file():
+        text += "\n" + notes.read_text()
     (docs / "benchmark.md").write_text(text)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     print(text)
