@@ -179,7 +179,7 @@ def check_method_args(a):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_method_args(args)
-    # all checks before any loading; held-out prompts: --eval-prompts-file or the shapes test split
+    # all checks before any loading; held-out: --eval-prompts-file, the shapes test split or 32 --prompts-file lines
     prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
     rank, world, device = utils.setup_distributed(args.device)
     if args.threads:
