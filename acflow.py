@@ -195,7 +195,7 @@ def actor_weights(iteration, shaped, values, beta, adv_clip, warmup_iterations, 
     if weight_fn == "adrpo":
         return adv, adv
     w = torch.exp((beta * adv).clamp(max=30.0))
-    return (w / w.mean() if normalize else w), adv
+    return (w / utils.all_gather_cat(w).mean() if normalize else w), adv  # mean over every rank's batch
 
 
 def acflow_loss(v, v_ref, target, w, alpha, weight_fn="exp"):
@@ -317,21 +317,23 @@ if __name__ == "__main__":
     try:
         for it in bar:
             t_iter = time.time()
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it * 101 + rank)  # resume-exact noise
+            # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
+            # a 2-process run sees the same numbers as a 1-process run with the same global batch
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
             # ---- sample: CFG-free Euler ODE rollouts of the lagged sampling copy (spec §3.9, §4 step 2)
             captions, meta, prompt_idx = sampler.sample(it)
+            n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
             prompt_embeds, pooled = model.encode_prompt(captions)
-            noise = torch.randn(len(captions), *model.latent_shape, generator=gen).to(device, model.dtype)
+            noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
             with policy.old() as old:
                 out = sampling.sample(old, prompt_embeds, pooled, sigmas, noise, return_trajectory=args.critic_on_trajectory)
             x0 = out["latents"]  # (B, C, H, W), the paper's x_1
             t_sample = time.time()
             # ---- reward (gathered over ranks so batch statistics are global), shaping (spec §3.5)
             reward, parts = reward_fn(model.decode(x0), captions, meta)
-            reward_queries += len(captions) * world
+            reward_queries += n * world
             all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
             groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
-            local = slice(rank * len(captions), (rank + 1) * len(captions))
             shaped_all, shaping_stats = shape_rewards(all_rewards.float(), args.shaping, groups, shaping_stats,
                                                       args.shaping_momentum, args.shaping_clamp)
             shaped = shaped_all[local].to(device)
@@ -340,10 +342,9 @@ if __name__ == "__main__":
             # critic baseline V(x_t, sigma, c) is read before this iteration's critic step (out-of-sample)
             points = []
             for _ in range(args.timesteps_per_image):
-                for mb in torch.arange(len(captions)).split(args.train_batch_size):
-                    sigma = draw_sigmas(len(mb), args.timestep_sampling, sigmas, gen).to(device)
-                    eps = torch.randn(len(mb), *model.latent_shape, generator=gen).to(device, model.dtype)
-                    points.append((mb, sigma, eps))
+                sigma_all = draw_sigmas(n * world, args.timestep_sampling, sigmas, gen)[local].to(device)
+                eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+                points += [(mb, sigma_all[mb], eps_all[mb]) for mb in torch.arange(n).split(args.train_batch_size)]
             with torch.no_grad():
                 values = torch.cat([critic((1 - s.view(-1, 1, 1, 1)) * x0[mb] + s.view(-1, 1, 1, 1) * e, s, pooled[mb])
                                     if args.critic else torch.zeros(len(mb), device=device) for mb, s, e in points])
@@ -381,8 +382,8 @@ if __name__ == "__main__":
                     (c_loss / len(points)).backward()
                     critic_losses.append(c_loss.detach())
                 if args.critic_on_trajectory:  # one real ODE state x_{sigma_k} per rollout (spec §3.4 optional)
-                    k = torch.randint(0, args.num_steps, (len(captions),), generator=gen)
-                    states = out["trajectory"][torch.arange(len(captions)), k]
+                    k = torch.randint(0, args.num_steps, (n * world,), generator=gen)[local]
+                    states = out["trajectory"][torch.arange(n), k]
                     critic_loss_fn(critic(states, sigmas[k].to(device), pooled), shaped, args.critic_loss).backward()
                 utils.sync_gradients(critic.parameters())
                 critic_grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)

@@ -255,16 +255,21 @@ if __name__ == "__main__":
     try:
         for it in bar:
             t_iter = time.time()
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it * 101 + rank)  # resume-exact noise
+            # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
+            # a 2-process run sees the same numbers as a 1-process run with the same global batch
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
             # ---- sample: SDE rollouts of the learner with per-step log-probs (paper's ODE-to-SDE), in micro-batches
             captions, meta, prompt_idx = sampler.sample(it)
+            n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
             prompt_embeds, pooled = model.encode_prompt(captions)
-            noise = torch.randn(len(captions), *model.latent_shape, generator=gen).to(device, model.dtype)
+            noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+            seeds = torch.randint(2**62, (n * world,), generator=gen)[local].tolist()
+            sde_gens = [torch.Generator().manual_seed(x) for x in seeds]  # one SDE-noise stream per image
             trajs, old_lps = [], []
-            for mb in torch.arange(len(captions)).split(args.train_batch_size):
+            for mb in torch.arange(n).split(args.train_batch_size):
                 out = sampling.sample(policy.transformer, prompt_embeds[mb], pooled[mb], sigmas, noise[mb],
                                       args.guidance_scale, *negs(len(mb)), noise_level=args.noise_level,
-                                      generator=gen, return_trajectory=True)
+                                      generator=[sde_gens[j] for j in mb.tolist()], return_trajectory=True)
                 trajs.append(out["trajectory"])
                 old_lps.append(out["log_probs"])
             traj, old_log_probs = torch.cat(trajs), torch.cat(old_lps)  # (B, T+1, C, H, W), (B, T)
@@ -272,10 +277,9 @@ if __name__ == "__main__":
             t_sample = time.time()
             # ---- reward (gathered over ranks so groups and batch statistics are global)
             reward, parts = reward_fn(model.decode(x0), captions, meta)
-            reward_queries += len(captions) * world
+            reward_queries += n * world
             all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
             groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
-            local = slice(rank * len(captions), (rank + 1) * len(captions))
             t_reward = time.time()
             # ---- advantages: group-relative (paper), per-group or global std, clipped
             adv = grpo_advantages(all_rewards, groups, args.global_std, args.adv_clip_max)
@@ -284,7 +288,8 @@ if __name__ == "__main__":
             stats, losses, onpolicy_err = [], [], 0.0
             n_opt = it * args.num_inner_epochs * args.num_minibatches  # optimizer steps so far
             for epoch in range(args.num_inner_epochs):
-                perm = torch.randperm(len(captions), generator=gen)
+                perm = torch.randperm(n * world, generator=gen)  # a global shuffle, restricted to this rank's images
+                perm = perm[(perm >= rank * n) & (perm < (rank + 1) * n)] - rank * n
                 for k, minibatch in enumerate(perm.chunk(args.num_minibatches)):
                     steps = (torch.arange(n_train) if args.timestep_sampling == "first"
                              else torch.randperm(args.num_steps, generator=gen)[:n_train])

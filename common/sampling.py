@@ -36,7 +36,8 @@ def sde_step_with_logprob(model_pred, sigma, sigma_next, latents, noise_level=0.
     std_t = a * sqrt(sigma / (1 - sigma)) (sigma = 1 replaced by sigma_max, the schedule's second value);
     mean  = x + [v + std_t^2 / (2 sigma) * (x + (1 - sigma) v)] * dt   (dt = sigma_next - sigma < 0), i.e.
           = x * (1 + std_t^2 dt / (2 sigma)) + v * (1 + std_t^2 (1 - sigma) / (2 sigma)) * dt;
-    x_next = mean + std_t * sqrt(-dt) * eps. Returns (x_next, log_prob (B,), mean, step std)."""
+    x_next = mean + std_t * sqrt(-dt) * eps, eps drawn from `generator` (one CPU generator, or a list with one per
+    sample). Returns (x_next, log_prob (B,), mean, step std)."""
     dtype = model_pred.dtype
     v, x = model_pred.float(), latents.float()
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -47,7 +48,10 @@ def sde_step_with_logprob(model_pred, sigma, sigma_next, latents, noise_level=0.
     mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
     std = std_t * torch.sqrt(-dt)
     if prev_sample is None:
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        if isinstance(generator, (list, tuple)):  # one CPU stream per sample: independent of batching and ranks
+            eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator]).to(x.device)
+        else:
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
         prev_sample = mean + std * eps
     prev = prev_sample.float()
     if noise_level == 0:
@@ -65,7 +69,9 @@ def sample(transformer, prompt_embeds, pooled_prompt_embeds, sigmas, latents, gu
     """Integrate from latents (pure noise at sigmas[0]) to sigmas[-1].
 
     Returns dict: latents (B, C, H, W) and, with return_trajectory, trajectory (B, T+1, C, H, W),
-    log_probs (B, T), sigmas (T+1,). noise_level = 0 is the deterministic Euler ODE sampler."""
+    log_probs (B, T), sigmas (T+1,). noise_level = 0 is the deterministic Euler ODE sampler; SDE noise comes
+    from `generator` (a CPU generator, or a list of B, one per sample, which makes each rollout independent of
+    how the batch is split into micro-batches and processes)."""
     sigmas = sigmas.float()
     traj, log_probs = [latents], []
     for i in range(len(sigmas) - 1):
