@@ -310,133 +310,126 @@ if __name__ == "__main__":
                 warmup_end=warmup_end, reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0,
                 summary=summary, rng=utils.rng_state(), args=vars(args)))
 
-    guard = utils.NonFiniteGuard()
+    guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
     t0 = time.time()
     bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="acflow")
-    completed = start_it
-    try:
-        for it in bar:
-            t_iter = time.time()
-            # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
-            # a 2-process run sees the same numbers as a 1-process run with the same global batch
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-            # ---- sample: CFG-free Euler ODE rollouts of the lagged sampling copy (spec §3.9, §4 step 2)
-            captions, meta, prompt_idx = sampler.sample(it)
-            n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
-            prompt_embeds, pooled = model.encode_prompt(captions)
-            noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
-            with policy.old() as old:
-                out = sampling.sample(old, prompt_embeds, pooled, sigmas, noise, return_trajectory=args.critic_on_trajectory)
-            x0 = out["latents"]  # (B, C, H, W), the paper's x_1
-            t_sample = time.time()
-            # ---- reward (gathered over ranks so batch statistics are global), shaping (spec §3.5)
-            reward, parts = reward_fn(model.decode(x0), captions, meta)
-            reward_queries += n * world
-            all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
-            groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
-            shaped_all, shaping_stats = shape_rewards(all_rewards.float(), args.shaping, groups, shaping_stats,
-                                                      args.shaping_momentum, args.shaping_clamp)
-            shaped = shaped_all[local].to(device)
-            t_reward = time.time()
-            # ---- noised points (spec §4 step 5): x_t = (1 - sigma) x0 + sigma eps (paper t = 1 - sigma); the
-            # critic baseline V(x_t, sigma, c) is read before this iteration's critic step (out-of-sample)
-            points = []
-            for _ in range(args.timesteps_per_image):
-                sigma_all = draw_sigmas(n * world, args.timestep_sampling, sigmas, gen)[local].to(device)
-                eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
-                points += [(mb, sigma_all[mb], eps_all[mb]) for mb in torch.arange(n).split(args.train_batch_size)]
-            with torch.no_grad():
-                values = torch.cat([critic((1 - s.view(-1, 1, 1, 1)) * x0[mb] + s.view(-1, 1, 1, 1) * e, s, pooled[mb])
-                                    if args.critic else torch.zeros(len(mb), device=device) for mb, s, e in points])
-            targets = torch.cat([shaped[mb] for mb, _, _ in points])  # r~ of each noised point's image
-            warm = it < warmup_end
-            w_all, adv = actor_weights(it, targets, values, args.beta, args.adv_clip, warmup_end, args.weight_fn,
-                                       args.weight_norm)
-            # ---- actor update: critic-weighted CFM + W2 (spec §3.1-3.2, §4 step 9), one optimizer step
-            optimizer.zero_grad(set_to_none=True)
-            train_actor = not (warm and args.warmup_mode == "freeze")
-            losses, fms, w2s, start = [], [], [], 0
-            for mb, sigma, eps in points if train_actor else []:
+    for it in bar:
+        t_iter = time.time()
+        # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
+        # a 2-process run sees the same numbers as a 1-process run with the same global batch
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
+        # ---- sample: CFG-free Euler ODE rollouts of the lagged sampling copy (spec §3.9, §4 step 2)
+        captions, meta, prompt_idx = sampler.sample(it)
+        n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
+        prompt_embeds, pooled = model.encode_prompt(captions)
+        noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+        with policy.old() as old:
+            out = sampling.sample(old, prompt_embeds, pooled, sigmas, noise, return_trajectory=args.critic_on_trajectory)
+        x0 = out["latents"]  # (B, C, H, W), the paper's x_1
+        t_sample = time.time()
+        # ---- reward (gathered over ranks so batch statistics are global), shaping (spec §3.5)
+        reward, parts = reward_fn(model.decode(x0), captions, meta)
+        reward_queries += n * world
+        all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
+        groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
+        shaped_all, shaping_stats = shape_rewards(all_rewards.float(), args.shaping, groups, shaping_stats,
+                                                  args.shaping_momentum, args.shaping_clamp)
+        shaped = shaped_all[local].to(device)
+        t_reward = time.time()
+        # ---- noised points (spec §4 step 5): x_t = (1 - sigma) x0 + sigma eps (paper t = 1 - sigma); the
+        # critic baseline V(x_t, sigma, c) is read before this iteration's critic step (out-of-sample)
+        points = []
+        for _ in range(args.timesteps_per_image):
+            sigma_all = draw_sigmas(n * world, args.timestep_sampling, sigmas, gen)[local].to(device)
+            eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+            points += [(mb, sigma_all[mb], eps_all[mb]) for mb in torch.arange(n).split(args.train_batch_size)]
+        with torch.no_grad():
+            values = torch.cat([critic((1 - s.view(-1, 1, 1, 1)) * x0[mb] + s.view(-1, 1, 1, 1) * e, s, pooled[mb])
+                                if args.critic else torch.zeros(len(mb), device=device) for mb, s, e in points])
+        targets = torch.cat([shaped[mb] for mb, _, _ in points])  # r~ of each noised point's image
+        warm = it < warmup_end
+        w_all, adv = actor_weights(it, targets, values, args.beta, args.adv_clip, warmup_end, args.weight_fn,
+                                   args.weight_norm)
+        # ---- actor update: critic-weighted CFM + W2 (spec §3.1-3.2, §4 step 9), one optimizer step
+        optimizer.zero_grad(set_to_none=True)
+        train_actor = not (warm and args.warmup_mode == "freeze")
+        losses, fms, w2s, start = [], [], [], 0
+        for mb, sigma, eps in points if train_actor else []:
+            s = sigma.view(-1, 1, 1, 1)
+            x_t = (1 - s) * x0[mb] + s * eps
+            pe, pp = prompt_embeds[mb], pooled[mb]
+            with torch.no_grad(), policy.ref() as ref:
+                v_ref = sampling.predict(ref, x_t, sigma, pe, pp)
+            v = sampling.predict(policy.transformer, x_t, sigma, pe, pp)
+            per, fm, w2 = acflow_loss(v, v_ref, eps - x0[mb], w_all[start:start + len(mb)], args.alpha, args.weight_fn)
+            start += len(mb)
+            (per.mean() / len(points)).backward()
+            losses.append(per.mean().detach()), fms.append(fm.mean().detach()), w2s.append(w2.mean().detach())
+        loss = torch.stack(losses).mean() if losses else torch.zeros(())
+        utils.sync_gradients(policy.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm) if losses else torch.zeros(())
+        if guard.ok(loss, grad_norm, all_rewards, iteration=it) and train_actor:
+            optimizer.step()
+        # ---- critic update(s) on the shaped rewards at the same noised points (spec §3.4, §4 step 6)
+        critic_losses = []
+        for _ in range(args.critic_steps if args.critic else 0):
+            critic_opt.zero_grad(set_to_none=True)
+            for mb, sigma, eps in points:
                 s = sigma.view(-1, 1, 1, 1)
-                x_t = (1 - s) * x0[mb] + s * eps
-                pe, pp = prompt_embeds[mb], pooled[mb]
-                with torch.no_grad(), policy.ref() as ref:
-                    v_ref = sampling.predict(ref, x_t, sigma, pe, pp)
-                v = sampling.predict(policy.transformer, x_t, sigma, pe, pp)
-                per, fm, w2 = acflow_loss(v, v_ref, eps - x0[mb], w_all[start:start + len(mb)], args.alpha, args.weight_fn)
-                start += len(mb)
-                (per.mean() / len(points)).backward()
-                losses.append(per.mean().detach()), fms.append(fm.mean().detach()), w2s.append(w2.mean().detach())
-            loss = torch.stack(losses).mean() if losses else torch.zeros(())
-            utils.sync_gradients(policy.parameters())
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm) if losses else torch.zeros(())
-            if guard.ok(loss, all_rewards, iteration=it) and train_actor:
-                optimizer.step()
-            # ---- critic update(s) on the shaped rewards at the same noised points (spec §3.4, §4 step 6)
-            critic_losses = []
-            for _ in range(args.critic_steps if args.critic else 0):
-                critic_opt.zero_grad(set_to_none=True)
-                for mb, sigma, eps in points:
-                    s = sigma.view(-1, 1, 1, 1)
-                    c_loss = critic_loss_fn(critic((1 - s) * x0[mb] + s * eps, sigma, pooled[mb]), shaped[mb], args.critic_loss)
-                    (c_loss / len(points)).backward()
-                    critic_losses.append(c_loss.detach())
-                if args.critic_on_trajectory:  # one real ODE state x_{sigma_k} per rollout (spec §3.4 optional)
-                    k = torch.randint(0, args.num_steps, (n * world,), generator=gen)[local]
-                    states = out["trajectory"][torch.arange(n), k]
-                    critic_loss_fn(critic(states, sigmas[k].to(device), pooled), shaped, args.critic_loss).backward()
-                utils.sync_gradients(critic.parameters())
-                critic_grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                if torch.isfinite(critic_grad_norm):
-                    critic_opt.step()
-            # ---- sampling copy: old <- actor every sync_every iterations (ORW's lagged last_policy, spec §3.9)
-            if (it + 1) % args.sync_every == 0:
-                policy.update_old(0.0)
-            all_values, all_targets = utils.all_gather_cat(values), utils.all_gather_cat(targets)  # global diagnostics
-            ev = explained_variance(all_values.cpu(), all_targets.cpu())
-            if warm and args.warmup_ev > 0 and args.critic and ev > args.warmup_ev:
-                warmup_end = it + 1  # spec §3.8: end the warm-up early once the critic explains the rewards
+                c_loss = critic_loss_fn(critic((1 - s) * x0[mb] + s * eps, sigma, pooled[mb]), shaped[mb], args.critic_loss)
+                (c_loss / len(points)).backward()
+                critic_losses.append(c_loss.detach())
+            if args.critic_on_trajectory:  # one real ODE state x_{sigma_k} per rollout (spec §3.4 optional)
+                k = torch.randint(0, args.num_steps, (n * world,), generator=gen)[local]
+                states = out["trajectory"][torch.arange(n), k]
+                critic_loss_fn(critic(states, sigmas[k].to(device), pooled), shaped, args.critic_loss).backward()
+            utils.sync_gradients(critic.parameters())
+            critic_grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+            if torch.isfinite(critic_grad_norm):
+                critic_opt.step()
+        # ---- sampling copy: old <- actor every sync_every iterations (ORW's lagged last_policy, spec §3.9)
+        if (it + 1) % args.sync_every == 0:
+            policy.update_old(0.0)
+        all_values, all_targets = utils.all_gather_cat(values), utils.all_gather_cat(targets)  # global diagnostics
+        ev = explained_variance(all_values.cpu(), all_targets.cpu())
+        if warm and args.warmup_ev > 0 and args.critic and ev > args.warmup_ev:
+            warmup_end = it + 1  # spec §3.8: end the warm-up early once the critic explains the rewards
 
-            t_train = time.time()
-            # ---- log
+        t_train = time.time()
+        # ---- log
+        if rank == 0:
+            metrics = {
+                "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+                "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
+                "perf/train_s": t_train - t_reward,
+                "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
+                "charts/critic_warmup": float(warm), "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
+                "losses/fm_loss": torch.stack(fms).mean().item() if fms else 0.0,
+                "losses/w2_loss": torch.stack(w2s).mean().item() if w2s else 0.0,
+                "losses/value_mean": all_values.mean().item(), "losses/critic_explained_variance": ev,
+                "losses/adv_mean": adv.mean().item(), "losses/adv_std": adv.std().item(),
+                "losses/adv_abs_mean": adv.abs().mean().item(),
+                "losses/adv_clip_frac": (adv.abs() >= args.adv_clip - 1e-6).float().mean().item() if args.adv_clip > 0 else 0.0,
+                **{f"losses/weight_{k}": getattr(w_all, k)().item() for k in ("mean", "min", "max", "std")},
+                "losses/skipped_updates": guard.total,
+            }
+            if critic_losses:
+                metrics.update({"losses/critic_loss": torch.stack(critic_losses).mean().item(),
+                                "losses/critic_grad_norm": critic_grad_norm.item()})
+            metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
+            utils.log_metrics(writer, metrics, it + 1)
+            bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", loss=f"{loss.item():.4f}", ev=f"{ev:.2f}")
+            if (it + 1) % args.log_images_every == 0:
+                writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
+                                 it + 1, dataformats="HWC")
+        if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
+            res = evaluate()
             if rank == 0:
-                metrics = {
-                    "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
-                    "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
-                    "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
-                    "perf/train_s": t_train - t_reward,
-                    "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
-                    "charts/critic_warmup": float(warm), "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
-                    "losses/fm_loss": torch.stack(fms).mean().item() if fms else 0.0,
-                    "losses/w2_loss": torch.stack(w2s).mean().item() if w2s else 0.0,
-                    "losses/value_mean": all_values.mean().item(), "losses/critic_explained_variance": ev,
-                    "losses/adv_mean": adv.mean().item(), "losses/adv_std": adv.std().item(),
-                    "losses/adv_abs_mean": adv.abs().mean().item(),
-                    "losses/adv_clip_frac": (adv.abs() >= args.adv_clip - 1e-6).float().mean().item() if args.adv_clip > 0 else 0.0,
-                    **{f"losses/weight_{k}": getattr(w_all, k)().item() for k in ("mean", "min", "max", "std")},
-                    "losses/skipped_updates": guard.total,
-                }
-                if critic_losses:
-                    metrics.update({"losses/critic_loss": torch.stack(critic_losses).mean().item(),
-                                    "losses/critic_grad_norm": critic_grad_norm.item()})
-                metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
-                utils.log_metrics(writer, metrics, it + 1)
-                bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", loss=f"{loss.item():.4f}", ev=f"{ev:.2f}")
-                if (it + 1) % args.log_images_every == 0:
-                    writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
-                                     it + 1, dataformats="HWC")
-            if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
-                res = evaluate()
-                if rank == 0:
-                    utils.log_eval(writer, res, it + 1)
-                    tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
-            completed = it + 1
-            if completed % args.checkpoint_every == 0:
-                save_checkpoint(completed)
-    except KeyboardInterrupt:
-        save_checkpoint(completed)
-        print(f"interrupted: checkpoint saved at iteration {completed} in {run_dir}; continue with --resume {run_dir}")
-        raise SystemExit(130)
+                utils.log_eval(writer, res, it + 1)
+                tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
+        # checkpoint every --checkpoint-every iterations; Ctrl-C / SIGTERM: save whole iterations, then exit 130
+        utils.checkpoint_or_stop(it + 1, args.checkpoint_every, stop, guard, save_checkpoint, run_dir, rank)
 
     # ---- final evaluation, model, checkpoint, summary
     summary["final"] = evaluate()

@@ -231,119 +231,112 @@ if __name__ == "__main__":
                 reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
                 rng=utils.rng_state(), args=vars(args)))
 
-    guard = utils.NonFiniteGuard()
+    guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
     t0 = time.time()
     bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="advantageflow")
-    completed = start_it
-    try:
-        for it in bar:
-            t_iter = time.time()
-            # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
-            # a 2-process run sees the same numbers as a 1-process run with the same global batch
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-            # ---- sample: CFG-free ODE rollouts of the rollout policy (spec §4); only final samples are kept
-            captions, meta, prompt_idx = sampler.sample(it)
-            n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
-            prompt_embeds, pooled = model.encode_prompt(captions)
-            noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
-            with policy.old() as old:
-                x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
-            # ---- reward (gathered over ranks so groups and batch statistics are global)
-            t_sample = time.time()
-            reward, parts = reward_fn(model.decode(x0), captions, meta)
-            t_reward = time.time()
-            reward_queries += n * world
-            all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
-            groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
-            # ---- advantages: AF spec §3.1, or DiffusionNFT's optimality probability r (spec §3.1, NFT code)
-            if args.nft:
-                r = nft_optimality(all_rewards, groups, args.nft_adv_clip)
-                adv = 2 * r - 1
+    for it in bar:
+        t_iter = time.time()
+        # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
+        # a 2-process run sees the same numbers as a 1-process run with the same global batch
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
+        # ---- sample: CFG-free ODE rollouts of the rollout policy (spec §4); only final samples are kept
+        captions, meta, prompt_idx = sampler.sample(it)
+        n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
+        prompt_embeds, pooled = model.encode_prompt(captions)
+        noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+        with policy.old() as old:
+            x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
+        # ---- reward (gathered over ranks so groups and batch statistics are global)
+        t_sample = time.time()
+        reward, parts = reward_fn(model.decode(x0), captions, meta)
+        t_reward = time.time()
+        reward_queries += n * world
+        all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
+        groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
+        # ---- advantages: AF spec §3.1, or DiffusionNFT's optimality probability r (spec §3.1, NFT code)
+        if args.nft:
+            r = nft_optimality(all_rewards, groups, args.nft_adv_clip)
+            adv = 2 * r - 1
+        else:
+            adv = af_advantages(all_rewards, groups, args.adv_clip)
+        adv_local = adv[local].to(device)
+        # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated
+        optimizer.zero_grad(set_to_none=True)
+        n_mb = n // args.train_batch_size
+        stats, losses = [], []
+        for _ in range(args.timesteps_per_image):
+            if args.timestep_sampling == "grid":  # one sigma of the rollout grid per image (spec §7.1)
+                sigma_all = sigmas[torch.randint(0, args.num_steps, (n * world,), generator=gen)][local]
             else:
-                adv = af_advantages(all_rewards, groups, args.adv_clip)
-            adv_local = adv[local].to(device)
-            # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated
-            optimizer.zero_grad(set_to_none=True)
-            n_mb = n // args.train_batch_size
-            stats, losses = [], []
-            for _ in range(args.timesteps_per_image):
-                if args.timestep_sampling == "grid":  # one sigma of the rollout grid per image (spec §7.1)
-                    sigma_all = sigmas[torch.randint(0, args.num_steps, (n * world,), generator=gen)][local]
+                sigma_all = torch.rand(n * world, generator=gen)[local]
+            eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+            for mb in torch.arange(n).split(args.train_batch_size):
+                sigma, eps = sigma_all[mb].to(device), eps_all[mb]
+                s = sigma.view(-1, 1, 1, 1)
+                x_t = (1 - s) * x0[mb] + s * eps  # forward process, same x_t for all three models
+                pe, pp = prompt_embeds[mb], pooled[mb]
+                with torch.no_grad():
+                    with policy.old() as old:
+                        v_old = sampling.predict(old, x_t, sigma, pe, pp)
+                    v_ref = torch.zeros_like(v_old)
+                    if (args.nft and args.nft_kl > 0) or (not args.nft and args.lam > 0):
+                        with policy.ref() as ref:
+                            v_ref = sampling.predict(ref, x_t, sigma, pe, pp)
+                v = sampling.predict(policy.transformer, x_t, sigma, pe, pp)
+                if args.nft:
+                    per = nft_loss(v, v_old, x0[mb], x_t, sigma, r[local][mb].to(device), args.nft_beta,
+                                   args.nft_weighting)
+                    kl = ((v - v_ref) ** 2).mean(dim=(1, 2, 3))
+                    loss = args.nft_adv_clip * per.mean() + args.nft_kl * kl.mean()
                 else:
-                    sigma_all = torch.rand(n * world, generator=gen)[local]
-                eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
-                for mb in torch.arange(n).split(args.train_batch_size):
-                    sigma, eps = sigma_all[mb].to(device), eps_all[mb]
-                    s = sigma.view(-1, 1, 1, 1)
-                    x_t = (1 - s) * x0[mb] + s * eps  # forward process, same x_t for all three models
-                    pe, pp = prompt_embeds[mb], pooled[mb]
-                    with torch.no_grad():
-                        with policy.old() as old:
-                            v_old = sampling.predict(old, x_t, sigma, pe, pp)
-                        v_ref = torch.zeros_like(v_old)
-                        if (args.nft and args.nft_kl > 0) or (not args.nft and args.lam > 0):
-                            with policy.ref() as ref:
-                                v_ref = sampling.predict(ref, x_t, sigma, pe, pp)
-                    v = sampling.predict(policy.transformer, x_t, sigma, pe, pp)
-                    if args.nft:
-                        per = nft_loss(v, v_old, x0[mb], x_t, sigma, r[local][mb].to(device), args.nft_beta,
-                                       args.nft_weighting)
-                        kl = ((v - v_ref) ** 2).mean(dim=(1, 2, 3))
-                        loss = args.nft_adv_clip * per.mean() + args.nft_kl * kl.mean()
-                    else:
-                        a = adv_local[mb]
-                        gamma = (1 - a) if args.gamma_mode == "one-minus-a" else torch.full_like(a, args.gamma)
-                        per = af_loss(v, v_old, v_ref, x0[mb], x_t, sigma, a, gamma, args.lam, args.adaptive_weight)
-                        loss = per.mean()
-                    (loss / (n_mb * args.timesteps_per_image)).backward()
-                    losses.append(loss.detach())
-                    with torch.no_grad():  # diagnostics: drift of the learner from the rollout / reference model
-                        stats.append(torch.stack([((v - v_old) ** 2).mean(), ((v - v_ref) ** 2).mean()]))
-            loss = torch.stack(losses).mean()
-            utils.sync_gradients(policy.parameters())
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            if guard.ok(loss, grad_norm, all_rewards, iteration=it):
-                optimizer.step()
-            # ---- rollout policy: EMA of the learner, rho_i = min(rate * i, max) (spec §7.3 / NFT eta_i)
-            rho = min(args.rollout_ema_rate * (it + 1), args.rollout_ema_max)
-            policy.update_old(rho)
-            t_train = time.time()
+                    a = adv_local[mb]
+                    gamma = (1 - a) if args.gamma_mode == "one-minus-a" else torch.full_like(a, args.gamma)
+                    per = af_loss(v, v_old, v_ref, x0[mb], x_t, sigma, a, gamma, args.lam, args.adaptive_weight)
+                    loss = per.mean()
+                (loss / (n_mb * args.timesteps_per_image)).backward()
+                losses.append(loss.detach())
+                with torch.no_grad():  # diagnostics: drift of the learner from the rollout / reference model
+                    stats.append(torch.stack([((v - v_old) ** 2).mean(), ((v - v_ref) ** 2).mean()]))
+        loss = torch.stack(losses).mean()
+        utils.sync_gradients(policy.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        if guard.ok(loss, grad_norm, all_rewards, iteration=it):
+            optimizer.step()
+        # ---- rollout policy: EMA of the learner, rho_i = min(rate * i, max) (spec §7.3 / NFT eta_i)
+        rho = min(args.rollout_ema_rate * (it + 1), args.rollout_ema_max)
+        policy.update_old(rho)
+        t_train = time.time()
 
-            # ---- log
+        # ---- log
+        if rank == 0:
+            drift_old, drift_ref = torch.stack(stats).mean(0).tolist()
+            metrics = {
+                "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+                "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
+                "perf/train_s": t_train - t_reward,
+                "charts/lr": optimizer.param_groups[0]["lr"], "charts/rollout_ema": rho,
+                "charts/reward_queries": reward_queries,
+                "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
+                "losses/adv_abs_mean": adv.abs().mean().item(),
+                "losses/adv_clip_frac": (adv.abs() >= (1 if args.nft else args.adv_clip) - 1e-6).float().mean().item(),
+                "losses/zero_std_group_frac": (utils.group_mean((all_rewards - utils.group_mean(all_rewards, groups)) ** 2, groups) == 0).float().mean().item(),
+                "losses/v_minus_v_old_sq": drift_old, "losses/v_minus_v_ref_sq": drift_ref,
+                "losses/skipped_updates": guard.total,
+            }
+            metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
+            utils.log_metrics(writer, metrics, it + 1)
+            bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", loss=f"{loss.item():.4f}")
+            if (it + 1) % args.log_images_every == 0:
+                writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
+                                 it + 1, dataformats="HWC")
+        if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
+            res = evaluate()
             if rank == 0:
-                drift_old, drift_ref = torch.stack(stats).mean(0).tolist()
-                metrics = {
-                    "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
-                    "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
-                    "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
-                    "perf/train_s": t_train - t_reward,
-                    "charts/lr": optimizer.param_groups[0]["lr"], "charts/rollout_ema": rho,
-                    "charts/reward_queries": reward_queries,
-                    "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
-                    "losses/adv_abs_mean": adv.abs().mean().item(),
-                    "losses/adv_clip_frac": (adv.abs() >= (1 if args.nft else args.adv_clip) - 1e-6).float().mean().item(),
-                    "losses/zero_std_group_frac": (utils.group_mean((all_rewards - utils.group_mean(all_rewards, groups)) ** 2, groups) == 0).float().mean().item(),
-                    "losses/v_minus_v_old_sq": drift_old, "losses/v_minus_v_ref_sq": drift_ref,
-                    "losses/skipped_updates": guard.total,
-                }
-                metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
-                utils.log_metrics(writer, metrics, it + 1)
-                bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", loss=f"{loss.item():.4f}")
-                if (it + 1) % args.log_images_every == 0:
-                    writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
-                                     it + 1, dataformats="HWC")
-            if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
-                res = evaluate()
-                if rank == 0:
-                    utils.log_eval(writer, res, it + 1)
-                    tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
-            completed = it + 1
-            if completed % args.checkpoint_every == 0:
-                save_checkpoint(completed)
-    except KeyboardInterrupt:
-        save_checkpoint(completed)
-        print(f"interrupted: checkpoint saved at iteration {completed} in {run_dir}; continue with --resume {run_dir}")
-        raise SystemExit(130)
+                utils.log_eval(writer, res, it + 1)
+                tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
+        # checkpoint every --checkpoint-every iterations; Ctrl-C / SIGTERM: save whole iterations, then exit 130
+        utils.checkpoint_or_stop(it + 1, args.checkpoint_every, stop, guard, save_checkpoint, run_dir, rank)
 
     # ---- final evaluation, model, checkpoint, summary
     summary["final"] = evaluate()

@@ -231,116 +231,110 @@ if __name__ == "__main__":
                 reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
                 rng=utils.rng_state(), args=vars(args)))
 
-    guard = utils.NonFiniteGuard()
+    guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
     t0 = time.time()
     bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="fdfo")
-    completed = start_it
-    try:
-        for it in bar:
-            t_iter = time.time()
-            # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
-            # a 2-process run sees the same numbers as a 1-process run with the same global batch
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-            # ---- sample: one shared noise per pair, two branches with independent churn (spec §3.1), in micro-batches
-            captions, meta, prompt_idx = sampler.sample(it)  # each prompt twice, pairs adjacent, never split over ranks
-            n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
-            prompt_embeds, pooled = model.encode_prompt(captions)
-            noise = torch.randn(n * world // 2, *model.latent_shape, generator=gen).repeat_interleave(2, 0)[local]
-            noise = noise.to(device, model.dtype)
-            seeds = torch.randint(2**62, (n * world,), generator=gen)[local].tolist()
-            churn_gens = [torch.Generator().manual_seed(x) for x in seeds]  # one churn-noise stream per image
-            outs = [churn_sample(policy.transformer, prompt_embeds[j:j + bs], pooled[j:j + bs], sigmas, noise[j:j + bs],
-                                 gammas, churn_gens[j:j + bs], args.guidance_scale, *negs(len(seeds[j:j + bs])))
-                    for j, bs in ((j, args.train_batch_size) for j in range(0, n, args.train_batch_size))]
-            states, v_old, x0 = (torch.cat(t) for t in zip(*outs))  # (B, T, C, H, W) x2, (B, C, H, W)
-            t_sample = time.time()
-            # ---- reward (gathered over ranks for logging; pairs never cross ranks)
-            reward, parts = reward_fn(model.decode(x0), captions, meta)
-            reward_queries += n * world
-            all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
-            t_reward = time.time()
-            # ---- finite difference: half reward differences and normalised endpoint directions (spec §3.2)
-            adv, dbar = finite_difference(reward.to(device), x0)
-            pair_adv = utils.all_gather_cat(adv)[0::2].cpu()  # (R_A - R_B) / 2 of every pair, for logging
-            # ---- loss + update: K optimizer steps over the globally shuffled (image, step) items, uniform weights
-            # (spec §3.4); each rank takes its own items of a chunk, scaled so the rank average is the chunk mean
-            T = args.num_steps
-            perm = torch.randperm(n * world * T, generator=gen)  # global item index = global image * T + step
-            stats, losses, onpolicy_err = [], [], 0.0
-            for k, chunk in enumerate(perm.chunk(args.num_minibatches)):
-                optimizer.zero_grad(set_to_none=True)
-                mine = chunk[(chunk >= rank * n * T) & (chunk < (rank + 1) * n * T)] - rank * n * T
-                # items with a = 0 (equal rewards) contribute exactly zero to the SPO loss: skip their forward pass
-                active = mine if args.kl_weight > 0 else mine[adv[mine // T].cpu() != 0]
-                chunk_losses = []
-                for mb in active.split(args.train_batch_size) if len(active) else []:
-                    b, i = mb // T, mb % T  # local image index, step index
-                    pe, pp = prompt_embeds[b], pooled[b]
-                    v = sampling.predict(policy.transformer, states[b, i], sigmas[i].to(device), pe, pp,
-                                         args.guidance_scale, *negs(len(mb)))
-                    per, rho = spo_loss(v, v_old[b, i], dbar[b], adv[b], args.eps_clip)
-                    kl = torch.zeros((), device=device)
-                    if args.kl_weight > 0:  # velocity-space pull to the base model (spec §3.5)
-                        with torch.no_grad(), policy.ref() as ref:
-                            v_base = sampling.predict(ref, states[b, i], sigmas[i].to(device), pe, pp,
-                                                      args.guidance_scale, *negs(len(mb)))
-                        kl = ((v - v_base) ** 2).mean(dim=tuple(range(1, v.ndim)))
-                    loss = (per + args.kl_weight * kl).sum() * world / len(chunk)  # spec §4: mean over the chunk
-                    loss.backward()
-                    chunk_losses.append((per + args.kl_weight * kl).mean().detach())
-                    with torch.no_grad():  # SPO / ratio diagnostics
-                        d = rho - 1
-                        stats.append(torch.stack([per.mean(), kl.mean(), rho.mean(),
-                                                  (d.abs() > args.eps_clip).float().mean(), (-rho.log()).mean()]))
-                        if k == 0:  # before the first update of an iteration the ratio must be exactly 1
-                            onpolicy_err = max(onpolicy_err, d.abs().max().item())
-                for p in policy.parameters():  # a rank without active items in this chunk still joins the all-reduce
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                utils.sync_gradients(policy.parameters())
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                losses += chunk_losses
-                if guard.ok(torch.stack(chunk_losses or [torch.zeros(())]), grad_norm, all_rewards, iteration=it):
-                    optimizer.step()
-            loss = torch.stack(losses).mean() if losses else torch.zeros(())
+    for it in bar:
+        t_iter = time.time()
+        # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
+        # a 2-process run sees the same numbers as a 1-process run with the same global batch
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
+        # ---- sample: one shared noise per pair, two branches with independent churn (spec §3.1), in micro-batches
+        captions, meta, prompt_idx = sampler.sample(it)  # each prompt twice, pairs adjacent, never split over ranks
+        n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
+        prompt_embeds, pooled = model.encode_prompt(captions)
+        noise = torch.randn(n * world // 2, *model.latent_shape, generator=gen).repeat_interleave(2, 0)[local]
+        noise = noise.to(device, model.dtype)
+        seeds = torch.randint(2**62, (n * world,), generator=gen)[local].tolist()
+        churn_gens = [torch.Generator().manual_seed(x) for x in seeds]  # one churn-noise stream per image
+        outs = [churn_sample(policy.transformer, prompt_embeds[j:j + bs], pooled[j:j + bs], sigmas, noise[j:j + bs],
+                             gammas, churn_gens[j:j + bs], args.guidance_scale, *negs(len(seeds[j:j + bs])))
+                for j, bs in ((j, args.train_batch_size) for j in range(0, n, args.train_batch_size))]
+        states, v_old, x0 = (torch.cat(t) for t in zip(*outs))  # (B, T, C, H, W) x2, (B, C, H, W)
+        t_sample = time.time()
+        # ---- reward (gathered over ranks for logging; pairs never cross ranks)
+        reward, parts = reward_fn(model.decode(x0), captions, meta)
+        reward_queries += n * world
+        all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
+        t_reward = time.time()
+        # ---- finite difference: half reward differences and normalised endpoint directions (spec §3.2)
+        adv, dbar = finite_difference(reward.to(device), x0)
+        pair_adv = utils.all_gather_cat(adv)[0::2].cpu()  # (R_A - R_B) / 2 of every pair, for logging
+        # ---- loss + update: K optimizer steps over the globally shuffled (image, step) items, uniform weights
+        # (spec §3.4); each rank takes its own items of a chunk, scaled so the rank average is the chunk mean
+        T = args.num_steps
+        perm = torch.randperm(n * world * T, generator=gen)  # global item index = global image * T + step
+        stats, losses, onpolicy_err = [], [], 0.0
+        for k, chunk in enumerate(perm.chunk(args.num_minibatches)):
+            optimizer.zero_grad(set_to_none=True)
+            mine = chunk[(chunk >= rank * n * T) & (chunk < (rank + 1) * n * T)] - rank * n * T
+            # items with a = 0 (equal rewards) contribute exactly zero to the SPO loss: skip their forward pass
+            active = mine if args.kl_weight > 0 else mine[adv[mine // T].cpu() != 0]
+            chunk_losses = []
+            for mb in active.split(args.train_batch_size) if len(active) else []:
+                b, i = mb // T, mb % T  # local image index, step index
+                pe, pp = prompt_embeds[b], pooled[b]
+                v = sampling.predict(policy.transformer, states[b, i], sigmas[i].to(device), pe, pp,
+                                     args.guidance_scale, *negs(len(mb)))
+                per, rho = spo_loss(v, v_old[b, i], dbar[b], adv[b], args.eps_clip)
+                kl = torch.zeros((), device=device)
+                if args.kl_weight > 0:  # velocity-space pull to the base model (spec §3.5)
+                    with torch.no_grad(), policy.ref() as ref:
+                        v_base = sampling.predict(ref, states[b, i], sigmas[i].to(device), pe, pp,
+                                                  args.guidance_scale, *negs(len(mb)))
+                    kl = ((v - v_base) ** 2).mean(dim=tuple(range(1, v.ndim)))
+                loss = (per + args.kl_weight * kl).sum() * world / len(chunk)  # spec §4: mean over the chunk
+                loss.backward()
+                chunk_losses.append((per + args.kl_weight * kl).mean().detach())
+                with torch.no_grad():  # SPO / ratio diagnostics
+                    d = rho - 1
+                    stats.append(torch.stack([per.mean(), kl.mean(), rho.mean(),
+                                              (d.abs() > args.eps_clip).float().mean(), (-rho.log()).mean()]))
+                    if k == 0:  # before the first update of an iteration the ratio must be exactly 1
+                        onpolicy_err = max(onpolicy_err, d.abs().max().item())
+            for p in policy.parameters():  # a rank without active items in this chunk still joins the all-reduce
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            utils.sync_gradients(policy.parameters())
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            losses += chunk_losses
+            if guard.ok(torch.stack(chunk_losses or [torch.zeros(())]), grad_norm, all_rewards, iteration=it,
+                        empty=grad_norm.item() == 0):  # zero on every rank: no item of the chunk was active
+                optimizer.step()
+        loss = torch.stack(losses).mean() if losses else torch.zeros(())
 
-            t_train = time.time()
-            # ---- log
+        t_train = time.time()
+        # ---- log
+        if rank == 0:
+            s = torch.stack(stats).mean(0).tolist() if stats else [0.0, 0.0, 1.0, 0.0, 0.0]
+            endpoint_rms = (2 * dbar.pow(2).mean(dim=(1, 2, 3)).rsqrt()).mean()  # ~= rms(z_A - z_B) when >> 1e-6
+            metrics = {
+                "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+                "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
+                "perf/train_s": t_train - t_reward,
+                "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
+                "losses/loss": loss.item(), "losses/policy_loss": s[0], "losses/kl_loss": s[1],
+                "losses/ratio_mean": s[2], "losses/clipfrac": s[3], "losses/ell_increase": s[4],
+                "losses/onpolicy_ratio_err": onpolicy_err, "losses/grad_norm": grad_norm.item(),
+                "losses/reward_diff_abs": (2 * pair_adv).abs().mean().item(),
+                "losses/zero_diff_pair_frac": (pair_adv == 0).float().mean().item(),
+                "losses/endpoint_diff_rms": endpoint_rms.item(),
+                "losses/skipped_updates": guard.total,
+            }
+            metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
+            utils.log_metrics(writer, metrics, it + 1)
+            bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", clipfrac=f"{s[3]:.2f}")
+            if (it + 1) % args.log_images_every == 0:
+                writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
+                                 it + 1, dataformats="HWC")
+        if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
+            res = evaluate()
             if rank == 0:
-                s = torch.stack(stats).mean(0).tolist() if stats else [0.0, 0.0, 1.0, 0.0, 0.0]
-                endpoint_rms = (2 * dbar.pow(2).mean(dim=(1, 2, 3)).rsqrt()).mean()  # ~= rms(z_A - z_B) when >> 1e-6
-                metrics = {
-                    "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
-                    "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
-                    "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
-                    "perf/train_s": t_train - t_reward,
-                    "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
-                    "losses/loss": loss.item(), "losses/policy_loss": s[0], "losses/kl_loss": s[1],
-                    "losses/ratio_mean": s[2], "losses/clipfrac": s[3], "losses/ell_increase": s[4],
-                    "losses/onpolicy_ratio_err": onpolicy_err, "losses/grad_norm": grad_norm.item(),
-                    "losses/reward_diff_abs": (2 * pair_adv).abs().mean().item(),
-                    "losses/zero_diff_pair_frac": (pair_adv == 0).float().mean().item(),
-                    "losses/endpoint_diff_rms": endpoint_rms.item(),
-                    "losses/skipped_updates": guard.total,
-                }
-                metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
-                utils.log_metrics(writer, metrics, it + 1)
-                bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", clipfrac=f"{s[3]:.2f}")
-                if (it + 1) % args.log_images_every == 0:
-                    writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
-                                     it + 1, dataformats="HWC")
-            if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
-                res = evaluate()
-                if rank == 0:
-                    utils.log_eval(writer, res, it + 1)
-                    tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
-            completed = it + 1
-            if completed % args.checkpoint_every == 0:
-                save_checkpoint(completed)
-    except KeyboardInterrupt:
-        save_checkpoint(completed)
-        print(f"interrupted: checkpoint saved at iteration {completed} in {run_dir}; continue with --resume {run_dir}")
-        raise SystemExit(130)
+                utils.log_eval(writer, res, it + 1)
+                tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
+        # checkpoint every --checkpoint-every iterations; Ctrl-C / SIGTERM: save whole iterations, then exit 130
+        utils.checkpoint_or_stop(it + 1, args.checkpoint_every, stop, guard, save_checkpoint, run_dir, rank)
 
     # ---- final evaluation, model, checkpoint, summary
     summary["final"] = evaluate()

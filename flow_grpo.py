@@ -247,131 +247,124 @@ if __name__ == "__main__":
                 reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
                 rng=utils.rng_state(), args=vars(args)))
 
-    guard = utils.NonFiniteGuard()
+    guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
     n_train = int(args.num_steps * args.timestep_fraction)  # official: int(num_steps * timestep_fraction)
     t0 = time.time()
     bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="flow_grpo")
-    completed = start_it
-    try:
-        for it in bar:
-            t_iter = time.time()
-            # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
-            # a 2-process run sees the same numbers as a 1-process run with the same global batch
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-            # ---- sample: SDE rollouts of the learner with per-step log-probs (paper's ODE-to-SDE), in micro-batches
-            captions, meta, prompt_idx = sampler.sample(it)
-            n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
-            prompt_embeds, pooled = model.encode_prompt(captions)
-            noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
-            seeds = torch.randint(2**62, (n * world,), generator=gen)[local].tolist()
-            sde_gens = [torch.Generator().manual_seed(x) for x in seeds]  # one SDE-noise stream per image
-            trajs, old_lps = [], []
-            for mb in torch.arange(n).split(args.train_batch_size):
-                out = sampling.sample(policy.transformer, prompt_embeds[mb], pooled[mb], sigmas, noise[mb],
-                                      args.guidance_scale, *negs(len(mb)), noise_level=args.noise_level,
-                                      generator=[sde_gens[j] for j in mb.tolist()], return_trajectory=True)
-                trajs.append(out["trajectory"])
-                old_lps.append(out["log_probs"])
-            traj, old_log_probs = torch.cat(trajs), torch.cat(old_lps)  # (B, T+1, C, H, W), (B, T)
-            x0 = traj[:, -1]
-            t_sample = time.time()
-            # ---- reward (gathered over ranks so groups and batch statistics are global)
-            reward, parts = reward_fn(model.decode(x0), captions, meta)
-            reward_queries += n * world
-            all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
-            groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
-            t_reward = time.time()
-            # ---- advantages: group-relative (paper), per-group or global std, clipped
-            adv = grpo_advantages(all_rewards, groups, args.global_std, args.adv_clip_max)
-            adv_local = adv[local].to(device)
-            # ---- loss + update: inner epochs x minibatches, one optimizer step each (paper's clipped objective)
-            stats, losses, onpolicy_err = [], [], 0.0
-            n_opt = it * args.num_inner_epochs * args.num_minibatches  # optimizer steps so far
-            for epoch in range(args.num_inner_epochs):
-                perm = torch.randperm(n * world, generator=gen)  # a global shuffle, restricted to this rank's images
-                perm = perm[(perm >= rank * n) & (perm < (rank + 1) * n)] - rank * n
-                for k, minibatch in enumerate(perm.chunk(args.num_minibatches)):
-                    steps = (torch.arange(n_train) if args.timestep_sampling == "first"
-                             else torch.randperm(args.num_steps, generator=gen)[:n_train])
-                    optimizer.zero_grad(set_to_none=True)
-                    n_micro = len(minibatch) // args.train_batch_size
-                    for mb in minibatch.split(args.train_batch_size):
-                        pe, pp, a = prompt_embeds[mb], pooled[mb], adv_local[mb]
-                        for j in steps.tolist():
-                            x, x_next = traj[mb, j], traj[mb, j + 1]
-                            log_prob, mean, sigma_t = step_log_prob(
-                                policy.transformer, x, x_next, sigmas[j], sigmas[j + 1], pe, pp, args.noise_level,
-                                sigma_max, args.guidance_scale, *negs(len(mb)))
-                            policy_loss, ratio = ppo_clip_loss(log_prob, old_log_probs[mb, j], a, args.clip_range)
-                            kl = torch.zeros(())
-                            if args.beta > 0:  # KL to the frozen base (paper's KL term in the official code's form)
-                                with torch.no_grad(), policy.ref() as ref:
-                                    _, mean_ref, _ = step_log_prob(ref, x, x_next, sigmas[j], sigmas[j + 1], pe, pp,
-                                                                   args.noise_level, sigma_max, args.guidance_scale,
-                                                                   *negs(len(mb)))
-                                kl = kl_loss(mean, mean_ref, sigma_t)
-                            loss = policy_loss + args.beta * kl
-                            (loss / (n_micro * n_train)).backward()
-                            losses.append(loss.detach())
-                            with torch.no_grad():  # PPO diagnostics (official code)
-                                d = ratio - 1
-                                stats.append(torch.stack([
-                                    policy_loss, kl, ratio.mean(), (d.abs() > args.clip_range).float().mean(),
-                                    (d > args.clip_range).float().mean(), (-d > args.clip_range).float().mean(),
-                                    0.5 * ((log_prob - old_log_probs[mb, j]) ** 2).mean()]))
-                                if epoch == 0 and k == 0:  # before any update the ratio must be exactly 1
-                                    onpolicy_err = max(onpolicy_err, d.abs().max().item())
-                    utils.sync_gradients(policy.parameters())
-                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                    if guard.ok(torch.stack(losses[-n_micro * n_train:]), all_rewards, iteration=it):
-                        optimizer.step()
-                    # ---- EMA of the trained weights, decay warmed up over optimizer steps (official `ema.py`)
-                    n_opt += 1
-                    ema_decay = min((1 + n_opt) / (10 + n_opt), args.ema_decay)
-                    if args.ema and n_opt % args.ema_every == 0:
-                        policy.update_old(ema_decay)
-            loss = torch.stack(losses).mean()
+    for it in bar:
+        t_iter = time.time()
+        # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
+        # a 2-process run sees the same numbers as a 1-process run with the same global batch
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
+        # ---- sample: SDE rollouts of the learner with per-step log-probs (paper's ODE-to-SDE), in micro-batches
+        captions, meta, prompt_idx = sampler.sample(it)
+        n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
+        prompt_embeds, pooled = model.encode_prompt(captions)
+        noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+        seeds = torch.randint(2**62, (n * world,), generator=gen)[local].tolist()
+        sde_gens = [torch.Generator().manual_seed(x) for x in seeds]  # one SDE-noise stream per image
+        trajs, old_lps = [], []
+        for mb in torch.arange(n).split(args.train_batch_size):
+            out = sampling.sample(policy.transformer, prompt_embeds[mb], pooled[mb], sigmas, noise[mb],
+                                  args.guidance_scale, *negs(len(mb)), noise_level=args.noise_level,
+                                  generator=[sde_gens[j] for j in mb.tolist()], return_trajectory=True)
+            trajs.append(out["trajectory"])
+            old_lps.append(out["log_probs"])
+        traj, old_log_probs = torch.cat(trajs), torch.cat(old_lps)  # (B, T+1, C, H, W), (B, T)
+        x0 = traj[:, -1]
+        t_sample = time.time()
+        # ---- reward (gathered over ranks so groups and batch statistics are global)
+        reward, parts = reward_fn(model.decode(x0), captions, meta)
+        reward_queries += n * world
+        all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
+        groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
+        t_reward = time.time()
+        # ---- advantages: group-relative (paper), per-group or global std, clipped
+        adv = grpo_advantages(all_rewards, groups, args.global_std, args.adv_clip_max)
+        adv_local = adv[local].to(device)
+        # ---- loss + update: inner epochs x minibatches, one optimizer step each (paper's clipped objective)
+        stats, losses, onpolicy_err = [], [], 0.0
+        n_opt = it * args.num_inner_epochs * args.num_minibatches  # optimizer steps so far
+        for epoch in range(args.num_inner_epochs):
+            perm = torch.randperm(n * world, generator=gen)  # a global shuffle, restricted to this rank's images
+            perm = perm[(perm >= rank * n) & (perm < (rank + 1) * n)] - rank * n
+            for k, minibatch in enumerate(perm.chunk(args.num_minibatches)):
+                steps = (torch.arange(n_train) if args.timestep_sampling == "first"
+                         else torch.randperm(args.num_steps, generator=gen)[:n_train])
+                optimizer.zero_grad(set_to_none=True)
+                n_micro = len(minibatch) // args.train_batch_size
+                for mb in minibatch.split(args.train_batch_size):
+                    pe, pp, a = prompt_embeds[mb], pooled[mb], adv_local[mb]
+                    for j in steps.tolist():
+                        x, x_next = traj[mb, j], traj[mb, j + 1]
+                        log_prob, mean, sigma_t = step_log_prob(
+                            policy.transformer, x, x_next, sigmas[j], sigmas[j + 1], pe, pp, args.noise_level,
+                            sigma_max, args.guidance_scale, *negs(len(mb)))
+                        policy_loss, ratio = ppo_clip_loss(log_prob, old_log_probs[mb, j], a, args.clip_range)
+                        kl = torch.zeros(())
+                        if args.beta > 0:  # KL to the frozen base (paper's KL term in the official code's form)
+                            with torch.no_grad(), policy.ref() as ref:
+                                _, mean_ref, _ = step_log_prob(ref, x, x_next, sigmas[j], sigmas[j + 1], pe, pp,
+                                                               args.noise_level, sigma_max, args.guidance_scale,
+                                                               *negs(len(mb)))
+                            kl = kl_loss(mean, mean_ref, sigma_t)
+                        loss = policy_loss + args.beta * kl
+                        (loss / (n_micro * n_train)).backward()
+                        losses.append(loss.detach())
+                        with torch.no_grad():  # PPO diagnostics (official code)
+                            d = ratio - 1
+                            stats.append(torch.stack([
+                                policy_loss, kl, ratio.mean(), (d.abs() > args.clip_range).float().mean(),
+                                (d > args.clip_range).float().mean(), (-d > args.clip_range).float().mean(),
+                                0.5 * ((log_prob - old_log_probs[mb, j]) ** 2).mean()]))
+                            if epoch == 0 and k == 0:  # before any update the ratio must be exactly 1
+                                onpolicy_err = max(onpolicy_err, d.abs().max().item())
+                utils.sync_gradients(policy.parameters())
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                if guard.ok(torch.stack(losses[-n_micro * n_train:]), grad_norm, all_rewards, iteration=it):
+                    optimizer.step()
+                # ---- EMA of the trained weights, decay warmed up over optimizer steps (official `ema.py`)
+                n_opt += 1
+                ema_decay = min((1 + n_opt) / (10 + n_opt), args.ema_decay)
+                if args.ema and n_opt % args.ema_every == 0:
+                    policy.update_old(ema_decay)
+        loss = torch.stack(losses).mean()
 
-            t_train = time.time()
-            # ---- log
+        t_train = time.time()
+        # ---- log
+        if rank == 0:
+            s = torch.stack(stats).mean(0).tolist()
+            metrics = {
+                "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+                "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
+                "perf/train_s": t_train - t_reward,
+                "charts/lr": optimizer.param_groups[0]["lr"], "charts/ema_decay": ema_decay,
+                "charts/reward_queries": reward_queries,
+                "losses/loss": loss.item(), "losses/policy_loss": s[0], "losses/kl_loss": s[1],
+                "losses/ratio_mean": s[2], "losses/clipfrac": s[3], "losses/clipfrac_gt_one": s[4],
+                "losses/clipfrac_lt_one": s[5], "losses/approx_kl": s[6],
+                "losses/onpolicy_ratio_err": onpolicy_err, "losses/grad_norm": grad_norm.item(),
+                "losses/adv_abs_mean": adv.abs().mean().item(),
+                "losses/adv_clip_frac": (adv.abs() >= args.adv_clip_max).float().mean().item(),
+                "losses/zero_std_group_frac": zero_std_fraction(all_rewards, groups).item(),
+                "losses/group_reward_std":
+                    utils.group_mean((all_rewards - utils.group_mean(all_rewards, groups)) ** 2, groups).sqrt().mean().item(),
+                "losses/skipped_updates": guard.total,
+            }
+            metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
+            utils.log_metrics(writer, metrics, it + 1)
+            bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", clipfrac=f"{s[3]:.2f}")
+            if (it + 1) % args.log_images_every == 0:
+                writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
+                                 it + 1, dataformats="HWC")
+        if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
+            res = evaluate()
             if rank == 0:
-                s = torch.stack(stats).mean(0).tolist()
-                metrics = {
-                    "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
-                    "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
-                    "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
-                    "perf/train_s": t_train - t_reward,
-                    "charts/lr": optimizer.param_groups[0]["lr"], "charts/ema_decay": ema_decay,
-                    "charts/reward_queries": reward_queries,
-                    "losses/loss": loss.item(), "losses/policy_loss": s[0], "losses/kl_loss": s[1],
-                    "losses/ratio_mean": s[2], "losses/clipfrac": s[3], "losses/clipfrac_gt_one": s[4],
-                    "losses/clipfrac_lt_one": s[5], "losses/approx_kl": s[6],
-                    "losses/onpolicy_ratio_err": onpolicy_err, "losses/grad_norm": grad_norm.item(),
-                    "losses/adv_abs_mean": adv.abs().mean().item(),
-                    "losses/adv_clip_frac": (adv.abs() >= args.adv_clip_max).float().mean().item(),
-                    "losses/zero_std_group_frac": zero_std_fraction(all_rewards, groups).item(),
-                    "losses/group_reward_std":
-                        utils.group_mean((all_rewards - utils.group_mean(all_rewards, groups)) ** 2, groups).sqrt().mean().item(),
-                    "losses/skipped_updates": guard.total,
-                }
-                metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
-                utils.log_metrics(writer, metrics, it + 1)
-                bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", clipfrac=f"{s[3]:.2f}")
-                if (it + 1) % args.log_images_every == 0:
-                    writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
-                                     it + 1, dataformats="HWC")
-            if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
-                res = evaluate()
-                if rank == 0:
-                    utils.log_eval(writer, res, it + 1)
-                    tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
-            completed = it + 1
-            if completed % args.checkpoint_every == 0:
-                save_checkpoint(completed)
-    except KeyboardInterrupt:
-        save_checkpoint(completed)
-        print(f"interrupted: checkpoint saved at iteration {completed} in {run_dir}; continue with --resume {run_dir}")
-        raise SystemExit(130)
+                utils.log_eval(writer, res, it + 1)
+                tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
+        # checkpoint every --checkpoint-every iterations; Ctrl-C / SIGTERM: save whole iterations, then exit 130
+        utils.checkpoint_or_stop(it + 1, args.checkpoint_every, stop, guard, save_checkpoint, run_dir, rank)
 
     # ---- final evaluation, checkpoint, model (the EMA weights when --ema, as the official code saves), summary
     summary["final"] = evaluate()

@@ -218,98 +218,91 @@ if __name__ == "__main__":
                 reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
                 rng=utils.rng_state(), args=vars(args)))
 
-    guard = utils.NonFiniteGuard()
+    guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
     t0 = time.time()
     bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="orw_cfm_w2")
-    completed = start_it
-    try:
-        for it in bar:
-            t_iter = time.time()
-            # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
-            # a 2-process run sees the same numbers as a 1-process run with the same global batch
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-            # ---- sample: CFG-free ODE samples of the lagged sampling copy theta_old (spec §3.6 / §4 step 1)
-            captions, meta, prompt_idx = sampler.sample(it)
-            n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
-            prompt_embeds, pooled = model.encode_prompt(captions)
-            noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
-            with policy.old() as old:
-                x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
-            t_sample = time.time()
-            # ---- reward (gathered over ranks so the weight normalisation and statistics are global)
-            reward, parts = reward_fn(model.decode(x0), captions, meta)
-            reward_queries += n * world
-            all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
-            t_reward = time.time()
-            # ---- weights w = exp(tau * r), detached (spec §3.1 / §4 step 3)
-            weights = orw_weights(all_rewards, args.tau, args.normalize_weights, args.max_exponent)
-            w_local = weights[local].to(device)
-            # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated (spec §4 steps 4-7)
-            optimizer.zero_grad(set_to_none=True)
-            n_mb = n // args.train_batch_size
-            stats, losses = [], []
-            for _ in range(args.timesteps_per_image):
-                sigma_all = torch.rand(n * world, generator=gen)[local]  # t ~ U(0, 1) <=> sigma ~ U(0, 1) (spec §2)
-                # fresh independent noise, not the sampling noise and no OT re-pairing (spec §6 bug 1)
-                eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
-                for mb in torch.arange(n).split(args.train_batch_size):
-                    sigma, eps = sigma_all[mb].to(device), eps_all[mb]
-                    s = sigma.view(-1, 1, 1, 1)
-                    x_t = (1 - s) * x0[mb] + s * eps  # forward process, the same x_t for learner and reference
-                    pe, pp = prompt_embeds[mb], pooled[mb]
-                    with torch.no_grad(), policy.ref() as ref:  # frozen base model (also logged when alpha = 0)
-                        v_ref = sampling.predict(ref, x_t, sigma, pe, pp)
-                    v = sampling.predict(policy.transformer, x_t, sigma, pe, pp)
-                    per, fm, w2 = orw_loss(v, v_ref, eps - x0[mb], w_local[mb], args.alpha)  # target v = noise - x0
-                    loss = per.mean()
-                    (loss / (n_mb * args.timesteps_per_image)).backward()
-                    losses.append(loss.detach())
-                    stats.append(torch.stack([fm.mean(), (w_local[mb] * fm).mean(), w2.mean()]).detach())
-            loss = torch.stack(losses).mean()
-            utils.sync_gradients(policy.parameters())
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            if guard.ok(loss, grad_norm, all_rewards, iteration=it):
-                optimizer.step()
-            # ---- sampling copy: theta_old <- theta every sync_every iterations (spec §3.6 / §4 step 8)
-            if (it + 1) % args.sync_every == 0:
-                policy.update_old(0.0)
+    for it in bar:
+        t_iter = time.time()
+        # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
+        # a 2-process run sees the same numbers as a 1-process run with the same global batch
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
+        # ---- sample: CFG-free ODE samples of the lagged sampling copy theta_old (spec §3.6 / §4 step 1)
+        captions, meta, prompt_idx = sampler.sample(it)
+        n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
+        prompt_embeds, pooled = model.encode_prompt(captions)
+        noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+        with policy.old() as old:
+            x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
+        t_sample = time.time()
+        # ---- reward (gathered over ranks so the weight normalisation and statistics are global)
+        reward, parts = reward_fn(model.decode(x0), captions, meta)
+        reward_queries += n * world
+        all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
+        t_reward = time.time()
+        # ---- weights w = exp(tau * r), detached (spec §3.1 / §4 step 3)
+        weights = orw_weights(all_rewards, args.tau, args.normalize_weights, args.max_exponent)
+        w_local = weights[local].to(device)
+        # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated (spec §4 steps 4-7)
+        optimizer.zero_grad(set_to_none=True)
+        n_mb = n // args.train_batch_size
+        stats, losses = [], []
+        for _ in range(args.timesteps_per_image):
+            sigma_all = torch.rand(n * world, generator=gen)[local]  # t ~ U(0, 1) <=> sigma ~ U(0, 1) (spec §2)
+            # fresh independent noise, not the sampling noise and no OT re-pairing (spec §6 bug 1)
+            eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+            for mb in torch.arange(n).split(args.train_batch_size):
+                sigma, eps = sigma_all[mb].to(device), eps_all[mb]
+                s = sigma.view(-1, 1, 1, 1)
+                x_t = (1 - s) * x0[mb] + s * eps  # forward process, the same x_t for learner and reference
+                pe, pp = prompt_embeds[mb], pooled[mb]
+                with torch.no_grad(), policy.ref() as ref:  # frozen base model (also logged when alpha = 0)
+                    v_ref = sampling.predict(ref, x_t, sigma, pe, pp)
+                v = sampling.predict(policy.transformer, x_t, sigma, pe, pp)
+                per, fm, w2 = orw_loss(v, v_ref, eps - x0[mb], w_local[mb], args.alpha)  # target v = noise - x0
+                loss = per.mean()
+                (loss / (n_mb * args.timesteps_per_image)).backward()
+                losses.append(loss.detach())
+                stats.append(torch.stack([fm.mean(), (w_local[mb] * fm).mean(), w2.mean()]).detach())
+        loss = torch.stack(losses).mean()
+        utils.sync_gradients(policy.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        if guard.ok(loss, grad_norm, all_rewards, iteration=it):
+            optimizer.step()
+        # ---- sampling copy: theta_old <- theta every sync_every iterations (spec §3.6 / §4 step 8)
+        if (it + 1) % args.sync_every == 0:
+            policy.update_old(0.0)
 
-            t_train = time.time()
-            # ---- log
+        t_train = time.time()
+        # ---- log
+        if rank == 0:
+            fm_mean, wfm_mean, w2_mean = torch.stack(stats).mean(0).tolist()
+            metrics = {
+                "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+                "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
+                "perf/train_s": t_train - t_reward,
+                "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
+                "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
+                "losses/fm": fm_mean, "losses/weighted_fm": wfm_mean, "losses/w2": w2_mean,
+                "losses/alpha_w2": args.alpha * w2_mean,
+                "losses/weight_mean": weights.mean().item(), "losses/weight_max": weights.max().item(),
+                "losses/weight_ess": (weights.sum() ** 2 / (weights ** 2).sum() / len(weights)).item(),
+                "losses/skipped_updates": guard.total,
+            }
+            metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
+            utils.log_metrics(writer, metrics, it + 1)
+            bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", w2=f"{w2_mean:.4f}")
+            if (it + 1) % args.log_images_every == 0:
+                writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
+                                 it + 1, dataformats="HWC")
+        if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
+            res = evaluate()
             if rank == 0:
-                fm_mean, wfm_mean, w2_mean = torch.stack(stats).mean(0).tolist()
-                metrics = {
-                    "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
-                    "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
-                    "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
-                    "perf/train_s": t_train - t_reward,
-                    "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
-                    "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
-                    "losses/fm": fm_mean, "losses/weighted_fm": wfm_mean, "losses/w2": w2_mean,
-                    "losses/alpha_w2": args.alpha * w2_mean,
-                    "losses/weight_mean": weights.mean().item(), "losses/weight_max": weights.max().item(),
-                    "losses/weight_ess": (weights.sum() ** 2 / (weights ** 2).sum() / len(weights)).item(),
-                    "losses/skipped_updates": guard.total,
-                }
-                metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
-                utils.log_metrics(writer, metrics, it + 1)
-                bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", w2=f"{w2_mean:.4f}")
-                if (it + 1) % args.log_images_every == 0:
-                    writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
-                                     it + 1, dataformats="HWC")
-            if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
-                res = evaluate()
-                if rank == 0:
-                    log_eval(res, it + 1)
-                    tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict "
-                               f"{res.get('strict_accuracy', 0):.3f} w2 {res.get('w2_integral', 0):.5f}")
-            completed = it + 1
-            if completed % args.checkpoint_every == 0:
-                save_checkpoint(completed)
-    except KeyboardInterrupt:
-        save_checkpoint(completed)
-        print(f"interrupted: checkpoint saved at iteration {completed} in {run_dir}; continue with --resume {run_dir}")
-        raise SystemExit(130)
+                log_eval(res, it + 1)
+                tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict "
+                           f"{res.get('strict_accuracy', 0):.3f} w2 {res.get('w2_integral', 0):.5f}")
+        # checkpoint every --checkpoint-every iterations; Ctrl-C / SIGTERM: save whole iterations, then exit 130
+        utils.checkpoint_or_stop(it + 1, args.checkpoint_every, stop, guard, save_checkpoint, run_dir, rank)
 
     # ---- final evaluation, model, checkpoint, summary
     summary["final"] = evaluate()

@@ -197,7 +197,10 @@ class RewardFn:
                 raise RuntimeError(f"reward {name!r} failed on prompts {list(prompts)[:4]}"
                                    f"{'...' if len(prompts) > 4 else ''}: {type(e).__name__}: {e}") from e
         total = sum(self.weights[n] * r for n, r in parts.items())
-        return total, parts
+        # an image with NaN/inf pixels (a diverged model) has no reward: NaN, so the scripts' non-finite guard
+        # sees it instead of a reward computed from whatever the NaNs were cast to
+        broken = ~torch.isfinite(images.float().flatten(1)).all(1).cpu()
+        return total.masked_fill(broken, float("nan")), parts
 
 
 def build_reward(spec, device="cpu", paths=None):

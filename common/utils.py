@@ -4,6 +4,7 @@ image grids, prompt groups sharded over ranks, DDP helpers, atomic checkpoints, 
 import json
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -291,9 +292,11 @@ class NonFiniteGuard:
     def __init__(self, patience=5):
         self.patience, self.in_a_row, self.total = patience, 0, 0
 
-    def ok(self, *tensors, iteration=0):
+    def ok(self, *tensors, iteration=0, empty=False):
+        """True if every tensor is finite. `empty`: an update without any gradient (e.g. every item inactive)
+        neither ends nor extends a run of non-finite updates."""
         if all(torch.isfinite(t).all() for t in tensors):
-            self.in_a_row = 0
+            self.in_a_row = 0 if not empty else self.in_a_row
             return True
         self.in_a_row += 1
         self.total += 1
@@ -303,3 +306,44 @@ class NonFiniteGuard:
             raise SystemExit(f"error: {self.in_a_row} non-finite updates in a row, last at iteration {iteration}; "
                              "stopping (the last good checkpoint is kept)")
         return False
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (pre-emption, torchrun shutting down its workers) asks the run to stop at the end
+    of the current iteration, so the checkpoint saved then holds whole iterations only and resumes exactly.
+    A second signal stops at once (the last checkpoint on disk is kept; checkpoints are written atomically)."""
+
+    def __init__(self, device="cpu"):
+        self.requested, self.device = False, device
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            print(f"\n{signal.Signals(signum).name} again: stopping now", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this iteration (send it again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def __call__(self):
+        """True on every rank once any rank was signalled (one all-reduce, so all ranks stop together)."""
+        flag = torch.tensor(float(self.requested), device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def checkpoint_or_stop(iteration, every, stop, guard, save_checkpoint, run_dir, rank=0):
+    """End of an iteration (all ranks call it): save every `every` iterations, and when Ctrl-C / SIGTERM asked
+    to stop, then exit 130. Never saves during a run of non-finite updates, so the last good checkpoint stays."""
+    stopping = stop()
+    saved = ((iteration % every == 0) or stopping) and guard.in_a_row == 0
+    if saved:
+        save_checkpoint(iteration)
+    if stopping:
+        if rank == 0:
+            print(f"interrupted: checkpoint saved at iteration {iteration} in {run_dir}" if saved else
+                  f"interrupted during non-finite updates: the checkpoint in {run_dir} is the last good one", end="")
+            print(f"; continue with --resume {run_dir}")
+        raise SystemExit(130)
