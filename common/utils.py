@@ -311,18 +311,22 @@ class NonFiniteGuard:
 class StopSignal:
     """Ctrl-C (SIGINT) or SIGTERM (pre-emption, torchrun shutting down its workers) asks the run to stop at the end
     of the current iteration, so the checkpoint saved then holds whole iterations only and resumes exactly.
-    A second signal stops at once (the last checkpoint on disk is kept; checkpoints are written atomically)."""
+    A second signal stops at once (the last checkpoint on disk is kept; checkpoints are written atomically); one
+    within a second of the first is the same request delivered twice (under torchrun, a terminal's Ctrl-C reaches
+    the workers both directly and forwarded by the launcher)."""
 
     def __init__(self, device="cpu"):
-        self.requested, self.device = False, device
+        self.requested, self.device, self.first = False, device, 0.0
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
         if self.requested:
-            print(f"\n{signal.Signals(signum).name} again: stopping now", file=sys.stderr, flush=True)
-            raise SystemExit(130)
-        self.requested = True
+            if time.time() - self.first > 1.0:
+                print(f"\n{signal.Signals(signum).name} again: stopping now", file=sys.stderr, flush=True)
+                raise SystemExit(130)
+            return
+        self.requested, self.first = True, time.time()
         print(f"\n{signal.Signals(signum).name}: stopping after this iteration (send it again to stop now)",
               file=sys.stderr, flush=True)
 
