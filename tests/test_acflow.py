@@ -14,6 +14,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import acflow  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
+from cli_check import check_flags  # noqa: E402
 
 
 def _tensors(b=5, shape=(3, 4, 4), seed=0):
@@ -149,8 +151,8 @@ def _run(*extra, check=True):
 def test_bad_flags_fail_before_loading():
     for flags, word in [(["--shaping", "zscore"], "shaping"), (["--warmup-mode", "off"], "warmup-mode"),
                         (["--weight-fn", "adrpo", "--alpha", "0.5"], "adrpo"), (["--adv-clip", "-1"], "adv-clip")]:
-        p = _run(*flags, check=False)
-        assert p.returncode != 0 and word in p.stderr and "Traceback" not in p.stderr
+        code, err = check_flags("acflow", [*TINY, *flags])
+        assert code != 0 and len(err) == 1 and word in err[0], err
 
 
 def test_smoke_embedded_and_resume(tmp_path):

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import fdfo  # noqa: E402
+from cli_check import check_flags  # noqa: E402
 from common import models, sampling  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -162,10 +163,8 @@ def _run(tmp_path, *extra, name="run", env=ENV):
     (["--churn", "0"], "1", "error: --churn 0.0 must be > 0 (0 gives identical branches and no finite difference)"),
 ])
 def test_bad_arguments_fail_before_loading(flags, world, line):
-    out = subprocess.run([sys.executable, "fdfo.py", *flags], capture_output=True, text=True, cwd=ROOT,
-                         env={**ENV, "WORLD_SIZE": world}, timeout=120)
-    assert out.returncode != 0
-    assert out.stderr.strip().splitlines()[-1] == line
+    code, err = check_flags("fdfo", flags, int(world))
+    assert code != 0 and err == [line]
 
 
 @pytest.mark.parametrize("flags", [[], ["--lora-rank", "4", "--kl-weight", "0.01", "--guidance-scale", "2.0"]])

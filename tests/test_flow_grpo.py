@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import flow_grpo  # noqa: E402
+from cli_check import check_flags  # noqa: E402
 from common import models, sampling  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -156,10 +157,8 @@ def test_ema_state_replaces_learner_for_saving():
     (["--num-minibatches", "3"], "--num-minibatches 3 x --train-batch-size 8 must divide the per-process batch 32"),
 ])
 def test_bad_flags_fail_before_loading(flags, message):
-    out = subprocess.run([sys.executable, "flow_grpo.py", *flags], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                         timeout=120)
-    assert out.returncode != 0 and message in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    code, err = check_flags("flow_grpo", flags)
+    assert code != 0 and len(err) == 1 and message in err[0], err
 
 
 def test_smoke_embedded_with_kl_and_resume(tmp_path):

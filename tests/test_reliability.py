@@ -136,13 +136,12 @@ def _final(out_dir):
     return json.loads((Path(out_dir) / "summary.json").read_text())["final"]
 
 
-def _run_until_checkpoint(method, out_dir, n_it=8):
-    """Start a run and return it once its first periodic checkpoint (iteration 2) is on disk."""
-    proc = subprocess.Popen(_cmd(method, out_dir, n_it=n_it), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    ckpt, deadline = out_dir / "checkpoint.pt", time.time() + 600
+def _start_and_wait_for_checkpoint(cmd, ckpt, at_least):
+    """Start a run; return it once its checkpoint.pt is at iteration >= at_least."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file() and torch.load(ckpt, weights_only=False)["iteration"] >= 2:
+        if ckpt.is_file() and torch.load(ckpt, weights_only=False)["iteration"] >= at_least:
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be interrupted; make it longer"
@@ -151,32 +150,33 @@ def _run_until_checkpoint(method, out_dir, n_it=8):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_kill_or_ctrl_c_then_resume_matches_uninterrupted_run(method, tmp_path):
-    """SIGKILL mid-run leaves the last periodic checkpoint whole; Ctrl-C finishes the current iteration, saves
-    and exits 130. Resuming either reproduces the uninterrupted run exactly (CPU, same thread count, noise drawn
-    from (seed, iteration))."""
-    ref = subprocess.run(_cmd(method, tmp_path / "ref", n_it=8), capture_output=True, text=True, cwd=ROOT, env=ENV,
-                         timeout=900)
+def test_ctrl_c_and_kill_then_resume_match_uninterrupted_run(method, tmp_path):
+    """Ctrl-C finishes the current iteration, saves and exits 130; the resumed run, SIGKILLed, leaves its last
+    periodic checkpoint whole; resuming again reproduces the uninterrupted run exactly (CPU, same thread count,
+    noise drawn from (seed, iteration))."""
+    n_it, run = 12, tmp_path / "run"
+    ref = subprocess.run(_cmd(method, tmp_path / "ref", n_it=n_it), capture_output=True, text=True, cwd=ROOT,
+                         env=ENV, timeout=900)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    killed = _run_until_checkpoint(method, tmp_path / "killed")
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
-    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["iteration"] in (2, 4, 6)  # whole
-
-    stopped = _run_until_checkpoint(method, tmp_path / "stopped")
+    ckpt, cmd = run / "checkpoint.pt", _cmd(method, run, n_it=n_it)
+    stopped = _start_and_wait_for_checkpoint(cmd, ckpt, 2)
     stopped.send_signal(signal.SIGINT)
     out, err = stopped.communicate(timeout=300)
     assert stopped.returncode == 130, err[-2000:]
-    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)["iteration"]
-    assert 3 <= saved < 8 and f"checkpoint saved at iteration {saved} " in out, (saved, out[-500:])
+    saved = torch.load(ckpt, weights_only=False)["iteration"]
+    assert 3 <= saved < n_it and f"checkpoint saved at iteration {saved} " in out, (saved, out[-500:])
 
-    for run in ("killed", "stopped"):
-        res = subprocess.run(_cmd(method, tmp_path / run, "--resume", str(tmp_path / run), n_it=8),
-                             capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
-        assert res.returncode == 0, res.stderr[-2000:]
-        a, b = _final(tmp_path / "ref"), _final(tmp_path / run)
-        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6), (run, a, b)
-        assert a["strict_accuracy"] == pytest.approx(b["strict_accuracy"], abs=1e-6), (run, a, b)
+    killed = _start_and_wait_for_checkpoint([*cmd, "--resume", str(run)], ckpt, saved + 1)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    again = torch.load(ckpt, weights_only=False)["iteration"]
+    assert again > saved and again % 2 == 0, (saved, again)  # a whole periodic checkpoint, never half-written
+
+    res = subprocess.run([*cmd, "--resume", str(run)], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = _final(tmp_path / "ref"), _final(run)
+    assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6), (a, b)
+    assert a["strict_accuracy"] == pytest.approx(b["strict_accuracy"], abs=1e-6), (a, b)
 
 
 def test_stop_signal_defers_the_first_signal_and_stops_on_the_second():
