@@ -3,6 +3,7 @@
     python -m common.evaluate                                  # embedded base, test split
     python -m common.evaluate --checkpoint runs/<run>          # a method's run dir (or its lora/ dir)
     python -m common.evaluate --prompts-file my_prompts.txt --samples-per-prompt 8 --json out.json
+    python -m common.evaluate --save-images samples/ --samples-per-prompt 4   # GenEval's folder layout
 
 Prints a per-category table; --json writes {reward_mean, strict_accuracy, accuracy (per category),
 partial (per category), diversity, n}; --grid saves a PNG of samples with their prompts.
@@ -69,10 +70,10 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
         values = reward_fn(images, rep_caps, rep_specs)[0]
         res["train_reward_mean"] = float(values.mean())
     if all(s is not None for s in rep_specs):
-        values, strict, _ = shapes.score(images, rep_specs)
+        values, strict, checks = shapes.score(images, rep_specs)
         cats = [c for c in shapes.CATEGORIES if any(s["category"] == c for s in rep_specs)]
         mask = {c: torch.tensor([s["category"] == c for s in rep_specs]) for c in cats}
-        res.update(strict_accuracy=float(strict.float().mean()), clean_fraction=shapes.clean_fraction(images, rep_specs),
+        res.update(strict_accuracy=float(strict.float().mean()), clean_fraction=sum(not c["extra"] for c in checks) / len(checks),
                    accuracy={c: float(strict[m].float().mean()) for c, m in mask.items()},
                    partial={c: float(values[m].mean()) for c, m in mask.items()})
     if values is None:
@@ -81,6 +82,24 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
     if return_images:
         return res, images, rep_caps, values
     return res
+
+
+def save_geneval_layout(out_dir, images, captions, specs, samples_per_prompt):
+    """GenEval's layout: <out_dir>/<5-digit prompt index>/metadata.jsonl (one JSON line: prompt, tag (the
+    category) and, for shapes prompts, the spec's fields) and <index>/samples/<4-digit sample>.png at the model's
+    resolution. `images` holds samples_per_prompt consecutive samples per caption."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    for k, (caption, spec) in enumerate(zip(captions, specs)):
+        d = out_dir / f"{k:05d}"
+        (d / "samples").mkdir(parents=True, exist_ok=True)
+        meta = {"prompt": caption, "tag": spec["category"] if spec else None,
+                **({f: spec[f] for f in ("objects", "relation")} if spec else {})}
+        (d / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+        for j in range(samples_per_prompt):
+            img = images[k * samples_per_prompt + j].permute(1, 2, 0).mul(255).round().clamp(0, 255).byte().numpy()
+            Image.fromarray(img).save(d / "samples" / f"{j:04d}.png")
 
 
 def format_table(res):
@@ -102,7 +121,7 @@ class Args:
     split: str = "test"
     """train | test (shapes grammar prompts), ignored with --prompts-file"""
     prompts_file: str | None = None
-    """one prompt per line"""
+    """one prompt per line, or GenEval's JSON-lines metadata ({"prompt": ..., "tag": ...} per line)"""
     samples_per_prompt: int = 4
     seed: int = 0
     guidance_scale: float = 1.0
@@ -113,6 +132,8 @@ class Args:
     """write the metrics here"""
     grid: str | None = None
     """save a PNG grid of samples with prompts and scores here"""
+    save_images: str | None = None
+    """write every sample in GenEval's layout: DIR/<5-digit prompt>/metadata.jsonl and samples/<4-digit>.png"""
     device: str = "auto"
 
 
@@ -146,6 +167,9 @@ def main(args: Args):
     print(format_table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.save_images:
+        save_geneval_layout(args.save_images, images, captions, specs, args.samples_per_prompt)
+        print(f"wrote {len(caps)} samples of {len(captions)} prompts to {args.save_images}")
     if args.grid:
         from PIL import Image
 

@@ -75,8 +75,10 @@ def check_args(args, world_size=1):
 
 
 def load_prompts(prompts_file, model=models.EMBEDDED, split="train", flag="--prompts-file"):
-    """-> (captions, metadata). A prompts file has one prompt per line; for the embedded model every line must
-    parse with the shapes grammar (the error names the line). No file: the shapes grammar's `split`."""
+    """-> (captions, metadata). A prompts file has one prompt per line, or is GenEval's JSON-lines metadata (one
+    object with "prompt" (and "tag", ...) per line; `.jsonl` files or lines starting with "{"). For the embedded
+    model every prompt must parse with the shapes grammar (the error names the line); metadata is the shapes spec,
+    or None for prompts outside the grammar. No file: the shapes grammar's `split`."""
     if not prompts_file:
         specs = shapes.split_specs(split)
         return [s["caption"] for s in specs], specs
@@ -85,15 +87,21 @@ def load_prompts(prompts_file, model=models.EMBEDDED, split="train", flag="--pro
     lines = [(i, l.strip()) for i, l in enumerate(Path(prompts_file).read_text().splitlines(), 1) if l.strip()]
     if not lines:
         fail(f"{flag} {prompts_file!r} holds no prompts (one prompt per line expected)")
-    meta = []
+    meta, prompts = [], []
     for i, line in lines:
+        if line.startswith("{"):
+            try:
+                line = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                fail(f"{prompts_file} line {i}: not a JSON object with a \"prompt\" field: {line[:80]!r}")
+        prompts.append(line)
         try:
             meta.append(shapes.parse_caption(line))
         except ValueError as e:
             if model == models.EMBEDDED:
                 fail(f"{prompts_file} line {i}: {e}")
             meta.append(None)
-    return [l for _, l in lines], meta
+    return prompts, meta
 
 
 # ----------------------------------------------------------------------------------- run set-up
