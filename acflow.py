@@ -73,7 +73,9 @@ class Args:
     """held-out prompts (default: the shapes test split)"""
     eval_samples_per_prompt: int = 8
     num_steps: int = 10
-    """ODE steps of the rollout sampler (and of evaluation)"""
+    """ODE steps of the rollout sampler"""
+    eval_num_steps: int | None = None
+    """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
     guidance_scale: float = 1.0
     """CFG of evaluation; AC-Flow rolls out CFG-free (issue; spec §7.11 would sample with CFG)"""
 
@@ -230,6 +232,8 @@ def draw_sigmas(n, mode, sigmas, gen):
 
 
 def check_method_args(a):
+    if a.eval_num_steps is not None and a.eval_num_steps < 1:
+        utils.fail(f"--eval-num-steps {a.eval_num_steps} must be >= 1")
     choices = dict(weight_fn=("exp", "adrpo"), shaping=("batch", "group", "running", "none"),
                    critic_loss=("mse", "huber"), warmup_mode=("orw", "freeze"),
                    timestep_sampling=("uniform", "logit-normal", "grid"))
@@ -281,7 +285,8 @@ if __name__ == "__main__":
         res = None
         if rank == 0:
             res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
-                                 args.guidance_scale, args.num_steps, reward_fn, eval_prompts)
+                                 args.guidance_scale, args.eval_num_steps or args.num_steps, reward_fn,
+                                 eval_prompts)
         if world > 1:
             torch.distributed.barrier()
         return res

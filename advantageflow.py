@@ -8,9 +8,10 @@ prediction whenever A + gamma + lambda > 0. Spec: shared/methods/advantageflow.m
 
     python advantageflow.py                      # embedded shapes world, 2 CPU cores, ~5 min
     python advantageflow.py --lr 1e-4 --gamma-mode one-minus-a
-    python advantageflow.py --nft                # DiffusionNFT's own loss and schedule
+    python advantageflow.py --nft                # DiffusionNFT's loss, timesteps, reward std and eval EMA
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -70,7 +71,9 @@ class Args:
     """held-out prompts (default: the shapes test split)"""
     eval_samples_per_prompt: int = 8
     num_steps: int = 10
-    """ODE steps of the rollout sampler (and of evaluation)"""
+    """ODE steps of the rollout sampler (AF, NFT: 10)"""
+    eval_num_steps: int | None = None
+    """ODE steps of evaluation (default: --num-steps; AF / NFT papers on SD3.5-M: 40)"""
     guidance_scale: float = 1.0
     """CFG of evaluation; AdvantageFlow rolls out CFG-free (spec §4)"""
 
@@ -94,12 +97,14 @@ class Args:
     """lambda: weight of the reference (base model) term in x0 space"""
     adv_clip: float = 1.0
     """A = clip(centred reward / Z, -adv_clip, adv_clip), Z = RMS of the centred rewards (spec §3.1)"""
-    adaptive_weight: str = "shared"
-    """shared: divide each sample's loss by sg(max(mean|f_theta - x0|, 1e-5)) (spec §7.2) | none (literal eq. 5)"""
+    adaptive_weight: str = "none"
+    """none: the literal eq. 5, plain prediction losses (AF paper §4.4) | shared: divide each sample's loss by
+    sg(max(mean|f_theta - x0|, 1e-5)) (MFA's weighting, spec §3.5)"""
     timestep_sampling: str = "grid"
-    """grid: sigmas of the rollout grid (NFT-style, spec §7.1) | uniform: U(0, 1)"""
-    timesteps_per_image: int = 1
-    """noised points per image per iteration (each its own backward pass)"""
+    """grid: distinct sigmas of the rollout grid per image (as DiffusionNFT, spec §3.5) | uniform: U(0, 1)"""
+    timesteps_per_image: int = 0
+    """noised points per image per iteration, each with fresh noise and its own backward pass;
+    0 = 1 for AF (Algorithm 1), int(0.99 * num_steps) = 9 of 10 for --nft (official timestep_fraction 0.99)"""
     rollout_ema_rate: float = 0.01
     """rollout policy: old <- rho*old + (1-rho)*learner, rho_i = min(rate*i, max) (NFT schedule, spec §7.3;
     NFT/SD3.5-M: 0.001 over ~1000 iterations - at 0.001 a 120-iteration run stays on-policy and gamma is inert)"""
@@ -113,7 +118,10 @@ class Args:
     nft_kl: float = 1e-4
     """DiffusionNFT code's velocity-space pull to the base model"""
     nft_weighting: str = "separate"
-    """separate adaptive denominators per branch (official code) | shared (the exact AF(1-A) identity)"""
+    """separate adaptive denominators per branch (official code) | shared (one denominator) | none (AF paper eq. 14)"""
+    nft_eval_ema: float = 0.9
+    """--nft: evaluate and save an EMA of the learner, decay min((1+s)/(10+s), this) at optimizer step s
+    (official code); 0 = the learner itself"""
 
 
 # ----------------------------------------------------------------------------------- advantages (spec §3.1)
@@ -125,13 +133,14 @@ def af_advantages(rewards_, groups, clip=1.0):
 
 
 def nft_optimality(rewards_, groups, clip=5.0):
-    """DiffusionNFT code: z = (R - group mean) / (std of all rewards + 1e-4); r = clip(clip(z,-c,c)/c/2 + 1/2, 0, 1)."""
-    z = (rewards_ - utils.group_mean(rewards_, groups)) / (rewards_.std() + 1e-4)
+    """DiffusionNFT code: z = (R - group mean) / (std of all rewards + 1e-4), the population std (numpy's ddof 0 in
+    the official stat_tracking.py); r = clip(clip(z,-c,c)/c/2 + 1/2, 0, 1)."""
+    z = (rewards_ - utils.group_mean(rewards_, groups)) / (rewards_.std(unbiased=False) + 1e-4)
     return (z.clamp(-clip, clip) / clip / 2 + 0.5).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------------- losses
-def af_loss(v, v_old, v_ref, x0, x_t, sigma, adv, gamma, lam, adaptive_weight="shared"):
+def af_loss(v, v_old, v_ref, x0, x_t, sigma, adv, gamma, lam, adaptive_weight="none"):
     """AdvantageFlow eq. 5 (spec §3.3), per sample (B,), in x0-prediction space f = x_t - sigma*v:
     A ||f - x0||^2 + gamma ||f - f_old||^2 + lam ||f - f_ref||^2. Up to a theta-independent constant this is
     kappa ||f - f*||^2 with kappa = A + gamma + lam and f* = (A x0 + gamma f_old + lam f_ref) / kappa (a test);
@@ -140,7 +149,7 @@ def af_loss(v, v_old, v_ref, x0, x_t, sigma, adv, gamma, lam, adaptive_weight="s
     f = x_t - s * v
     f_old, f_ref = x_t - s * v_old, x_t - s * v_ref
     per = (a * (f - x0) ** 2 + g * (f - f_old) ** 2 + lam * (f - f_ref) ** 2).mean(dim=(1, 2, 3))
-    if adaptive_weight == "shared":  # spec §3.5 / §7.2: one self-normalising weight for all three terms
+    if adaptive_weight == "shared":  # MFA's weighting (spec §3.5), not AF's: one self-normalising weight for all terms
         per = per / (f - x0).abs().mean(dim=(1, 2, 3)).clamp(min=1e-5).detach()
     return per
 
@@ -148,19 +157,50 @@ def af_loss(v, v_old, v_ref, x0, x_t, sigma, adv, gamma, lam, adaptive_weight="s
 def nft_loss(v, v_old, x0, x_t, sigma, r, beta, weighting="separate"):
     """DiffusionNFT (spec §3.6): v+ = beta v + (1-beta) v_old, v- = (1+beta) v_old - beta v;
     per sample (r P + (1-r) N) / beta with x0-space errors P, N divided by adaptive weights (float64),
-    one per branch (official code) or one shared weight sg(max(mean|f_theta - x0|, 1e-5))."""
+    one per branch (official code), one shared weight sg(max(mean|f_theta - x0|, 1e-5)), or none (AF eq. 14)."""
     s = sigma.view(-1, 1, 1, 1)
     x_pos = x_t - s * (beta * v + (1 - beta) * v_old)
     x_neg = x_t - s * ((1 + beta) * v_old - beta * v)
     dims = (1, 2, 3)
     if weighting == "shared":
         w_pos = w_neg = (x_t - s * v - x0).double().abs().mean(dims).clamp(min=1e-5).detach()
+    elif weighting == "none":
+        w_pos = w_neg = 1.0
     else:
         w_pos = (x_pos - x0).double().abs().mean(dims).clamp(min=1e-5).detach()
         w_neg = (x_neg - x0).double().abs().mean(dims).clamp(min=1e-5).detach()
     pos = ((x_pos - x0).double() ** 2).mean(dims) / w_pos
     neg = ((x_neg - x0).double() ** 2).mean(dims) / w_neg
     return ((r * pos + (1 - r) * neg) / beta).float()
+
+
+class EvalEMA:
+    """DiffusionNFT's evaluation copy (official flow_grpo/ema.py, used by --nft): a shadow of the trainable tensors,
+    ema <- d ema + (1 - d) theta after optimizer step s, d = min((1 + s) / (10 + s), decay); `swapped()` puts the
+    shadow into the model (for evaluation and saving) and restores the learner afterwards."""
+
+    def __init__(self, params, decay):
+        self.params, self.decay = list(params), decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def step(self, s):
+        d = min((1 + s) / (10 + s), self.decay)
+        for e, p in zip(self.shadow, self.params):
+            e.lerp_(p, 1 - d)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.shadow):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, q in zip(self.params, saved):
+                    p.copy_(q)
 
 
 def check_method_args(a):
@@ -170,15 +210,20 @@ def check_method_args(a):
         utils.fail(f"unknown --adaptive-weight {a.adaptive_weight!r}; choose from: shared, none")
     if a.timestep_sampling not in ("grid", "uniform"):
         utils.fail(f"unknown --timestep-sampling {a.timestep_sampling!r}; choose from: grid, uniform")
-    if a.nft_weighting not in ("separate", "shared"):
-        utils.fail(f"unknown --nft-weighting {a.nft_weighting!r}; choose from: separate, shared")
+    if a.nft_weighting not in ("separate", "shared", "none"):
+        utils.fail(f"unknown --nft-weighting {a.nft_weighting!r}; choose from: separate, shared, none")
     if a.gamma_mode == "constant" and a.gamma + a.lam - a.adv_clip <= 0 and not a.nft:  # allowed: the ablation
         print(f"warning: --gamma {a.gamma}: kappa = A + gamma + lam reaches {a.gamma + a.lam - a.adv_clip:.3g} <= 0, "
               "the per-sample loss is not convex (spec §3.2)", file=sys.stderr)
     if a.nft_beta <= 0 or a.adv_clip <= 0 or a.nft_adv_clip <= 0:
         utils.fail("--nft-beta, --adv-clip and --nft-adv-clip must be > 0")
-    if not 0 <= a.rollout_ema_max < 1:
-        utils.fail(f"--rollout-ema-max {a.rollout_ema_max} must be in [0, 1)")
+    if not 0 <= a.rollout_ema_max < 1 or not 0 <= a.nft_eval_ema < 1:
+        utils.fail("--rollout-ema-max and --nft-eval-ema must be in [0, 1)")
+    if a.timesteps_per_image < 0 or (a.timestep_sampling == "grid" and a.timesteps_per_image > a.num_steps):
+        utils.fail(f"--timesteps-per-image {a.timesteps_per_image} must be in [0, --num-steps {a.num_steps}] "
+                   "(distinct grid sigmas per image)")
+    if a.eval_num_steps is not None and a.eval_num_steps < 1:
+        utils.fail(f"--eval-num-steps {a.eval_num_steps} must be >= 1")
 
 
 if __name__ == "__main__":
@@ -201,12 +246,17 @@ if __name__ == "__main__":
     reward_fn = rewards.build_reward(args.reward, device)
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
+    # noised points per image: AF draws one fresh (t, eps) per image (Algorithm 1 line 8); NFT trains 9 of 10
+    n_t = args.timesteps_per_image or (int(args.num_steps * 0.99) if args.nft else 1)
+    ema = EvalEMA(policy.parameters(), args.nft_eval_ema) if args.nft and args.nft_eval_ema > 0 else None
 
-    def evaluate():
+    def evaluate():  # the learner, or under --nft its evaluation EMA (official code)
         res = None
         if rank == 0:
-            res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
-                                 args.guidance_scale, args.num_steps, reward_fn, eval_prompts)
+            with ema.swapped() if ema else contextlib.nullcontext():
+                res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
+                                     args.guidance_scale, args.eval_num_steps or args.num_steps, reward_fn,
+                                     eval_prompts)
         if world > 1:
             torch.distributed.barrier()
         return res
@@ -216,6 +266,8 @@ if __name__ == "__main__":
         ckpt = utils.load_checkpoint(args.resume)
         policy.load_trainable_state(ckpt["policy"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ema and ckpt.get("eval_ema") is not None:
+            ema.shadow = [t.to(device) for t in ckpt["eval_ema"]]
         utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
     else:
@@ -229,7 +281,7 @@ if __name__ == "__main__":
             utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
                 policy=policy.trainable_state(), optimizer=optimizer.state_dict(), iteration=iteration,
                 reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
-                rng=utils.rng_state(), args=vars(args)))
+                rng=utils.rng_state(), args=vars(args), eval_ema=ema.shadow if ema else None))
 
     guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
     t0 = time.time()
@@ -260,13 +312,16 @@ if __name__ == "__main__":
         else:
             adv = af_advantages(all_rewards, groups, args.adv_clip)
         adv_local = adv[local].to(device)
-        # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated
+        # ---- loss + update: one optimizer step on the mean over images x timesteps (Algorithm 1 line 9), in
+        # micro-batches; grid: each image gets n_t distinct sigmas of its rollout grid (NFT: a random permutation of
+        # the 10 grid points, the first 9), every one with fresh noise
         optimizer.zero_grad(set_to_none=True)
         n_mb = n // args.train_batch_size
         stats, losses = [], []
-        for _ in range(args.timesteps_per_image):
-            if args.timestep_sampling == "grid":  # one sigma of the rollout grid per image (spec §7.1)
-                sigma_all = sigmas[torch.randint(0, args.num_steps, (n * world,), generator=gen)][local]
+        grid_idx = torch.rand(n * world, args.num_steps, generator=gen).argsort(1)[:, :n_t]  # (B_global, n_t)
+        for j in range(n_t):
+            if args.timestep_sampling == "grid":
+                sigma_all = sigmas[grid_idx[:, j]][local]
             else:
                 sigma_all = torch.rand(n * world, generator=gen)[local]
             eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
@@ -293,7 +348,7 @@ if __name__ == "__main__":
                     gamma = (1 - a) if args.gamma_mode == "one-minus-a" else torch.full_like(a, args.gamma)
                     per = af_loss(v, v_old, v_ref, x0[mb], x_t, sigma, a, gamma, args.lam, args.adaptive_weight)
                     loss = per.mean()
-                (loss / (n_mb * args.timesteps_per_image)).backward()
+                (loss / (n_mb * n_t)).backward()  # equal micro-batches: the mean over all n x n_t items
                 losses.append(loss.detach())
                 with torch.no_grad():  # diagnostics: drift of the learner from the rollout / reference model
                     stats.append(torch.stack([((v - v_old) ** 2).mean(), ((v - v_ref) ** 2).mean()]))
@@ -302,6 +357,8 @@ if __name__ == "__main__":
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         if guard.ok(loss, grad_norm, all_rewards, iteration=it):
             optimizer.step()
+        if ema:  # one optimizer step per iteration: step count s = it + 1
+            ema.step(it + 1)
         # ---- rollout policy: EMA of the learner, rho_i = min(rate * i, max) (spec §7.3 / NFT eta_i)
         rho = min(args.rollout_ema_rate * (it + 1), args.rollout_ema_max)
         policy.update_old(rho)
@@ -342,8 +399,9 @@ if __name__ == "__main__":
     summary["final"] = evaluate()
     if rank == 0:
         utils.log_eval(writer, summary["final"], args.num_iterations)
-        if args.save_model:
-            policy.save_pretrained(run_dir)
+        if args.save_model:  # under --nft the evaluation EMA, as the official code saves it
+            with ema.swapped() if ema else contextlib.nullcontext():
+                policy.save_pretrained(run_dir)
         save_checkpoint(args.num_iterations)
         summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
                        skipped_updates=guard.total, args=vars(args))

@@ -71,7 +71,9 @@ class Args:
     """held-out prompts (default: the shapes test split)"""
     eval_samples_per_prompt: int = 8
     num_steps: int = 10
-    """churned sampler steps of the rollouts and ODE steps of evaluation (SD3.5-M: 40)"""
+    """churned sampler steps of the rollouts (SD3.5-M: 40, official num_solver_steps)"""
+    eval_num_steps: int | None = None
+    """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
     guidance_scale: float = 1.0
     """CFG of rollouts, training forward and evaluation (negative = empty prompt; paper default 1.0 = none)"""
 
@@ -123,7 +125,8 @@ def churn_sample(transformer, prompt_embeds, pooled, sigmas, noise, gammas, gene
                  neg_embeds=None, neg_pooled=None):
     """Churned rollouts from `noise` (already shared within each pair); `generators` (one per image) draw each
     image's independent churn noise xi. Returns the visited states (B, T, C, H, W), the velocities used there
-    (B, T, C, H, W) and the final latents (B, C, H, W); churn math in fp32."""
+    (B, T, C, H, W) and the final latents (B, C, H, W) in fp32: the two branches differ by a small churn, and their
+    finite difference must not pass through a bf16 cast (official code); churn math in fp32."""
     dtype = noise.dtype
     randn = lambda: torch.stack([torch.randn(noise.shape[1:], generator=g) for g in generators]).to(noise.device)  # noqa: E731
     x = churn_prior(noise.float(), gammas[0].item(), randn())  # independent xi per branch
@@ -134,7 +137,7 @@ def churn_sample(transformer, prompt_embeds, pooled, sigmas, noise, gammas, gene
         states.append(x.to(dtype))
         velocities.append(v)
         x = churn_step(x, v.float(), sigmas[i].item(), sigmas[i + 1].item(), gammas[i + 1].item(), randn())
-    return torch.stack(states, 1), torch.stack(velocities, 1), x.to(dtype)
+    return torch.stack(states, 1), torch.stack(velocities, 1), x
 
 
 # ----------------------------------------------------------------------------------- finite difference (spec §3.2)
@@ -174,6 +177,8 @@ def check_method_args(a):
         utils.fail("--eps-clip must be > 0 and --kl-weight >= 0")
     if a.num_minibatches < 1:
         utils.fail(f"--num-minibatches {a.num_minibatches} must be >= 1")
+    if a.eval_num_steps is not None and a.eval_num_steps < 1:
+        utils.fail(f"--eval-num-steps {a.eval_num_steps} must be >= 1")
 
 
 if __name__ == "__main__":
@@ -206,7 +211,7 @@ if __name__ == "__main__":
         res = None
         if rank == 0:
             res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
-                                 args.guidance_scale, args.num_steps, reward_fn, eval_prompts)
+                                 args.guidance_scale, args.eval_num_steps or args.num_steps, reward_fn, eval_prompts)
         if world > 1:
             torch.distributed.barrier()
         return res
@@ -250,7 +255,7 @@ if __name__ == "__main__":
         outs = [churn_sample(policy.transformer, prompt_embeds[j:j + bs], pooled[j:j + bs], sigmas, noise[j:j + bs],
                              gammas, churn_gens[j:j + bs], args.guidance_scale, *negs(len(seeds[j:j + bs])))
                 for j, bs in ((j, args.train_batch_size) for j in range(0, n, args.train_batch_size))]
-        states, v_old, x0 = (torch.cat(t) for t in zip(*outs))  # (B, T, C, H, W) x2, (B, C, H, W)
+        states, v_old, x0 = (torch.cat(t) for t in zip(*outs))  # (B, T, C, H, W) x2, (B, C, H, W) fp32
         t_sample = time.time()
         # ---- reward (gathered over ranks for logging; pairs never cross ranks)
         reward, parts = reward_fn(model.decode(x0), captions, meta)

@@ -69,7 +69,9 @@ class Args:
     """held-out prompts (default: the shapes test split)"""
     eval_samples_per_prompt: int = 8
     num_steps: int = 10
-    """SDE steps of the rollouts (paper's Denoising Reduction) and ODE steps of evaluation"""
+    """SDE steps of the rollouts (paper's Denoising Reduction: 10)"""
+    eval_num_steps: int | None = None
+    """ODE steps of evaluation (default: --num-steps; paper / official SD3.5-M configs: 40)"""
     guidance_scale: float = 1.0
     """CFG of rollouts, training log-probs and evaluation (negative = empty prompt; SD3.5-M: 4.5)"""
 
@@ -109,6 +111,9 @@ class Args:
     """EMA decay, warmed up as min((1 + step) / (10 + step), ema_decay) over optimizer steps (official code)"""
     ema_every: int = 1
     """optimizer steps between EMA updates (official code: 8)"""
+    ema_repeat: int = 1
+    """EMA updates applied at each update event (official code: one per micro-batch per GPU, e.g. 8 with the
+    GenEval config on 8 GPUs, i.e. 0.9^8 = 0.43 of the EMA kept per event)"""
 
 
 # ----------------------------------------------------------------------------------- advantages (paper)
@@ -133,14 +138,17 @@ def zero_std_fraction(rewards_, groups):
 def step_log_prob(transformer, latents, next_latents, sigma, sigma_next, prompt_embeds, pooled, noise_level,
                   sigma_max, guidance_scale=1.0, neg_embeds=None, neg_pooled=None):
     """log pi(next_latents | latents) of one SDE step (B,), its mean and sigma_t (paper, ODE-to-SDE conversion).
-    With CFG, one batched pass as in the sampler, the unconditional branch detached (official `compute_log_prob`)."""
+    latents / next_latents are the fp32 trajectory; the transformer sees latents in its own dtype (that of the
+    prompt embeddings), the step math is fp32. With CFG, one batched pass as in the sampler, the unconditional branch
+    detached (official `compute_log_prob` since 2025-07; docs/flow_grpo.md)."""
     s = sigma.expand(latents.shape[0])
+    x_in = latents.to(prompt_embeds.dtype)
     if guidance_scale > 1:
-        v_u, v_c = sampling.predict(transformer, torch.cat([latents, latents]), torch.cat([s, s]),
+        v_u, v_c = sampling.predict(transformer, torch.cat([x_in, x_in]), torch.cat([s, s]),
                                     torch.cat([neg_embeds, prompt_embeds]), torch.cat([neg_pooled, pooled])).chunk(2)
         v = v_u.detach() + guidance_scale * (v_c - v_u.detach())
     else:
-        v = sampling.predict(transformer, latents, s, prompt_embeds, pooled)
+        v = sampling.predict(transformer, x_in, s, prompt_embeds, pooled)
     _, log_prob, mean, std = sampling.sde_step_with_logprob(v, sigma, sigma_next, latents, noise_level,
                                                             prev_sample=next_latents, sigma_max=sigma_max)
     return log_prob, mean, std / (sigma - sigma_next).sqrt()  # step std = sigma_t * sqrt(-dt)
@@ -177,8 +185,10 @@ def check_method_args(a):
                    f"{a.num_steps} steps")
     if a.clip_range <= 0 or a.adv_clip_max <= 0 or a.beta < 0:
         utils.fail("--clip-range and --adv-clip-max must be > 0 and --beta >= 0")
-    if a.num_inner_epochs < 1 or a.num_minibatches < 1 or a.ema_every < 1:
-        utils.fail("--num-inner-epochs, --num-minibatches and --ema-every must be >= 1")
+    if a.num_inner_epochs < 1 or a.num_minibatches < 1 or a.ema_every < 1 or a.ema_repeat < 1:
+        utils.fail("--num-inner-epochs, --num-minibatches, --ema-every and --ema-repeat must be >= 1")
+    if a.eval_num_steps is not None and a.eval_num_steps < 1:
+        utils.fail(f"--eval-num-steps {a.eval_num_steps} must be >= 1")
     if not 0 <= a.ema_decay < 1:
         utils.fail(f"--ema-decay {a.ema_decay} must be in [0, 1)")
     n = a.prompts_per_iter * a.group_size // utils.world_size_from_env()
@@ -216,13 +226,14 @@ if __name__ == "__main__":
     def evaluate():
         res = None
         if rank == 0:
+            eval_steps = args.eval_num_steps or args.num_steps
             if args.ema:  # official code evaluates the EMA weights
                 with policy.old() as ema_model:
                     res = evaluate_model(model, ema_model, eval_meta, args.eval_samples_per_prompt, args.seed,
-                                         args.guidance_scale, args.num_steps, reward_fn, eval_prompts)
+                                         args.guidance_scale, eval_steps, reward_fn, eval_prompts)
             else:
                 res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
-                                     args.guidance_scale, args.num_steps, reward_fn, eval_prompts)
+                                     args.guidance_scale, eval_steps, reward_fn, eval_prompts)
         if world > 1:
             torch.distributed.barrier()
         return res
@@ -270,7 +281,7 @@ if __name__ == "__main__":
                                   generator=[sde_gens[j] for j in mb.tolist()], return_trajectory=True)
             trajs.append(out["trajectory"])
             old_lps.append(out["log_probs"])
-        traj, old_log_probs = torch.cat(trajs), torch.cat(old_lps)  # (B, T+1, C, H, W), (B, T)
+        traj, old_log_probs = torch.cat(trajs), torch.cat(old_lps)  # (B, T+1, C, H, W) fp32, (B, T) fp32
         x0 = traj[:, -1]
         t_sample = time.time()
         # ---- reward (gathered over ranks so groups and batch statistics are global)
@@ -323,11 +334,12 @@ if __name__ == "__main__":
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 if guard.ok(torch.stack(losses[-n_micro * n_train:]), grad_norm, all_rewards, iteration=it):
                     optimizer.step()
-                # ---- EMA of the trained weights, decay warmed up over optimizer steps (official `ema.py`)
+                # ---- EMA of the trained weights, decay warmed up over optimizer steps (official `ema.py`); the
+                # official loop applies it once per micro-batch, i.e. --ema-repeat times at unchanged weights
                 n_opt += 1
                 ema_decay = min((1 + n_opt) / (10 + n_opt), args.ema_decay)
                 if args.ema and n_opt % args.ema_every == 0:
-                    policy.update_old(ema_decay)
+                    policy.update_old(ema_decay**args.ema_repeat)
         loss = torch.stack(losses).mean()
 
         t_train = time.time()

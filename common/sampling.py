@@ -37,8 +37,8 @@ def sde_step_with_logprob(model_pred, sigma, sigma_next, latents, noise_level=0.
     mean  = x + [v + std_t^2 / (2 sigma) * (x + (1 - sigma) v)] * dt   (dt = sigma_next - sigma < 0), i.e.
           = x * (1 + std_t^2 dt / (2 sigma)) + v * (1 + std_t^2 (1 - sigma) / (2 sigma)) * dt;
     x_next = mean + std_t * sqrt(-dt) * eps, eps drawn from `generator` (one CPU generator, or a list with one per
-    sample). Returns (x_next, log_prob (B,), mean, step std)."""
-    dtype = model_pred.dtype
+    sample). Returns (x_next in fp32 - the sample whose log-prob was taken, as the official code keeps it -,
+    log_prob (B,), mean, step std)."""
     v, x = model_pred.float(), latents.float()
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
     sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device)
@@ -59,7 +59,7 @@ def sde_step_with_logprob(model_pred, sigma, sigma_next, latents, noise_level=0.
     else:
         log_prob = -((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
         log_prob = log_prob.mean(dim=tuple(range(1, x.ndim)))
-    return prev.to(dtype), log_prob, mean, std
+    return prev, log_prob, mean, std
 
 
 @torch.no_grad()
@@ -71,11 +71,13 @@ def sample(transformer, prompt_embeds, pooled_prompt_embeds, sigmas, latents, gu
     Returns dict: latents (B, C, H, W) and, with return_trajectory, trajectory (B, T+1, C, H, W),
     log_probs (B, T), sigmas (T+1,). noise_level = 0 is the deterministic Euler ODE sampler; SDE noise comes
     from `generator` (a CPU generator, or a list of B, one per sample, which makes each rollout independent of
-    how the batch is split into micro-batches and processes)."""
-    sigmas = sigmas.float()
+    how the batch is split into micro-batches and processes). SDE states stay in fp32 (the trajectory and the
+    log-probs refer to the same numbers under a bf16 model, as in the official Flow-GRPO code)."""
+    sigmas, dtype = sigmas.float(), latents.dtype
+    latents = latents.float() if noise_level != 0 else latents
     traj, log_probs = [latents], []
     for i in range(len(sigmas) - 1):
-        v = predict(transformer, latents, sigmas[i], prompt_embeds, pooled_prompt_embeds, guidance_scale,
+        v = predict(transformer, latents.to(dtype), sigmas[i], prompt_embeds, pooled_prompt_embeds, guidance_scale,
                     negative_prompt_embeds, negative_pooled_prompt_embeds)
         if noise_level == 0:
             latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(latents.dtype)  # Euler

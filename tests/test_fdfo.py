@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import fdfo  # noqa: E402
 from cli_check import check_flags  # noqa: E402
-from common import models, sampling  # noqa: E402
+from common import models, rewards, sampling  # noqa: E402
+from run_logs import first_iteration, scalars  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["--threads", "1", "--prompts-per-iter", "2", "--train-batch-size", "4", "--num-minibatches", "2",
@@ -80,6 +81,22 @@ def test_churn_sample_pairs_and_ode_limit():
         assert torch.allclose(v, vels[:, 2], atol=1e-5)
         last = states[:, 3] + (sigmas[4] - sigmas[3]) * vels[:, 3]
         assert torch.allclose(x0, last, atol=1e-5)
+
+
+def test_final_latents_stay_fp32_under_bf16():
+    """The branches of a pair differ by a small churn; with a bf16 model the final latents (whose difference is the
+    finite difference) come back in fp32 and are not bf16-rounded (official: xs[:, -1].float() of fp32 states)."""
+    model = models.load_model("embedded")
+    transformer = model.transformer.to(torch.bfloat16)
+    pe, pooled = (t.to(torch.bfloat16) for t in model.encode_prompt(["a red circle"] * 2))
+    noise = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
+    gens = [torch.Generator().manual_seed(j) for j in range(2)]
+    _, _, x0 = fdfo.churn_sample(transformer, pe, pooled, model.sigmas(3), noise.to(torch.bfloat16),
+                                 fdfo.churn_gammas(3, 0.0025), gens)
+    assert x0.dtype == torch.float32
+    assert not torch.equal(x0, x0.to(torch.bfloat16).float())  # carries more than bf16 precision
+    d = x0[0] - x0[1]
+    assert not torch.equal(d, x0[0].to(torch.bfloat16).float() - x0[1].to(torch.bfloat16).float())
 
 
 # ----------------------------------------------------------------------------------- finite difference (spec §3.2)
@@ -194,6 +211,34 @@ def test_smoke_tiny_sd3(tmp_path):
                             "--num-iterations", "1", *TINY)
     assert (out_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert summary["reward_queries"] == 4 and "reward_mean" in summary["final"]
+
+
+def test_one_iteration_chunk_loss_is_the_mean_over_the_chunk(tmp_path):
+    """--lr 0, 2 pairs x 3 steps = 12 (image, step) items in 2 shuffled chunks: the logged pre-clip gradient norm of
+    the last chunk (its active items in micro-batches of 4, tied pairs skipped) must be that of ONE mean of the SPO
+    loss over all 6 items of the chunk (spec §4)."""
+    out_dir, _ = _run(tmp_path, "--num-iterations", "1", *TINY, "--lr", "0", "--reward", "jpeg_compressibility",
+                      "--no-save-model")
+    logged = scalars(out_dir, "losses/grad_norm")[1]
+
+    torch.set_num_threads(1)
+    model, captions, meta, _, pe, pooled, gen = first_iteration(2, 2)
+    policy = models.Policy(model.transformer, 0, None, with_old=False)
+    sigmas, n, T = model.sigmas(3), 4, 3
+    noise = torch.randn(n // 2, *model.latent_shape, generator=gen).repeat_interleave(2, 0)
+    gens = [torch.Generator().manual_seed(x) for x in torch.randint(2**62, (n,), generator=gen).tolist()]
+    states, v_old, x0 = fdfo.churn_sample(policy.transformer, pe, pooled, sigmas, noise, fdfo.churn_gammas(T, 0.0025),
+                                          gens)
+    reward, _ = rewards.build_reward("jpeg_compressibility")(model.decode(x0), captions, meta)
+    adv, dbar = fdfo.finite_difference(reward, x0)
+    chunk = torch.randperm(n * T, generator=gen).chunk(2)[-1]
+    b, i = chunk // T, chunk % T
+    v = sampling.predict(policy.transformer, states[b, i], sigmas[i], pe[b], pooled[b])
+    per, _ = fdfo.spo_loss(v, v_old[b, i], dbar[b], adv[b], 0.03)
+    per.mean().backward()
+    expected = torch.stack([p.grad.norm() for p in policy.parameters()]).norm().item()
+    assert expected > 1e-4
+    assert logged == pytest.approx(expected, rel=1e-3)
 
 
 @pytest.mark.slow

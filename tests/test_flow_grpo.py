@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import flow_grpo  # noqa: E402
 from cli_check import check_flags  # noqa: E402
-from common import models, sampling  # noqa: E402
+from common import models, rewards, sampling  # noqa: E402
+from run_logs import first_iteration, scalars  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["--threads", "1", "--num-iterations", "2", "--prompts-per-iter", "2", "--group-size", "2",
@@ -126,6 +127,24 @@ def test_on_policy_ratio_is_exactly_one(guidance_scale):
         assert sigma_t.item() == pytest.approx(0.7 * math.sqrt(s / (1 - (sigmas[1].item() if s >= 1 else s))), rel=1e-5)
 
 
+def test_on_policy_ratio_is_exactly_one_under_bf16():
+    """With a bf16 model the trajectory is kept in fp32 (official code): the stored next state is the very sample
+    whose log-prob the rollout took, so the recomputed ratio is exactly 1. A trajectory stored in bf16 is off by
+    ~1e-2 at the last step, against a clip range of 1e-4."""
+    transformer, latents, pe, pooled = _tiny()
+    transformer, latents, pe, pooled = (t.to(torch.bfloat16) for t in (transformer, latents, pe, pooled))
+    sigmas = models.load_model("embedded").sigmas(4)
+    out = sampling.sample(transformer, pe, pooled, sigmas, latents, noise_level=0.7,
+                          generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    traj, old = out["trajectory"], out["log_probs"]
+    assert traj.dtype == torch.float32 and old.dtype == torch.float32
+    for j in range(4):
+        with torch.no_grad():
+            lp, _, _ = flow_grpo.step_log_prob(transformer, traj[:, j], traj[:, j + 1], sigmas[j], sigmas[j + 1],
+                                               pe, pooled, 0.7, sigmas[1].item())
+        assert torch.equal(lp, old[:, j]), (j, lp - old[:, j])
+
+
 def test_cfg_gradient_only_through_conditional_branch():
     transformer, latents, pe, pooled = _tiny()
     sigmas = torch.tensor([1.0, 0.6, 0.0])
@@ -184,6 +203,39 @@ def test_smoke_tiny_sd3_lora_cfg(tmp_path):
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     s = run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4"], tmp_path, "ema")
     assert (tmp_path / "ema" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_one_iteration_loss_is_the_mean_over_micro_batches_and_steps(tmp_path):
+    """--lr 0: the logged pre-clip gradient norm of the last minibatch (2 images in 2 micro-batches x 2 trained
+    steps, accumulated) must be that of ONE mean of the clipped objective over its 4 (image, step) items."""
+    flags = [*TINY, "--lr", "0", "--num-iterations", "1", "--reward", "jpeg_compressibility", "--no-save-model"]
+    flags[flags.index("--train-batch-size") + 1] = "1"
+    run(flags, tmp_path)
+    logged = scalars(tmp_path / "run", "losses/grad_norm")[1]
+
+    torch.set_num_threads(1)
+    model, captions, meta, groups, pe, pooled, gen = first_iteration(2, 2)
+    policy = models.Policy(model.transformer, 0, None, with_old=True)
+    sigmas, n = model.sigmas(4), 4
+    noise = torch.randn(n, *model.latent_shape, generator=gen)
+    sde_gens = [torch.Generator().manual_seed(x) for x in torch.randint(2**62, (n,), generator=gen).tolist()]
+    out = sampling.sample(policy.transformer, pe, pooled, sigmas, noise, noise_level=0.7, generator=sde_gens,
+                          return_trajectory=True)
+    reward, _ = rewards.build_reward("jpeg_compressibility")(model.decode(out["latents"]), captions, meta)
+    adv = flow_grpo.grpo_advantages(reward, groups)
+    minibatches = torch.randperm(n, generator=gen).chunk(2)
+    for _ in minibatches:
+        steps = torch.randperm(4, generator=gen)[:2]
+    b, j = minibatches[-1].repeat_interleave(2), steps.repeat(2)  # the last minibatch's (image, step) items
+    lp = torch.cat([flow_grpo.step_log_prob(policy.transformer, out["trajectory"][b[k:k + 1], j[k]],
+                                            out["trajectory"][b[k:k + 1], j[k] + 1], sigmas[j[k]], sigmas[j[k] + 1],
+                                            pe[b[k:k + 1]], pooled[b[k:k + 1]], 0.7, sigmas[1].item())[0]
+                    for k in range(len(b))])
+    loss, _ = flow_grpo.ppo_clip_loss(lp, out["log_probs"][b, j], adv[b], 1e-3)
+    loss.backward()
+    expected = torch.stack([p.grad.norm() for p in policy.parameters() if p.grad is not None]).norm().item()
+    assert expected > 1e-4
+    assert logged == pytest.approx(expected, rel=1e-3)
 
 
 # ----------------------------------------------------------------------------------- learning
