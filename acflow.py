@@ -277,16 +277,19 @@ if __name__ == "__main__":
         critic = Critic(model.latent_shape[0], model.transformer.config.pooled_projection_dim, args.critic_width).to(device)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.critic_weight_decay)
     reward_fn = rewards.build_reward(args.reward, device)
+    grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
     warmup_end = args.critic_warmup if args.critic_warmup >= 0 else args.num_iterations // 10
 
-    def evaluate():
+    def evaluate(step):
         res = None
         if rank == 0:
-            res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
-                                 args.guidance_scale, args.eval_num_steps or args.num_steps, reward_fn,
-                                 eval_prompts)
+            res, images, caps, values = evaluate_model(model, model.transformer, eval_meta,
+                                                       args.eval_samples_per_prompt, args.seed, args.guidance_scale,
+                                                       args.eval_num_steps or args.num_steps, reward_fn, eval_prompts,
+                                                       return_images=True)
+            grid.add(writer, step, images, caps, values)  # TensorBoard eval/samples
         if world > 1:
             torch.distributed.barrier()
         return res
@@ -301,8 +304,9 @@ if __name__ == "__main__":
         shaping_stats, warmup_end = ckpt["shaping_stats"], ckpt["warmup_end"]
         utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
+        grid.load_state_dict(ckpt.get("grid"))
     else:
-        summary["base"] = evaluate()
+        summary["base"] = evaluate(0)
         if rank == 0:
             utils.log_eval(writer, summary["base"], 0)
             print("base:", {k: round(v, 4) for k, v in summary["base"].items() if isinstance(v, float)})
@@ -313,7 +317,7 @@ if __name__ == "__main__":
                 policy=policy.trainable_state(), optimizer=optimizer.state_dict(), iteration=iteration,
                 critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), shaping_stats=shaping_stats,
                 warmup_end=warmup_end, reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0,
-                summary=summary, rng=utils.rng_state(), args=vars(args)))
+                summary=summary, rng=utils.rng_state(), args=vars(args), grid=grid.state_dict()))
 
     guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
     t0 = time.time()
@@ -429,7 +433,7 @@ if __name__ == "__main__":
                 writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
                                  it + 1, dataformats="HWC")
         if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
-            res = evaluate()
+            res = evaluate(it + 1)
             if rank == 0:
                 utils.log_eval(writer, res, it + 1)
                 tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
@@ -437,7 +441,7 @@ if __name__ == "__main__":
         utils.checkpoint_or_stop(it + 1, args.checkpoint_every, stop, guard, save_checkpoint, run_dir, rank)
 
     # ---- final evaluation, model, checkpoint, summary
-    summary["final"] = evaluate()
+    summary["final"] = evaluate(args.num_iterations)
     if rank == 0:
         utils.log_eval(writer, summary["final"], args.num_iterations)
         if args.save_model:
@@ -446,6 +450,7 @@ if __name__ == "__main__":
         summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
                        skipped_updates=guard.total, args=vars(args))
         utils.write_summary(run_dir, summary)
+        grid.save(run_dir / "samples.png")  # final evaluation: base beside fine-tuned, same noise
         b, f = summary["base"], summary["final"]
         print(f"held-out reward {b['reward_mean']:.4f} -> {f['reward_mean']:.4f}; strict accuracy "
               f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}; "

@@ -244,19 +244,22 @@ if __name__ == "__main__":
     policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = rewards.build_reward(args.reward, device)
+    grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
     # noised points per image: AF draws one fresh (t, eps) per image (Algorithm 1 line 8); NFT trains 9 of 10
     n_t = args.timesteps_per_image or (int(args.num_steps * 0.99) if args.nft else 1)
     ema = EvalEMA(policy.parameters(), args.nft_eval_ema) if args.nft and args.nft_eval_ema > 0 else None
 
-    def evaluate():  # the learner, or under --nft its evaluation EMA (official code)
+    def evaluate(step):  # the learner, or under --nft its evaluation EMA (official code)
         res = None
         if rank == 0:
             with ema.swapped() if ema else contextlib.nullcontext():
-                res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
-                                     args.guidance_scale, args.eval_num_steps or args.num_steps, reward_fn,
-                                     eval_prompts)
+                res, images, caps, values = evaluate_model(model, model.transformer, eval_meta,
+                                                           args.eval_samples_per_prompt, args.seed,
+                                                           args.guidance_scale, args.eval_num_steps or args.num_steps,
+                                                           reward_fn, eval_prompts, return_images=True)
+            grid.add(writer, step, images, caps, values)  # TensorBoard eval/samples
         if world > 1:
             torch.distributed.barrier()
         return res
@@ -270,8 +273,9 @@ if __name__ == "__main__":
             ema.shadow = [t.to(device) for t in ckpt["eval_ema"]]
         utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
+        grid.load_state_dict(ckpt.get("grid"))
     else:
-        summary["base"] = evaluate()
+        summary["base"] = evaluate(0)
         if rank == 0:
             utils.log_eval(writer, summary["base"], 0)
             print("base:", {k: round(v, 4) for k, v in summary["base"].items() if isinstance(v, float)})
@@ -281,7 +285,7 @@ if __name__ == "__main__":
             utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
                 policy=policy.trainable_state(), optimizer=optimizer.state_dict(), iteration=iteration,
                 reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
-                rng=utils.rng_state(), args=vars(args), eval_ema=ema.shadow if ema else None))
+                rng=utils.rng_state(), args=vars(args), eval_ema=ema.shadow if ema else None, grid=grid.state_dict()))
 
     guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
     t0 = time.time()
@@ -388,7 +392,7 @@ if __name__ == "__main__":
                 writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
                                  it + 1, dataformats="HWC")
         if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
-            res = evaluate()
+            res = evaluate(it + 1)
             if rank == 0:
                 utils.log_eval(writer, res, it + 1)
                 tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
@@ -396,7 +400,7 @@ if __name__ == "__main__":
         utils.checkpoint_or_stop(it + 1, args.checkpoint_every, stop, guard, save_checkpoint, run_dir, rank)
 
     # ---- final evaluation, model, checkpoint, summary
-    summary["final"] = evaluate()
+    summary["final"] = evaluate(args.num_iterations)
     if rank == 0:
         utils.log_eval(writer, summary["final"], args.num_iterations)
         if args.save_model:  # under --nft the evaluation EMA, as the official code saves it
@@ -406,6 +410,7 @@ if __name__ == "__main__":
         summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
                        skipped_updates=guard.total, args=vars(args))
         utils.write_summary(run_dir, summary)
+        grid.save(run_dir / "samples.png")  # final evaluation: base beside fine-tuned, same noise
         b, f = summary["base"], summary["final"]
         print(f"held-out reward {b['reward_mean']:.4f} -> {f['reward_mean']:.4f}; strict accuracy "
               f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}; "

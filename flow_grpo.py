@@ -215,6 +215,7 @@ if __name__ == "__main__":
     policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=args.ema)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = rewards.build_reward(args.reward, device)
+    grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
     sigma_max = sigmas[1].item()  # replaces sigma = 1 in sigma_t, as in the sampler
@@ -223,17 +224,22 @@ if __name__ == "__main__":
     def negs(b):
         return (neg[0].expand(b, -1, -1), neg[1].expand(b, -1)) if neg is not None else (None, None)
 
-    def evaluate():
+    def evaluate(step):
         res = None
         if rank == 0:
             eval_steps = args.eval_num_steps or args.num_steps
             if args.ema:  # official code evaluates the EMA weights
                 with policy.old() as ema_model:
-                    res = evaluate_model(model, ema_model, eval_meta, args.eval_samples_per_prompt, args.seed,
-                                         args.guidance_scale, eval_steps, reward_fn, eval_prompts)
+                    res, images, caps, values = evaluate_model(model, ema_model, eval_meta,
+                                                               args.eval_samples_per_prompt, args.seed,
+                                                               args.guidance_scale, eval_steps, reward_fn,
+                                                               eval_prompts, return_images=True)
             else:
-                res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
-                                     args.guidance_scale, eval_steps, reward_fn, eval_prompts)
+                res, images, caps, values = evaluate_model(model, model.transformer, eval_meta,
+                                                           args.eval_samples_per_prompt, args.seed,
+                                                           args.guidance_scale, eval_steps, reward_fn, eval_prompts,
+                                                           return_images=True)
+            grid.add(writer, step, images, caps, values)  # TensorBoard eval/samples
         if world > 1:
             torch.distributed.barrier()
         return res
@@ -245,8 +251,9 @@ if __name__ == "__main__":
         optimizer.load_state_dict(ckpt["optimizer"])
         utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
+        grid.load_state_dict(ckpt.get("grid"))
     else:
-        summary["base"] = evaluate()
+        summary["base"] = evaluate(0)
         if rank == 0:
             utils.log_eval(writer, summary["base"], 0)
             print("base:", {k: round(v, 4) for k, v in summary["base"].items() if isinstance(v, float)})
@@ -256,7 +263,7 @@ if __name__ == "__main__":
             utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
                 policy=policy.trainable_state(), optimizer=optimizer.state_dict(), iteration=iteration,
                 reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
-                rng=utils.rng_state(), args=vars(args)))
+                rng=utils.rng_state(), args=vars(args), grid=grid.state_dict()))
 
     guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
     n_train = int(args.num_steps * args.timestep_fraction)  # official: int(num_steps * timestep_fraction)
@@ -371,7 +378,7 @@ if __name__ == "__main__":
                 writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
                                  it + 1, dataformats="HWC")
         if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
-            res = evaluate()
+            res = evaluate(it + 1)
             if rank == 0:
                 utils.log_eval(writer, res, it + 1)
                 tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
@@ -379,7 +386,7 @@ if __name__ == "__main__":
         utils.checkpoint_or_stop(it + 1, args.checkpoint_every, stop, guard, save_checkpoint, run_dir, rank)
 
     # ---- final evaluation, checkpoint, model (the EMA weights when --ema, as the official code saves), summary
-    summary["final"] = evaluate()
+    summary["final"] = evaluate(args.num_iterations)
     if rank == 0:
         utils.log_eval(writer, summary["final"], args.num_iterations)
         save_checkpoint(args.num_iterations)
@@ -390,6 +397,7 @@ if __name__ == "__main__":
         summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
                        skipped_updates=guard.total, args=vars(args))
         utils.write_summary(run_dir, summary)
+        grid.save(run_dir / "samples.png")  # final evaluation: base beside fine-tuned, same noise
         b, f = summary["base"], summary["final"]
         print(f"held-out reward {b['reward_mean']:.4f} -> {f['reward_mean']:.4f}; strict accuracy "
               f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}; "

@@ -176,15 +176,17 @@ if __name__ == "__main__":
     policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = rewards.build_reward(args.reward, device)
+    grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) sampling grid, shift from the scheduler config
 
-    def evaluate():
+    def evaluate(step):
         res = None
         if rank == 0:
-            res = evaluate_model(model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed,
-                                 args.guidance_scale, args.eval_num_steps or args.num_steps, reward_fn,
-                                 eval_prompts)
+            res, images, caps, values = evaluate_model(model, model.transformer, eval_meta,
+                                                       args.eval_samples_per_prompt, args.seed, args.guidance_scale,
+                                                       args.eval_num_steps or args.num_steps, reward_fn, eval_prompts,
+                                                       return_images=True)
             if args.w2_eval_samples:  # W2 bound to the base model on fixed held-out prompts and noise
                 caps = [eval_prompts[i % len(eval_prompts)] for i in range(args.w2_eval_samples)]
                 pe, pp = model.encode_prompt(caps)
@@ -193,6 +195,7 @@ if __name__ == "__main__":
                 model.transformer.eval()
                 res["w2_integral"], res["w2_coupling"] = w2_bound(policy, pe, pp, sigmas, z.to(device, model.dtype))
                 model.transformer.train(was_training)
+            grid.add(writer, step, images, caps, values)  # TensorBoard eval/samples
         if world > 1:
             torch.distributed.barrier()
         return res
@@ -210,8 +213,9 @@ if __name__ == "__main__":
         optimizer.load_state_dict(ckpt["optimizer"])
         utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
+        grid.load_state_dict(ckpt.get("grid"))
     else:
-        summary["base"] = evaluate()
+        summary["base"] = evaluate(0)
         if rank == 0:
             log_eval(summary["base"], 0)
             print("base:", {k: round(v, 4) for k, v in summary["base"].items() if isinstance(v, float)})
@@ -221,7 +225,7 @@ if __name__ == "__main__":
             utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
                 policy=policy.trainable_state(), optimizer=optimizer.state_dict(), iteration=iteration,
                 reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
-                rng=utils.rng_state(), args=vars(args)))
+                rng=utils.rng_state(), args=vars(args), grid=grid.state_dict()))
 
     guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
     t0 = time.time()
@@ -301,7 +305,7 @@ if __name__ == "__main__":
                 writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
                                  it + 1, dataformats="HWC")
         if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
-            res = evaluate()
+            res = evaluate(it + 1)
             if rank == 0:
                 log_eval(res, it + 1)
                 tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict "
@@ -310,7 +314,7 @@ if __name__ == "__main__":
         utils.checkpoint_or_stop(it + 1, args.checkpoint_every, stop, guard, save_checkpoint, run_dir, rank)
 
     # ---- final evaluation, model, checkpoint, summary
-    summary["final"] = evaluate()
+    summary["final"] = evaluate(args.num_iterations)
     if rank == 0:
         log_eval(summary["final"], args.num_iterations)
         if args.save_model:
@@ -319,6 +323,7 @@ if __name__ == "__main__":
         summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
                        skipped_updates=guard.total, args=vars(args))
         utils.write_summary(run_dir, summary)
+        grid.save(run_dir / "samples.png")  # final evaluation: base beside fine-tuned, same noise
         b, f = summary["base"], summary["final"]
         print(f"held-out reward {b['reward_mean']:.4f} -> {f['reward_mean']:.4f}; strict accuracy "
               f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}; "

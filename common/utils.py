@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -142,25 +143,66 @@ def make_writer(run_dir, args, rank=0):
     return writer
 
 
-def image_grid(images, captions, values=None, scale=4, ncol=8):
-    """A uint8 (H, W, 3) grid with each image's caption (and value) written under it."""
+def image_grid(images, captions, values=None, cell=128, ncol=8):
+    """A uint8 (H, W, 3) grid of thumbnails `cell` px wide (32-px shapes scenes x4, 512-px SD3 images /4) with each
+    image's caption (and value) written under it."""
     from PIL import Image, ImageDraw
 
     imgs = rewards.to_uint8(images)
-    h, w = imgs.shape[1] * scale, imgs.shape[2] * scale
-    cell_h = h + 24
+    w = cell
+    h = round(imgs.shape[1] * cell / imgs.shape[2])
+    resample = Image.NEAREST if imgs.shape[2] <= cell else Image.BILINEAR
+    cell_h = h + 36
     ncol = min(ncol, len(imgs))
     nrow = (len(imgs) + ncol - 1) // ncol
     canvas = Image.new("RGB", (ncol * w, nrow * cell_h), (40, 40, 40))
     draw = ImageDraw.Draw(canvas)
     for i, arr in enumerate(imgs):
         x, y = (i % ncol) * w, (i // ncol) * cell_h
-        canvas.paste(Image.fromarray(arr).resize((w, h), Image.NEAREST), (x, y))
-        text = captions[i][: w // 6]
-        draw.text((x + 2, y + h + 1), text, fill=(255, 255, 255))
+        canvas.paste(Image.fromarray(arr).resize((w, h), resample), (x, y))
+        text = textwrap.wrap(captions[i], w // 6)[:2] or [""]  # two lines of about 6 px per character
+        draw.text((x + 2, y + h + 1), "\n".join(text), fill=(255, 255, 255), spacing=1)
         if values is not None:
-            draw.text((x + 2, y + h + 12), f"{float(values[i]):.3f}", fill=(255, 220, 120))
+            draw.text((x + 2, y + h + 24), f"{float(values[i]):.3f}", fill=(255, 220, 120))
     return np.asarray(canvas)
+
+
+class SampleGrid:
+    """Visible learning: base beside current on the same noise. Fed each held-out evaluation's images (prompt-major,
+    `samples_per_prompt` each, fixed noise), it keeps the first sample of `n` prompts spread over the list; the
+    first call (the base evaluation) fixes the base row. `add` logs the grid to TensorBoard ("eval/samples":
+    rows alternate base / current, reward under each image); `save` writes the latest as PNG (samples.png)."""
+
+    def __init__(self, samples_per_prompt, n=16, ncol=8):
+        self.k, self.n, self.ncol = samples_per_prompt, n, ncol
+        self.base, self.grid = None, None
+
+    def add(self, writer, step, images, captions, values):
+        n_prompts = len(captions) // self.k
+        pick = sorted({round(i * (n_prompts - 1) / max(1, self.n - 1)) * self.k for i in range(min(self.n, n_prompts))})
+        now = (images[pick].cpu(), torch.as_tensor(values)[pick].cpu(), [captions[i] for i in pick])
+        self.base = self.base or now
+        imgs, caps, vals = [], [], []
+        for k in range(0, len(pick), self.ncol):
+            for tag, (im, v, c) in (("base", self.base), ("now", now)):
+                imgs.append(im[k:k + self.ncol])
+                vals.append(v[k:k + self.ncol])
+                caps += [f"{tag}: {t}" for t in c[k:k + self.ncol]]
+        self.grid = image_grid(torch.cat(imgs), caps, torch.cat(vals), ncol=min(self.ncol, len(pick)))
+        if writer is not None:
+            writer.add_image("eval/samples", self.grid, step, dataformats="HWC")
+
+    def save(self, path):
+        from PIL import Image
+
+        if self.grid is not None:
+            Image.fromarray(self.grid).save(path)
+
+    def state_dict(self):
+        return {"base": self.base}
+
+    def load_state_dict(self, state):
+        self.base = (state or {}).get("base")
 
 
 def log_metrics(writer, metrics, step):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -357,7 +358,33 @@ def test_checkpoint_is_atomic_and_round_trips(tmp_path):
 
 def test_image_grid_has_captions():
     grid = utils.image_grid(torch.rand(3, 3, 32, 32), ["a red circle"] * 3, torch.tensor([0.1, 0.2, 0.3]))
-    assert grid.shape == (32 * 4 + 24, 3 * 32 * 4, 3) and grid.dtype.name == "uint8"
+    assert grid.shape == (128 + 36, 3 * 128, 3) and grid.dtype.name == "uint8"
+    assert (grid[128:] != 40).any(axis=-1).sum() > 50  # text drawn in the caption strip
+    big = utils.image_grid(torch.rand(2, 3, 512, 512), ["a cat"] * 2)  # SD3-size images become thumbnails
+    assert big.shape == (128 + 36, 2 * 128, 3)
+
+
+def rewards_to_uint8(img):
+    return img.permute(1, 2, 0).mul(255).round().clamp(0, 255).byte().numpy()
+
+
+def test_sample_grid_keeps_the_base_row():
+    specs = shapes.split_specs("test")
+    caps = [s["caption"] for s in specs for _ in range(2)]
+    base = shapes.render_batch([s for s in specs for _ in range(2)], seed=0)
+    now = shapes.render_batch([s for s in specs for _ in range(2)], seed=1)
+    g = utils.SampleGrid(samples_per_prompt=2, n=16)
+    g.add(None, 0, base, caps, torch.zeros(len(caps)))
+    g.add(None, 1, now, caps, torch.ones(len(caps)))
+    restored = utils.SampleGrid(samples_per_prompt=2, n=16)
+    restored.load_state_dict(g.state_dict())  # after a resume the base row is still the base
+    restored.add(None, 2, now, caps, torch.ones(len(caps)))
+    assert g.grid.shape == (4 * (128 + 36), 8 * 128, 3) and (g.grid == restored.grid).all()
+    first_base, first_now = g.grid[:128, :128], g.grid[164:164 + 128, :128]
+    assert (first_base != first_now).any()  # row 1 base, row 2 current (different renders)
+    from PIL import Image
+    expected = Image.fromarray(rewards_to_uint8(base[0])).resize((128, 128), Image.NEAREST)
+    assert (np.asarray(expected) == first_base).all()
 
 
 def test_prompts_file_errors(tmp_path, capsys):

@@ -177,6 +177,11 @@ def test_ctrl_c_and_kill_then_resume_match_uninterrupted_run(method, tmp_path):
     a, b = _final(tmp_path / "ref"), _final(run)
     assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6), (a, b)
     assert a["strict_accuracy"] == pytest.approx(b["strict_accuracy"], abs=1e-6), (a, b)
+    # samples.png: base beside final on the same noise; the base row survives the resumes
+    from PIL import Image
+    import numpy as np
+    ga, gb = (np.asarray(Image.open(d / "samples.png")) for d in (tmp_path / "ref", run))
+    assert ga.shape == gb.shape and ga.shape[0] >= 2 * 128 and (ga == gb).all()
 
 
 def test_stop_signal_defers_the_first_signal_and_stops_on_the_second():
