@@ -61,6 +61,8 @@ class Args:
     """SD3 image size (the embedded model is 32x32)"""
     use_t5: bool = False
     """SD3: also load the T5 text encoder"""
+    max_t5_length: int = 128
+    """SD3 with --use-t5: T5 prompt tokens (NFT and Flow-GRPO code: 128; diffusers' default 256)"""
     lora_rank: int = 0
     """0 = full fine-tuning (embedded default); SD3.5-M: 32"""
     lora_alpha: int | None = None
@@ -269,7 +271,8 @@ if __name__ == "__main__":
     writer = utils.make_writer(run_dir, args, rank)
 
     # ---- setup: model, actor / sampling ("old") / reference views, critic, optimizers, prompts, reward
-    model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5)
+    model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
+                              max_t5_length=args.max_t5_length)
     policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     with torch.random.fork_rng():  # same critic init on every rank

@@ -118,6 +118,11 @@ class Args:
     """a method's run directory, its lora/ or transformer/ directory (default: the base model)"""
     model: str = "embedded"
     """'embedded' or a diffusers SD3 id / local path"""
+    resolution: int = 512
+    """SD3 image size"""
+    use_t5: bool = False
+    """SD3: also load the T5 text encoder (as the run did)"""
+    max_t5_length: int = 128
     split: str = "test"
     """train | test (shapes grammar prompts), ignored with --prompts-file"""
     prompts_file: str | None = None
@@ -158,7 +163,8 @@ def main(args: Args):
     if any(s is None for s in specs) and not args.reward:
         utils.fail("prompts outside the shapes grammar need --reward (e.g. --reward pickscore)")
     _, _, device = utils.setup_distributed(args.device)
-    model = models.load_model(args.model, device)
+    model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
+                              max_t5_length=args.max_t5_length)
     transformer = models.load_finetuned(model, args.checkpoint) if args.checkpoint else model.transformer
     reward_fn = rewards.build_reward(args.reward, device) if args.reward else None
     res, images, caps, values = evaluate_model(model, transformer, specs, args.samples_per_prompt, args.seed,

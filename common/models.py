@@ -74,6 +74,7 @@ class Model:
     latent_shape: tuple  # (C, H, W)
     device: torch.device
     dtype: torch.dtype
+    max_t5_length: int = 128  # T5 prompt tokens (SD3 with T5); NFT and Flow-GRPO code use 128, diffusers 256
 
     @property
     def is_embedded(self):
@@ -85,7 +86,7 @@ class Model:
             pe, pooled = self.text_encoders[0](list(prompts))
             return pe.to(self.dtype), pooled.to(self.dtype)
         return encode_sd3_prompt(self.text_encoders, self.tokenizers, list(prompts), self.device, self.dtype,
-                                 self.transformer.config.joint_attention_dim)
+                                 self.transformer.config.joint_attention_dim, self.max_t5_length)
 
     @torch.no_grad()
     def decode(self, latents):
@@ -162,7 +163,7 @@ def load_embedded(device="cpu", dtype=torch.float32, path=ASSETS):
                  (c["in_channels"], c["sample_size"], c["sample_size"]), torch.device(device), dtype)
 
 
-def load_sd3(name, device="cpu", dtype=None, resolution=512, use_t5=False):
+def load_sd3(name, device="cpu", dtype=None, resolution=512, use_t5=False, max_t5_length=128):
     """Any diffusers SD3 pipeline (hub id in the local cache, or a local directory)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -181,7 +182,8 @@ def load_sd3(name, device="cpu", dtype=None, resolution=512, use_t5=False):
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     shape = (transformer.config.in_channels, resolution // factor, resolution // factor)
-    return Model(name, transformer.to(device), encoders, tokenizers, vae, scheduler, shape, torch.device(device), dtype)
+    return Model(name, transformer.to(device), encoders, tokenizers, vae, scheduler, shape, torch.device(device), dtype,
+                 max_t5_length)
 
 
 def encode_sd3_prompt(encoders, tokenizers, prompts, device, dtype, joint_dim=4096, max_t5_length=256):
@@ -206,11 +208,11 @@ def encode_sd3_prompt(encoders, tokenizers, prompts, device, dtype, joint_dim=40
     return torch.cat([clip, t5.to(clip.dtype)], -2).to(dtype), torch.cat(pooled, -1).to(dtype)
 
 
-def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=False):
+def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=False, max_t5_length=128):
     check_model_available(name)
     if name == EMBEDDED:
         return load_embedded(device, dtype or torch.float32)
-    return load_sd3(name, device, dtype, resolution, use_t5)
+    return load_sd3(name, device, dtype, resolution, use_t5, max_t5_length)
 
 
 def save_embedded(transformer, text_encoder, path=ASSETS, config=EMBEDDED_CONFIG):

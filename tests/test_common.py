@@ -313,7 +313,9 @@ def test_tiny_sd3_samples_scores_saves_and_reloads_lora(tmp_path):
     pe, pooled = model.encode_prompt(prompts)
     # same prompt encoding as diffusers' own pipeline (T5 dropped)
     pipe = StableDiffusion3Pipeline.from_pretrained(str(path), text_encoder_3=None, tokenizer_3=None)
-    pe2, _, pooled2, _ = pipe.encode_prompt(prompts, prompts, None, do_classifier_free_guidance=False, device="cpu")
+    pe2, _, pooled2, _ = pipe.encode_prompt(prompts, prompts, None, do_classifier_free_guidance=False, device="cpu",
+                                            max_sequence_length=model.max_t5_length)
+    assert model.max_t5_length == 128 and pe.shape[1] == 77 + 128
     assert torch.allclose(pe, pe2) and torch.allclose(pooled, pooled2)
     policy = models.Policy(model.transformer, 4, with_old=True)
     with torch.no_grad():
