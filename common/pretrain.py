@@ -1,7 +1,9 @@
 """Pretrain the embedded base model: rectified flow on procedurally rendered shapes scenes.
 
-    python -m common.pretrain --max-steps 12000          # writes common/assets/embedded/
-    python -m common.pretrain --max-steps 12000          # run again: resumes from runs/pretrain/checkpoint.pt
+    python -m common.pretrain --max-steps 7000           # writes common/assets/embedded/
+    python -m common.pretrain --max-steps 7000           # run again: resumes from runs/pretrain/checkpoint.pt
+    python -m common.pretrain --init-from common/assets/embedded --max-steps 6000 --log-dir runs/pretrain_2
+                                                         # a second phase, warm-started from the committed base
 
 Only the *train* split's prompts are rendered, so the test split's compositions stay unseen.
 Loss: || v_theta(x_t, sigma) - (noise - x0) ||^2 with x_t = (1 - sigma) x0 + sigma noise, sigma ~ logit-normal
@@ -34,6 +36,9 @@ class Args:
     output_dir: str = str(models.ASSETS)
     """where the weights (fp16 safetensors) and config.json go"""
     seed: int = 0
+    init_from: str | None = None
+    """start from saved weights (a directory like common/assets/embedded) instead of a random init; the EMA starts
+    there too (a warm start with a fresh optimizer and schedule, e.g. to continue a finished run for longer)"""
     minutes: float = 1e9
     """wall-clock budget of this invocation (a checkpoint is saved when it runs out; rerun to continue)"""
     stop_after: int = 0
@@ -89,6 +94,10 @@ def main(args: Args):
     gen = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
     transformer, text_encoder = models.build_embedded()
+    if args.init_from:
+        warm = models.load_embedded(path=args.init_from)
+        transformer.load_state_dict(warm.transformer.state_dict())
+        text_encoder.load_state_dict(warm.text_encoders[0].state_dict())
     ema = copy.deepcopy(transformer).requires_grad_(False)
     ema_te = copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(transformer.parameters()) + list(text_encoder.parameters())
