@@ -59,6 +59,17 @@ class Args:
     """SD3: also load the T5 text encoder"""
     max_t5_length: int = 128
     """SD3 with --use-t5: T5 prompt tokens (NFT and Flow-GRPO code: 128; diffusers' default 256)"""
+    mixed_precision: str | None = None
+    """no | bf16 | fp16: frozen weights in this dtype, forward under autocast, trained weights in fp32
+    (default: bf16 on CUDA, no on CPU)"""
+    gradient_checkpointing: bool = False
+    """recompute the transformer's activations in the backward pass (less memory, ~30 % slower; SD3.5)"""
+    decode_batch_size: int = 16
+    """images the VAE decodes and a reward model scores at once"""
+    reward_device: str | None = None
+    """device of the reward models (default: the training device), e.g. cuda:1"""
+    eval_batch_size: int = 128
+    """images generated at once in held-out evaluation"""
     lora_rank: int = 0
     """0 = full fine-tuning (embedded default); SD3.5-M: 32"""
     lora_alpha: int | None = None
@@ -214,10 +225,13 @@ if __name__ == "__main__":
 
     # ---- setup: model, learner / EMA ("old") / reference views, optimizer, prompts, reward
     model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
-                              max_t5_length=args.max_t5_length)
+                              max_t5_length=args.max_t5_length, mixed_precision=args.mixed_precision,
+                              decode_batch_size=args.decode_batch_size,
+                              gradient_checkpointing=args.gradient_checkpointing)
     policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=args.ema)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = rewards.build_reward(args.reward, device)
+    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
+                                     batch_size=args.decode_batch_size)
     grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
@@ -236,12 +250,13 @@ if __name__ == "__main__":
                     res, images, caps, values = evaluate_model(model, ema_model, eval_meta,
                                                                args.eval_samples_per_prompt, args.seed,
                                                                args.guidance_scale, eval_steps, reward_fn,
-                                                               eval_prompts, return_images=True)
+                                                               eval_prompts, return_images=True,
+                                                               batch_size=args.eval_batch_size)
             else:
                 res, images, caps, values = evaluate_model(model, model.transformer, eval_meta,
                                                            args.eval_samples_per_prompt, args.seed,
                                                            args.guidance_scale, eval_steps, reward_fn, eval_prompts,
-                                                           return_images=True)
+                                                           return_images=True, batch_size=args.eval_batch_size)
             grid.add(writer, step, images, caps, values)  # TensorBoard eval/samples
         if world > 1:
             torch.distributed.barrier()
@@ -322,7 +337,7 @@ if __name__ == "__main__":
                             policy.transformer, x, x_next, sigmas[j], sigmas[j + 1], pe, pp, args.noise_level,
                             sigma_max, args.guidance_scale, *negs(len(mb)))
                         policy_loss, ratio = ppo_clip_loss(log_prob, old_log_probs[mb, j], a, args.clip_range)
-                        kl = torch.zeros(())
+                        kl = torch.zeros((), device=device)  # stacked with the step's tensors below
                         if args.beta > 0:  # KL to the frozen base (paper's KL term in the official code's form)
                             with torch.no_grad(), policy.ref() as ref:
                                 _, mean_ref, _ = step_log_prob(ref, x, x_next, sigmas[j], sigmas[j + 1], pe, pp,

@@ -52,7 +52,7 @@ def diversity(images, groups):
 
 
 def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guidance_scale=1.0, num_steps=10,
-                   reward_fn=None, captions=None, return_images=False):
+                   reward_fn=None, captions=None, return_images=False, batch_size=128):
     """Generate `samples_per_prompt` samples per prompt. Shapes specs are scored with the mini-GenEval scorer
     (reward_mean = partial credit); prompts without a spec (None) need `reward_fn`, whose mean is then
     `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well."""
@@ -61,7 +61,7 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
     transformer.eval()
     rep = [i for i in range(len(captions)) for _ in range(samples_per_prompt)]
     rep_caps, rep_specs = [captions[i] for i in rep], [specs[i] for i in rep]
-    images = generate(model, transformer, rep_caps, seed, guidance_scale, num_steps)
+    images = generate(model, transformer, rep_caps, seed, guidance_scale, num_steps, batch_size)
     transformer.train(was_training)
     res = {"n": len(rep), "diversity": diversity(images, [list(range(i, i + samples_per_prompt))
                                                           for i in range(0, len(rep), samples_per_prompt)])}
@@ -123,6 +123,14 @@ class Args:
     use_t5: bool = False
     """SD3: also load the T5 text encoder (as the run did)"""
     max_t5_length: int = 128
+    mixed_precision: str | None = None
+    """no | bf16 | fp16 (default: bf16 on CUDA, no on CPU): weights in this dtype, forward under autocast"""
+    batch_size: int = 128
+    """images generated at once"""
+    decode_batch_size: int = 16
+    """images the VAE decodes and a reward model scores at once"""
+    reward_device: str | None = None
+    """device of the reward models (default: the model's device)"""
     split: str = "test"
     """train | test (shapes grammar prompts), ignored with --prompts-file"""
     prompts_file: str | None = None
@@ -147,7 +155,9 @@ def main(args: Args):
 
     if args.split not in ("train", "test"):
         utils.fail(f"unknown --split {args.split!r}; choose from: train, test")
-    for name in ("samples_per_prompt", "num_steps"):
+    if args.mixed_precision not in (None, "no", "bf16", "fp16"):
+        utils.fail(f"unknown --mixed-precision {args.mixed_precision!r}; choose from: no, bf16, fp16")
+    for name in ("samples_per_prompt", "num_steps", "batch_size", "decode_batch_size"):
         if getattr(args, name) < 1:
             utils.fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     if args.guidance_scale < 1:
@@ -164,11 +174,14 @@ def main(args: Args):
         utils.fail("prompts outside the shapes grammar need --reward (e.g. --reward pickscore)")
     _, _, device = utils.setup_distributed(args.device)
     model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
-                              max_t5_length=args.max_t5_length)
+                              max_t5_length=args.max_t5_length, mixed_precision=args.mixed_precision,
+                              decode_batch_size=args.decode_batch_size)
     transformer = models.load_finetuned(model, args.checkpoint) if args.checkpoint else model.transformer
-    reward_fn = rewards.build_reward(args.reward, device) if args.reward else None
+    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
+                                     batch_size=args.decode_batch_size) if args.reward else None
     res, images, caps, values = evaluate_model(model, transformer, specs, args.samples_per_prompt, args.seed,
-                                               args.guidance_scale, args.num_steps, reward_fn, captions, True)
+                                               args.guidance_scale, args.num_steps, reward_fn, captions, True,
+                                               args.batch_size)
     print(f"{args.checkpoint or args.model}: {len(captions)} prompts x {args.samples_per_prompt} samples")
     print(format_table(res))
     if args.json:

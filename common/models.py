@@ -5,11 +5,20 @@ or any diffusers SD3 checkpoint (id or local path), behind one small interface, 
     prompt_embeds, pooled_prompt_embeds = model.encode_prompt(["a red circle"])
     images = model.decode(latents)            # (N, 3, H, W) in [0, 1]
     sigmas = model.sigmas(num_steps)          # (num_steps + 1,), 1 -> 0, shift from the scheduler config
+
+Precision (`--mixed-precision no|bf16|fp16`, diffusers' names; default bf16 on CUDA, no on CPU; bf16 runs on CPU
+the same way): frozen weights (transformer base, text encoders, reward models) are stored in that dtype; the
+transformer's forward runs under torch.autocast with fp32 outputs (what accelerate's `prepare` does), so fp32
+inputs and fp32 trainable weights meet low-precision frozen weights; `Policy` keeps every weight it updates (LoRA
+adapters incl. the rollout/EMA adapter, or the full learner and its old copy) in fp32 (diffusers'
+`cast_training_params`); the full fine-tuning reference copy stays in the low precision. The VAE is fp32 and
+decodes `decode_batch_size` latents at a time.
 """
 
 import contextlib
 import json
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +37,7 @@ EMBEDDED_CONFIG = {
     "text_encoder": dict(dim=64, num_layers=2, num_heads=4, max_length=10),
     "scheduler": dict(num_train_timesteps=1000, shift=1.0),
 }
+PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the 8 attention projections of every SD3 joint block (Flow-GRPO and diffusers' SD3 LoRA example)
 LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                 "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
@@ -75,6 +85,7 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     max_t5_length: int = 128  # T5 prompt tokens (SD3 with T5); NFT and Flow-GRPO code use 128, diffusers 256
+    decode_batch_size: int = 16  # latents the VAE decodes at once (~0.75 GB of fp32 activations per 512-px image)
 
     @property
     def is_embedded(self):
@@ -92,8 +103,9 @@ class Model:
     def decode(self, latents):
         """latents -> images (N, 3, H, W) float32 in [0, 1]. Embedded: pixels are latents in [-1, 1]."""
         if not self.is_embedded:
-            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            latents = self.vae.decode(latents).sample
+            c = self.vae.config
+            latents = torch.cat([self.vae.decode(x.to(self.vae.dtype) / c.scaling_factor + c.shift_factor).sample
+                                 for x in latents.split(self.decode_batch_size)])
         return ((latents.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
@@ -120,6 +132,25 @@ def default_dtype(device):
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def weight_dtype(mixed_precision, device):
+    """--mixed-precision no|bf16|fp16 -> dtype of the frozen weights and of the autocast forward;
+    None: bf16 on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere."""
+    return default_dtype(device) if mixed_precision is None else PRECISIONS[mixed_precision]
+
+
+def autocast_forward(module, dtype):
+    """Run `module`'s forward under torch.autocast(dtype) and return fp32 outputs - as accelerate's `prepare` wraps
+    a model for mixed precision. Copies made later (copy.deepcopy) keep the wrapper."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    if dtype == torch.float32:
+        return module
+    device_type = next(module.parameters()).device.type
+    forward = torch.autocast(device_type, dtype=dtype)(type(module).forward)
+    module.forward = types.MethodType(convert_outputs_to_fp32(forward), module)
+    return module
 
 
 def check_model_available(name):
@@ -208,11 +239,20 @@ def encode_sd3_prompt(encoders, tokenizers, prompts, device, dtype, joint_dim=40
     return torch.cat([clip, t5.to(clip.dtype)], -2).to(dtype), torch.cat(pooled, -1).to(dtype)
 
 
-def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=False, max_t5_length=128):
+def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=False, max_t5_length=128,
+               mixed_precision=None, decode_batch_size=16, gradient_checkpointing=False):
+    """`dtype` (the frozen weights' dtype) overrides `mixed_precision` (no|bf16|fp16, None = per device)."""
     check_model_available(name)
+    dtype = dtype or weight_dtype(mixed_precision, device)
     if name == EMBEDDED:
-        return load_embedded(device, dtype or torch.float32)
-    return load_sd3(name, device, dtype, resolution, use_t5, max_t5_length)
+        model = load_embedded(device, dtype)
+    else:
+        model = load_sd3(name, device, dtype, resolution, use_t5, max_t5_length)
+    model.decode_batch_size = decode_batch_size
+    if gradient_checkpointing:  # recompute each block's activations in the backward pass (diffusers' helper)
+        model.transformer.enable_gradient_checkpointing()
+    autocast_forward(model.transformer, dtype)
+    return model
 
 
 def save_embedded(transformer, text_encoder, path=ASSETS, config=EMBEDDED_CONFIG):
@@ -241,6 +281,10 @@ class Policy:
     def __init__(self, transformer, lora_rank=0, lora_alpha=None, target_modules=LORA_TARGETS, with_old=False):
         import copy
 
+        from diffusers.training_utils import cast_training_params
+
+        # every weight that is updated (learner, old adapter / old copy) is fp32, whatever the base's dtype: AdamW
+        # steps and EMA lerps in bf16 lose most small updates; the forward runs under autocast (`autocast_forward`)
         self.transformer, self.lora_rank = transformer, lora_rank
         if lora_rank > 0:
             from peft import LoraConfig
@@ -248,15 +292,24 @@ class Policy:
             transformer.requires_grad_(False)
             self.lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank,
                                           init_lora_weights="gaussian", target_modules=list(target_modules))
-            transformer.add_adapter(self.lora_config, adapter_name="default")
+            transformer.add_adapter(self.lora_config, adapter_name="default")  # created in the base's dtype
+            cast_training_params(transformer, torch.float32)
             if with_old:
                 transformer.add_adapter(self.lora_config, adapter_name="old")
+                transformer.set_adapter("old")  # makes "old" the trainable adapter, for the cast
+                cast_training_params(transformer, torch.float32)
                 self._copy_adapter("default", "old")
             transformer.set_adapter("default")
             self.ref_model = self.old_model = None
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():  # as DDP at construction: rank 0's random LoRA init
+                for k, p in transformer.named_parameters():    # on every rank (each rank seeds seed + rank)
+                    if "lora_" in k:
+                        dist.broadcast(p.data, 0)
         else:
+            self.ref_model = copy.deepcopy(transformer).requires_grad_(False).eval()  # frozen: base's dtype
             transformer.requires_grad_(True)
-            self.ref_model = copy.deepcopy(transformer).requires_grad_(False).eval()
+            cast_training_params(transformer, torch.float32)
             self.old_model = copy.deepcopy(transformer).requires_grad_(False).eval() if with_old else None
         self.has_old = with_old
 
@@ -352,7 +405,7 @@ def load_finetuned(model, checkpoint):
             return model.transformer
         if (cand / "config.json").is_file() and (cand / "diffusion_pytorch_model.safetensors").is_file():
             t = SD3Transformer2DModel.from_pretrained(str(cand), torch_dtype=model.dtype).to(model.device)
-            model.transformer = t
+            model.transformer = autocast_forward(t, model.dtype)
             return t
     raise SystemExit(f"error: --checkpoint {checkpoint!r} holds no LoRA (pytorch_lora_weights.safetensors) and no "
                      "transformer/ weights; pass a run directory, its lora/ or its transformer/ directory")

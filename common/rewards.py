@@ -66,12 +66,12 @@ def jpeg_incompressibility(images, prompts=None, metadata=None):
 class PickScore:
     """PickScore (Kirstain et al. 2023): logit_scale * cos(image, text) of a CLIP-H model fine-tuned on Pick-a-Pic."""
 
-    def __init__(self, device, model_path=None, processor_path=None, batch_size=32):
+    def __init__(self, device, model_path=None, processor_path=None, batch_size=32, dtype=torch.float32):
         from transformers import AutoModel, AutoProcessor
 
         model_path, processor_path = model_path or REAL_DEFAULT_PATHS["pickscore"][0], processor_path or REAL_DEFAULT_PATHS["pickscore"][1]
         self.processor = AutoProcessor.from_pretrained(processor_path)
-        self.model = AutoModel.from_pretrained(model_path).eval().requires_grad_(False).to(device)
+        self.model = AutoModel.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False).to(device)
         self.device, self.batch_size = device, batch_size
 
     @torch.no_grad()
@@ -96,9 +96,9 @@ def _features(x):
 class CLIPScore(PickScore):
     """Cosine similarity of CLIP image and text embeddings (ViT-L/14 by default), in [-1, 1]."""
 
-    def __init__(self, device, model_path=None, processor_path=None, batch_size=32):
+    def __init__(self, device, model_path=None, processor_path=None, batch_size=32, dtype=torch.float32):
         super().__init__(device, model_path or REAL_DEFAULT_PATHS["clipscore"][0],
-                         processor_path or REAL_DEFAULT_PATHS["clipscore"][1], batch_size)
+                         processor_path or REAL_DEFAULT_PATHS["clipscore"][1], batch_size, dtype)
 
     def __call__(self, images, prompts, metadata=None):
         return super().__call__(images, prompts, metadata) / self.model.logit_scale.exp().float().cpu()
@@ -115,13 +115,13 @@ class VLMYesNo:
     question = 'Does this image match the caption "{prompt}"? Answer Yes or No.'
     answers = ("Yes", "No")
 
-    def __init__(self, device, model_path=None, processor_path=None, batch_size=8, image_size=504):
+    def __init__(self, device, model_path=None, processor_path=None, batch_size=8, dtype=torch.float32, image_size=504):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         model_path = model_path or REAL_DEFAULT_PATHS["vlm"][0]
         self.processor = AutoProcessor.from_pretrained(processor_path or model_path)
         self.processor.tokenizer.padding_side = "left"  # the next-token logits sit at the last position
-        self.model = AutoModelForImageTextToText.from_pretrained(model_path).eval().requires_grad_(False).to(device)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False).to(device)
         ids = [self.processor.tokenizer.encode(w, add_special_tokens=False) for w in self.answers]
         if any(len(i) != 1 for i in ids):
             raise ValueError(f"the tokenizer of VLM {model_path} splits the answers {self.answers} into {ids}; "
@@ -175,10 +175,12 @@ def parse_reward_spec(spec):
 
 
 class RewardFn:
-    """Weighted sum of registered rewards. Real reward models load on first construction.
-    `paths` maps a real reward name to a model path (or 'model_path|processor_path')."""
+    """Weighted sum of registered rewards. Real reward models load on first construction, in `dtype` (the scripts:
+    the --mixed-precision dtype, bf16 on CUDA by default) on `device` (--reward-device, e.g. another GPU), scoring
+    `batch_size` images at a time (default: each model's own). `paths` maps a real reward name to a model path (or
+    'model_path|processor_path')."""
 
-    def __init__(self, spec, device="cpu", paths=None):
+    def __init__(self, spec, device="cpu", paths=None, dtype=torch.float32, batch_size=None):
         self.weights = parse_reward_spec(spec)
         self.fns = {}
         for name in self.weights:
@@ -186,7 +188,8 @@ class RewardFn:
                 self.fns[name] = EMBEDDED_REWARDS[name]
             else:
                 m, _, p = (paths or {}).get(name, "").partition("|")
-                self.fns[name] = REAL_REWARDS[name](device, m or None, p or None)
+                kw = {"batch_size": batch_size} if batch_size else {}
+                self.fns[name] = REAL_REWARDS[name](device, m or None, p or None, dtype=dtype, **kw)
 
     def __call__(self, images, prompts, metadata=None):
         parts = {}
@@ -203,5 +206,5 @@ class RewardFn:
         return total.masked_fill(broken, float("nan")), parts
 
 
-def build_reward(spec, device="cpu", paths=None):
-    return RewardFn(spec, device, paths)
+def build_reward(spec, device="cpu", paths=None, dtype=torch.float32, batch_size=None):
+    return RewardFn(spec, device, paths, dtype, batch_size)
