@@ -299,16 +299,13 @@ if __name__ == "__main__":
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
     warmup_end = args.critic_warmup if args.critic_warmup >= 0 else args.num_iterations // 10
 
-    def evaluate(step):
-        res = None
+    def evaluate(step):  # every rank its slice of the held-out prompts (results gathered)
+        res, images, caps, values = evaluate_model(
+            model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed, args.guidance_scale,
+            args.eval_num_steps or args.num_steps, reward_fn, eval_prompts, grid.pick(len(eval_prompts)),
+            args.eval_batch_size, rank, world)
         if rank == 0:
-            res, images, caps, values = evaluate_model(model, model.transformer, eval_meta,
-                                                       args.eval_samples_per_prompt, args.seed, args.guidance_scale,
-                                                       args.eval_num_steps or args.num_steps, reward_fn, eval_prompts,
-                                                       return_images=True, batch_size=args.eval_batch_size)
-            grid.add(writer, step, images, caps, values)  # TensorBoard eval/samples
-        if world > 1:
-            torch.distributed.barrier()
+            grid.add(writer, step, images, caps, values, picked=True)  # TensorBoard eval/samples
         return res
 
     start_it, reward_queries, wall_before, summary, shaping_stats = 0, 0, 0.0, {}, None

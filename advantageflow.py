@@ -268,18 +268,14 @@ if __name__ == "__main__":
     n_t = args.timesteps_per_image or (int(args.num_steps * 0.99) if args.nft else 1)
     ema = EvalEMA(policy.parameters(), args.nft_eval_ema) if args.nft and args.nft_eval_ema > 0 else None
 
-    def evaluate(step):  # the learner, or under --nft its evaluation EMA (official code)
-        res = None
+    def evaluate(step):  # every rank its slice of the held-out prompts; the learner, or under --nft its eval EMA
+        with ema.swapped() if ema else contextlib.nullcontext():
+            res, images, caps, values = evaluate_model(
+                model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed, args.guidance_scale,
+                args.eval_num_steps or args.num_steps, reward_fn, eval_prompts, grid.pick(len(eval_prompts)),
+                args.eval_batch_size, rank, world)
         if rank == 0:
-            with ema.swapped() if ema else contextlib.nullcontext():
-                res, images, caps, values = evaluate_model(model, model.transformer, eval_meta,
-                                                           args.eval_samples_per_prompt, args.seed,
-                                                           args.guidance_scale, args.eval_num_steps or args.num_steps,
-                                                           reward_fn, eval_prompts, return_images=True,
-                                                           batch_size=args.eval_batch_size)
-            grid.add(writer, step, images, caps, values)  # TensorBoard eval/samples
-        if world > 1:
-            torch.distributed.barrier()
+            grid.add(writer, step, images, caps, values, picked=True)  # TensorBoard eval/samples
         return res
 
     start_it, reward_queries, wall_before, summary = 0, 0, 0.0, {}

@@ -11,6 +11,7 @@ saved. Docs: docs/flow_grpo.md.
     python flow_grpo.py --global-std --beta 0.04         # std over the whole batch, KL to the base model
 """
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -241,25 +242,14 @@ if __name__ == "__main__":
     def negs(b):
         return (neg[0].expand(b, -1, -1), neg[1].expand(b, -1)) if neg is not None else (None, None)
 
-    def evaluate(step):
-        res = None
+    def evaluate(step):  # every rank its slice of the held-out prompts; the EMA weights under --ema (official)
+        with policy.old() if args.ema else contextlib.nullcontext(model.transformer) as eval_model:
+            res, images, caps, values = evaluate_model(
+                model, eval_model, eval_meta, args.eval_samples_per_prompt, args.seed, args.guidance_scale,
+                args.eval_num_steps or args.num_steps, reward_fn, eval_prompts, grid.pick(len(eval_prompts)),
+                args.eval_batch_size, rank, world)
         if rank == 0:
-            eval_steps = args.eval_num_steps or args.num_steps
-            if args.ema:  # official code evaluates the EMA weights
-                with policy.old() as ema_model:
-                    res, images, caps, values = evaluate_model(model, ema_model, eval_meta,
-                                                               args.eval_samples_per_prompt, args.seed,
-                                                               args.guidance_scale, eval_steps, reward_fn,
-                                                               eval_prompts, return_images=True,
-                                                               batch_size=args.eval_batch_size)
-            else:
-                res, images, caps, values = evaluate_model(model, model.transformer, eval_meta,
-                                                           args.eval_samples_per_prompt, args.seed,
-                                                           args.guidance_scale, eval_steps, reward_fn, eval_prompts,
-                                                           return_images=True, batch_size=args.eval_batch_size)
-            grid.add(writer, step, images, caps, values)  # TensorBoard eval/samples
-        if world > 1:
-            torch.distributed.barrier()
+            grid.add(writer, step, images, caps, values, picked=True)  # TensorBoard eval/samples
         return res
 
     start_it, reward_queries, wall_before, summary = 0, 0, 0.0, {}

@@ -197,24 +197,21 @@ if __name__ == "__main__":
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) sampling grid, shift from the scheduler config
 
-    def evaluate(step):
-        res = None
+    def evaluate(step):  # every rank its slice of the held-out prompts (results gathered)
+        res, images, caps, values = evaluate_model(
+            model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed, args.guidance_scale,
+            args.eval_num_steps or args.num_steps, reward_fn, eval_prompts, grid.pick(len(eval_prompts)),
+            args.eval_batch_size, rank, world)
+        if args.w2_eval_samples:  # W2 bound to the base model on fixed held-out prompts and noise
+            w2_caps = [eval_prompts[i % len(eval_prompts)] for i in range(args.w2_eval_samples)]
+            pe, pp = model.encode_prompt(w2_caps)
+            z = torch.randn(len(w2_caps), *model.latent_shape, generator=torch.Generator().manual_seed(args.seed + 1))
+            was_training = model.transformer.training
+            model.transformer.eval()
+            res["w2_integral"], res["w2_coupling"] = w2_bound(policy, pe, pp, sigmas, z.to(device, model.dtype))
+            model.transformer.train(was_training)
         if rank == 0:
-            res, images, caps, values = evaluate_model(model, model.transformer, eval_meta,
-                                                       args.eval_samples_per_prompt, args.seed, args.guidance_scale,
-                                                       args.eval_num_steps or args.num_steps, reward_fn, eval_prompts,
-                                                       return_images=True, batch_size=args.eval_batch_size)
-            if args.w2_eval_samples:  # W2 bound to the base model on fixed held-out prompts and noise
-                w2_caps = [eval_prompts[i % len(eval_prompts)] for i in range(args.w2_eval_samples)]
-                pe, pp = model.encode_prompt(w2_caps)
-                z = torch.randn(len(w2_caps), *model.latent_shape, generator=torch.Generator().manual_seed(args.seed + 1))
-                was_training = model.transformer.training
-                model.transformer.eval()
-                res["w2_integral"], res["w2_coupling"] = w2_bound(policy, pe, pp, sigmas, z.to(device, model.dtype))
-                model.transformer.train(was_training)
-            grid.add(writer, step, images, caps, values)  # TensorBoard eval/samples
-        if world > 1:
-            torch.distributed.barrier()
+            grid.add(writer, step, images, caps, values, picked=True)  # TensorBoard eval/samples
         return res
 
     def log_eval(res, step):

@@ -22,11 +22,14 @@ from common.sampling import sample
 
 
 @torch.no_grad()
-def generate(model, transformer, captions, seed=0, guidance_scale=1.0, num_steps=10, batch_size=128):
+def generate(model, transformer, captions, seed=0, guidance_scale=1.0, num_steps=10, batch_size=128, offset=0,
+             total=None):
     """CFG-optional Euler ODE samples for a list of captions, noise fixed by `seed` (same noise for every
-    model, so base and fine-tuned are compared on paired noise). Returns images (N, 3, H, W) in [0, 1]."""
+    model, so base and fine-tuned are compared on paired noise). The captions are samples offset..offset+N of a list
+    of `total` (default N) whose noise is drawn at once, so a rank's slice gets the noise one process would give it.
+    Returns images (N, 3, H, W) in [0, 1]."""
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(captions), *model.latent_shape, generator=gen)
+    noise = torch.randn(total or len(captions), *model.latent_shape, generator=gen)[offset:offset + len(captions)]
     sigmas = model.sigmas(num_steps)
     neg = model.encode_prompt([""]) if guidance_scale > 1 else (None, None)
     images = []
@@ -52,47 +55,83 @@ def diversity(images, groups):
 
 
 def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guidance_scale=1.0, num_steps=10,
-                   reward_fn=None, captions=None, return_images=False, batch_size=128):
+                   reward_fn=None, captions=None, return_images=False, batch_size=128, rank=0, world=1):
     """Generate `samples_per_prompt` samples per prompt. Shapes specs are scored with the mini-GenEval scorer
     (reward_mean = partial credit); prompts without a spec (None) need `reward_fn`, whose mean is then
-    `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well."""
+    `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well.
+
+    Sharded (world > 1, every rank calls it): each rank generates and scores its contiguous slice of the prompts on
+    the noise one process would use, the per-sample results are gathered, and every rank returns the metrics of the
+    whole list. `return_images`: True -> (res, images, captions, values) of this rank's slice (all samples in one
+    process); a list of global sample indices -> those samples only, gathered on every rank (for sample grids)."""
     captions = captions or [s["caption"] for s in specs]
-    was_training = transformer.training
-    transformer.eval()
-    rep = [i for i in range(len(captions)) for _ in range(samples_per_prompt)]
+    k, n_prompts = samples_per_prompt, len(captions)
+    per = -(-n_prompts // world)
+    lo, hi = min(rank * per, n_prompts), min((rank + 1) * per, n_prompts)  # this rank's prompts
+    rep = [i for i in range(lo, hi) for _ in range(k)]
     rep_caps, rep_specs = [captions[i] for i in rep], [specs[i] for i in rep]
-    images = generate(model, transformer, rep_caps, seed, guidance_scale, num_steps, batch_size)
-    transformer.train(was_training)
-    res = {"n": len(rep), "diversity": diversity(images, [list(range(i, i + samples_per_prompt))
-                                                          for i in range(0, len(rep), samples_per_prompt)])}
-    values = None
-    if reward_fn is not None:
-        values = reward_fn(images, rep_caps, rep_specs)[0]
-        res["train_reward_mean"] = float(values.mean())
-    if all(s is not None for s in rep_specs):
-        values, strict, checks = shapes.score(images, rep_specs)
-        cats = [c for c in shapes.CATEGORIES if any(s["category"] == c for s in rep_specs)]
-        mask = {c: torch.tensor([s["category"] == c for s in rep_specs]) for c in cats}
-        res.update(strict_accuracy=float(strict.float().mean()), clean_fraction=sum(not c["extra"] for c in checks) / len(checks),
-                   accuracy={c: float(strict[m].float().mean()) for c, m in mask.items()},
-                   partial={c: float(values[m].mean()) for c, m in mask.items()})
-    if values is None:
+    local = dict(div=[], values=[], train=[], strict=[], extra=[], cat=[])
+    images = torch.zeros(0)
+    if rep:
+        was_training = transformer.training
+        transformer.eval()
+        images = generate(model, transformer, rep_caps, seed, guidance_scale, num_steps, batch_size, lo * k,
+                          n_prompts * k)
+        transformer.train(was_training)
+        local["div"] = [diversity(images, [list(range(i, i + k))]) for i in range(0, len(rep), k)] if k > 1 else []
+        if reward_fn is not None:
+            local["values"] = local["train"] = reward_fn(images, rep_caps, rep_specs)[0].tolist()
+        if all(s is not None for s in rep_specs):
+            values, strict, checks = shapes.score(images, rep_specs)
+            local.update(values=values.tolist(), strict=strict.float().tolist(), extra=[c["extra"] for c in checks],
+                         cat=[s["category"] for s in rep_specs])
+    if not local["values"] and rep:
         raise ValueError("prompts without a shapes spec need a reward_fn to be evaluated")
+    gathered = _gather(local, world)
+    values = torch.tensor(gathered["values"])
+    res = {"n": n_prompts * k, "diversity": float(torch.tensor(gathered["div"]).mean()) if gathered["div"] else 0.0}
+    if reward_fn is not None:
+        res["train_reward_mean"] = float(torch.tensor(gathered["train"]).mean())
+    if gathered["strict"] and len(gathered["strict"]) == len(values):  # every prompt has a shapes spec
+        strict, cat = torch.tensor(gathered["strict"]), gathered["cat"]
+        cats = [c for c in shapes.CATEGORIES if c in cat]
+        mask = {c: torch.tensor([x == c for x in cat]) for c in cats}
+        res.update(strict_accuracy=float(strict.mean()), clean_fraction=sum(not e for e in gathered["extra"]) / len(cat),
+                   accuracy={c: float(strict[m].mean()) for c, m in mask.items()},
+                   partial={c: float(values[m].mean()) for c, m in mask.items()})
     res["reward_mean"] = float(values.mean())
-    if return_images:
-        return res, images, rep_caps, values
+    if return_images is True:
+        return res, images, rep_caps, values[lo * k:hi * k]
+    if return_images:  # selected samples, gathered
+        mine = {i: images[i - lo * k] for i in return_images if lo * k <= i < hi * k}
+        picked = _gather({"images": [mine]}, world)["images"]
+        picked = {i: im for d in picked for i, im in d.items()}
+        return (res, torch.stack([picked[i] for i in return_images]),
+                [captions[i // k] for i in return_images], values[list(return_images)])
     return res
 
 
-def save_geneval_layout(out_dir, images, captions, specs, samples_per_prompt):
+def _gather(local, world):
+    """Concatenate each list of `local` over ranks, in rank order (all_gather_object; one process: unchanged)."""
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, local)
+    return {key: [x for part in out for x in part[key]] for key in local}
+
+
+def save_geneval_layout(out_dir, images, captions, specs, samples_per_prompt, start=0):
     """GenEval's layout: <out_dir>/<5-digit prompt index>/metadata.jsonl (one JSON line: prompt, tag (the
     category) and, for shapes prompts, the spec's fields) and <index>/samples/<4-digit sample>.png at the model's
-    resolution. `images` holds samples_per_prompt consecutive samples per caption."""
+    resolution. `images` holds samples_per_prompt consecutive samples per caption; the first caption is prompt
+    `start` (a rank's slice)."""
     from PIL import Image
 
     out_dir = Path(out_dir)
     for k, (caption, spec) in enumerate(zip(captions, specs)):
-        d = out_dir / f"{k:05d}"
+        d = out_dir / f"{k + start:05d}"
         (d / "samples").mkdir(parents=True, exist_ok=True)
         meta = {"prompt": caption, "tag": spec["category"] if spec else None,
                 **({f: spec[f] for f in ("objects", "relation")} if spec else {})}
@@ -172,7 +211,7 @@ def main(args: Args):
     captions, specs = utils.load_prompts(args.prompts_file, args.model, args.split)
     if any(s is None for s in specs) and not args.reward:
         utils.fail("prompts outside the shapes grammar need --reward (e.g. --reward pickscore)")
-    _, _, device = utils.setup_distributed(args.device)
+    rank, world, device = utils.setup_distributed(args.device)  # torchrun: each rank evaluates a slice
     model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
                               max_t5_length=args.max_t5_length, mixed_precision=args.mixed_precision,
                               decode_batch_size=args.decode_batch_size)
@@ -181,18 +220,24 @@ def main(args: Args):
                                      batch_size=args.decode_batch_size) if args.reward else None
     res, images, caps, values = evaluate_model(model, transformer, specs, args.samples_per_prompt, args.seed,
                                                args.guidance_scale, args.num_steps, reward_fn, captions, True,
-                                               args.batch_size)
-    print(f"{args.checkpoint or args.model}: {len(captions)} prompts x {args.samples_per_prompt} samples")
-    print(format_table(res))
-    if args.json:
+                                               args.batch_size, rank, world)
+    if args.save_images:  # every rank writes its own prompts
+        lo = min(rank * -(-len(captions) // world), len(captions))
+        hi = lo + len(caps) // args.samples_per_prompt
+        save_geneval_layout(args.save_images, images, captions[lo:hi], specs[lo:hi], args.samples_per_prompt, lo)
+    if rank == 0:
+        print(f"{args.checkpoint or args.model}: {len(captions)} prompts x {args.samples_per_prompt} samples"
+              f"{f' on {world} processes' if world > 1 else ''}")
+        print(format_table(res))
+        if args.save_images:
+            print(f"wrote {res['n']} samples of {len(captions)} prompts to {args.save_images}")
+    if args.json and rank == 0:
         Path(args.json).write_text(json.dumps(res, indent=1))
-    if args.save_images:
-        save_geneval_layout(args.save_images, images, captions, specs, args.samples_per_prompt)
-        print(f"wrote {len(caps)} samples of {len(captions)} prompts to {args.save_images}")
-    if args.grid:
+    if args.grid and rank == 0:
         from PIL import Image
 
         Image.fromarray(utils.image_grid(images[:64], caps[:64], values[:64])).save(args.grid)
+    utils.cleanup_distributed()
 
 
 if __name__ == "__main__":

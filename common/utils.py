@@ -182,9 +182,13 @@ class SampleGrid:
         self.k, self.n, self.ncol = samples_per_prompt, n, ncol
         self.base, self.grid = None, None
 
-    def add(self, writer, step, images, captions, values):
-        n_prompts = len(captions) // self.k
-        pick = sorted({round(i * (n_prompts - 1) / max(1, self.n - 1)) * self.k for i in range(min(self.n, n_prompts))})
+    def pick(self, n_prompts):
+        """Indices of the samples shown: the first sample of `n` prompts spread over the list."""
+        return sorted({round(i * (n_prompts - 1) / max(1, self.n - 1)) * self.k for i in range(min(self.n, n_prompts))})
+
+    def add(self, writer, step, images, captions, values, picked=False):
+        """images / captions / values of every sample, or (picked=True) of the samples `pick` chose only."""
+        pick = list(range(len(captions))) if picked else self.pick(len(captions) // self.k)
         now = (images[pick].cpu(), torch.as_tensor(values)[pick].cpu(), [captions[i] for i in pick])
         self.base = self.base or now
         imgs, caps, vals = [], [], []

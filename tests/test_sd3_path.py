@@ -249,3 +249,50 @@ def test_torchrun_bf16_sd3_two_processes_match_one(tiny, tmp_path):
     dist = sum(((w1[k].float() - w2[k].float()) ** 2).sum() for k in w1).sqrt()
     moved = sum((w1[k].float() ** 2).sum() for k in w1 if "lora_B" in k).sqrt()  # lora_B starts at zero
     assert moved > 0 and dist < 0.01 * moved, (dist.item(), moved.item())
+
+
+# ----------------------------------------------------------------------------------- evaluation at scale
+def test_evaluation_returns_the_picked_samples(tiny_no_t5):
+    """evaluate_model(return_images=<indices>) gives exactly those samples of the full evaluation (what the sample
+    grid shows under sharding, where no rank holds all images)."""
+    from common.evaluate import evaluate_model
+
+    model = models.load_model(str(tiny_no_t5), "cpu", resolution=32)
+    caps = ["a red cat", "a blue dog", "a green bird"]
+    fn = rewards.build_reward("jpeg_compressibility")
+    res, images, rep_caps, values = evaluate_model(model, model.transformer, [None] * 3, 2, 0, 1.0, 2, fn, caps, True)
+    res2, picked, pcaps, pvalues = evaluate_model(model, model.transformer, [None] * 3, 2, 0, 1.0, 2, fn, caps,
+                                                  [0, 4], batch_size=4)
+    assert res2 == pytest.approx(res, rel=1e-5) and pcaps == [caps[0], caps[2]]  # other batch: float rounding
+    assert torch.allclose(pvalues, values[[0, 4]], atol=1e-3) and torch.allclose(picked, images[[0, 4]], atol=1e-5)
+    # a rank's slice (samples 2..3 of 6) is generated on the noise one process gives those samples
+    from common.evaluate import generate
+
+    part = generate(model, model.transformer, [caps[1]] * 2, 0, 1.0, 2, offset=2, total=6)
+    assert torch.allclose(part, images[2:4], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_matches_one_process(tiny, tmp_path):
+    """`torchrun --nproc_per_node 2 -m common.evaluate`: each rank generates its slice of the prompts (5 prompts:
+    3 + 2) on the noise one process would use; the gathered metrics equal the one-process ones, and the GenEval
+    layout holds every prompt. Before issue 17, evaluation ran on rank 0 while the other ranks waited."""
+    model, _ = tiny
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue dog\na green bird\na yellow car\na white house\n")
+    common = ["-m", "common.evaluate", "--model", str(model), "--resolution", "32", "--use-t5", "--prompts-file",
+              str(prompts), "--reward", "jpeg_compressibility", "--samples-per-prompt", "2", "--num-steps", "2",
+              "--mixed-precision", "bf16", "--batch-size", "3"]
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--standalone"])):
+        args = [*common, "--json", str(tmp_path / f"{name}.json"), "--save-images", str(tmp_path / name)]
+        out = subprocess.run([*launcher, *args], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.count("overall") == 1  # one table: rank 0 reports the gathered results
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["n"] == two["n"] == 10
+    for k in ("reward_mean", "train_reward_mean", "diversity"):
+        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-4), k
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [f"{i:05d}" for i in range(5)]
+    assert len(list((tmp_path / "two").glob("*/samples/*.png"))) == 10
