@@ -41,7 +41,7 @@ declare -A FLAGS=(  # per-GPU micro-batches and sampling of each page's command;
   [orw_cfm_w2]="--prompts-per-iter 8 --group-size 1 --train-batch-size 4 --num-steps 28 --guidance-scale 4.5"
   [acflow]="--prompts-per-iter 2 --group-size 4 --train-batch-size 4 --num-steps 28 --guidance-scale 4.5 --critic-warmup 1"
   [fdfo]="--prompts-per-iter 9 --group-size 2 --train-batch-size 9 --num-minibatches 2 --num-steps 40 --churn 0.0025 --eps-clip 0.03"
-  [flow_grpo]="--prompts-per-iter 3 --group-size 6 --train-batch-size 9 --num-minibatches 2 --num-steps 10 --guidance-scale 4.5 --beta 0.04 --ema --eval-num-steps 40"
+  [flow_grpo]="--prompts-per-iter 3 --group-size 6 --train-batch-size 9 --num-minibatches 2 --num-steps 10 --guidance-scale 4.5 --beta 0 --ema --eval-num-steps 40"  # --beta 0: the zero-KL path (was a CPU tensor among CUDA ones)
 )
 printf "%-14s %10s %14s %s\n" method s/iter "peak GiB" "run dir"
 for m in $METHODS; do
