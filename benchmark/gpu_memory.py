@@ -107,8 +107,12 @@ def nparams(m):
 
 
 def traced(fn):
-    with PeakMemory() as pm:
-        fn()
+    F.scaled_dot_product_attention = fused_sdpa  # diffusers' attention processors call F.scaled_dot_product_attention
+    try:
+        with PeakMemory() as pm:
+            fn()
+    finally:
+        F.scaled_dot_product_attention = _sdpa
     return pm.peak
 
 
@@ -133,7 +137,6 @@ class SD35M:
         from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-        F.scaled_dot_product_attention = fused_sdpa
         self.transformer = meta(lambda: SD3Transformer2DModel(**SD35M_TRANSFORMER))
         self.n_transformer = nparams(self.transformer)
         self.policy = models.Policy(self.transformer, 32, 64, with_old=False)  # fp32 LoRA (cast_training_params)
