@@ -65,6 +65,10 @@ def check_args(args, world_size=1):
         parent = next(q for q in [d, *d.parents] if q.exists())
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             fail(f"--output-dir {a.output_dir!r} is not writable ({parent} is not a writable directory)")
+        try:  # e.g. under /proc, where access() says yes and mkdir says no
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"--output-dir {a.output_dir!r} cannot be created ({e.strerror}: {e.filename})")
     prompts = load_prompts(a.prompts_file, a.model, "train")
     eval_file = getattr(a, "eval_prompts_file", None)
     if eval_file:

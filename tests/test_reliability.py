@@ -64,6 +64,7 @@ BAD_INPUTS = [  # (argv, text the single error line must contain)
     (["--guidance-scale", "0.5"], "--guidance-scale 0.5 must be >= 1"),
     (["--lora-rank", "-1"], "--lora-rank -1 must be >= 1 for LoRA, or 0 for full fine-tuning"),
     (["--output-dir", "/etc/hostname/run"], "--output-dir '/etc/hostname/run' is not writable"),
+    (["--output-dir", "/proc/cleanflow/run"], "--output-dir '/proc/cleanflow/run' cannot be created"),
     (["--resume", "/nonexistent/run"], "--resume '/nonexistent/run': no checkpoint file there"),
     (["--resume", "CORRUPT"], "is not a readable checkpoint"),
     (["--prompts-per-iter", "3", "--group-size", "1", "WORLD2"], "is not divisible by the world size 2"),
