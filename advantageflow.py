@@ -118,10 +118,12 @@ class Args:
     timesteps_per_image: int = 0
     """noised points per image per iteration, each with fresh noise and its own backward pass;
     0 = 1 for AF (Algorithm 1), int(0.99 * num_steps) = 9 of 10 for --nft (official timestep_fraction 0.99)"""
-    rollout_ema_rate: float = 0.01
-    """rollout policy: old <- rho*old + (1-rho)*learner, rho_i = min(rate*i, max) (NFT schedule, spec §7.3;
-    NFT/SD3.5-M: 0.001 over ~1000 iterations - at 0.001 a 120-iteration run stays on-policy and gamma is inert)"""
-    rollout_ema_max: float = 0.5
+    rollout_ema_rate: float = 0.1
+    """rollout policy: old <- rho*old + (1-rho)*learner, rho_i = min(rate*i, max) (NFT's schedule shape, spec §7.3;
+    NFT/SD3.5-M: rate 0.001, max 0.5 over ~1000 iterations - a 120-iteration run would stay on-policy, gamma inert)"""
+    rollout_ema_max: float = 0.9
+    """the spec §7.3 alternative rho = 0.9 (AF-speech): the lag that makes gamma a trust region; with max 0.5 the
+    embedded run at lr 1e-4 collapses (docs/advantageflow.md)"""
     nft: bool = False
     """DiffusionNFT's official loss instead (spec §3.6): implicit +/- policies, reward -> optimality prob."""
     nft_beta: float = 1.0
