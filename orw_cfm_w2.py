@@ -1,14 +1,16 @@
 """ORW-CFM-W2: online reward-weighted conditional flow matching with a Wasserstein-2 regulariser (Fan et al.,
 ICLR 2025, arXiv 2502.06061; official code github.com/markerthu/orw-cfm).
 
-Every iteration a lagged sampling copy of the learner draws images with the CFG-free ODE sampler; each image gets
-the weight w = exp(tau * r) of its reward; the learner does weighted flow matching on these samples at a fresh
-noised point x_t, plus alpha * ||v_theta - v_ref||^2 towards the frozen base at the same (x_t, sigma), whose time
-integral bounds the squared W2 distance to the base model (paper Thm. 3). Spec: shared/methods/orw_cfm_w2.md;
-docs: docs/orw_cfm_w2.md.
+Epochs as in the official code: a lagged sampling copy theta_old is fixed for K iterations; at the start of an
+epoch it draws a pool of images with the CFG-free ODE sampler, each scored once and weighted w = exp(tau * r);
+every iteration the learner does weighted flow matching on a minibatch of the pool at fresh noised points x_t,
+plus alpha * ||v_theta - v_ref||^2 towards the frozen base at the same (x_t, sigma), whose time integral bounds
+the squared W2 distance to the base model (paper Thm. 3); then theta_old <- theta. Spec:
+shared/methods/orw_cfm_w2.md; docs: docs/orw_cfm_w2.md.
 
-    python orw_cfm_w2.py                             # embedded shapes world, 2 CPU cores, ~4 min
+    python orw_cfm_w2.py                             # embedded shapes world, 2 CPU cores
     python orw_cfm_w2.py --alpha 0                   # ORW-CFM without W2 (collapses towards the reward maximiser)
+    python orw_cfm_w2.py --offline                   # RW-CFM: every pool sampled from the base model
     python orw_cfm_w2.py --reward jpeg_compressibility --tau 20   # the paper's compression task
 """
 
@@ -90,28 +92,39 @@ class Args:
     """CFG of evaluation; ORW-CFM-W2 samples CFG-free and trains the conditional branch (spec §8.3)"""
 
     # algorithm
-    num_iterations: int = 60
-    """gradient steps; a fresh batch is sampled for every step (spec §3.6)"""
+    num_iterations: int = 100
+    """gradient steps (official code: epochs x steps_per_epoch)"""
     prompts_per_iter: int = 32
-    """prompts per iteration (SD3.5-M: 32)"""
+    """prompts per gradient step (the minibatch; SD3.5-M: 32)"""
     group_size: int = 1
     """images per prompt; ORW needs no groups (weights are per image), kept for the shared prompt sampler"""
     train_batch_size: int = 32
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
+    epoch_iters: int = 20
+    """K: iterations per epoch; the sampling copy theta_old is fixed for an epoch and refreshed (old <- learner) at
+    its end (official code: `update_last_policy` once per epoch, steps_per_epoch = 100 in its README); 1 = on-policy"""
+    pool_batches: int = 5
+    """M: minibatches of samples drawn from theta_old and scored once at the start of each epoch; iteration j of
+    the epoch trains on pool batch perm(j mod M) with fresh (sigma, noise). M = K is the official code (a fresh batch
+    from the fixed theta_old at every step); M < K reuses each sample K / M times for fewer reward queries"""
     lr: float = 3e-5
-    """AdamW learning rate (official CIFAR code: Adam 2e-4; SD3.5-M LoRA: 1e-4)"""
+    """AdamW learning rate after the warm-up (official CIFAR code: Adam 2e-4; SD3.5-M LoRA: 1e-4)"""
+    warmup_iters: int = 10
+    """linear learning-rate warm-up over this many iterations (official code: LambdaLR min(step, 5000) / 5000); 0 = off"""
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
-    tau: float = 5.0
-    """inverse temperature of w = exp(tau * r) (code: 0.5 for a CLIP reward in [-1, 1]; 5 for partial credit in [0, 1])"""
-    alpha: float = 1.0
-    """W2 coefficient: weight of ||v_theta - v_ref||^2 (official code 1.0; paper sweeps 0-1; 0 = ORW-CFM without W2)"""
+    tau: float = 20.0
+    """inverse temperature of w = exp(tau * r) (code: 0.5 for a CLIP reward in [-1, 1]; paper's MNIST figure up to
+    10; 20 for partial credit in [0, 1]: 5 and 10 lost reward on the embedded world, docs)"""
+    alpha: float = 3.0
+    """W2 coefficient: weight of ||v_theta - v_ref||^2 (official code 1.0, README 'alpha >= 1'; paper sweeps 0-1;
+    3 on the embedded world, docs; 0 = ORW-CFM without W2)"""
     normalize_weights: bool = True
-    """w / mean_batch(w) (keeps the reward/alpha balance fixed, spec §8.1); --no-normalize-weights = official raw exp(tau r)"""
+    """w / mean_pool(w) (keeps the reward/alpha balance fixed, spec §8.1); --no-normalize-weights = official raw exp(tau r)"""
     max_exponent: float = 20.0
     """clamp tau * r at this value before exp (raw weights only; guard against overflow, spec §8.1)"""
-    sync_every: int = 1
-    """iterations between refreshes of the sampling copy (old <- learner; official code: once per 'epoch')"""
+    offline: bool = False
+    """RW-CFM, the paper's offline baseline: the pool is sampled from the base model and never refreshed"""
     timesteps_per_image: int = 1
     """noised points per image per iteration (official code: 1)"""
     w2_eval_samples: int = 32
@@ -164,9 +177,11 @@ def check_method_args(a):
         utils.fail(f"--alpha {a.alpha} must be >= 0 (0 = ORW-CFM without the W2 term)")
     if a.max_exponent <= 0:
         utils.fail(f"--max-exponent {a.max_exponent} must be > 0")
-    for name in ("sync_every", "timesteps_per_image"):
+    for name in ("epoch_iters", "pool_batches", "timesteps_per_image"):
         if getattr(a, name) < 1:
             utils.fail(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+    if a.warmup_iters < 0:
+        utils.fail(f"--warmup-iters {a.warmup_iters} must be >= 0 (0 = no learning-rate warm-up)")
     if a.w2_eval_samples < 0:
         utils.fail(f"--w2-eval-samples {a.w2_eval_samples} must be >= 0 (0 = skip the W2 estimate)")
 
@@ -191,6 +206,8 @@ if __name__ == "__main__":
                               gradient_checkpointing=args.gradient_checkpointing)
     policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # linear warm-up (official code: LambdaLR(min(step, 5000) / 5000), whose first step has lr 0; ours lr / W)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_iters)))
     reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
                                      batch_size=args.decode_batch_size)
     grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
@@ -220,11 +237,13 @@ if __name__ == "__main__":
             if k in res:
                 writer.add_scalar(f"eval/{k}", res[k], step)
 
-    start_it, reward_queries, wall_before, summary = 0, 0, 0.0, {}
+    start_it, reward_queries, wall_before, summary, pool = 0, 0, 0.0, {}, None
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
         policy.load_trainable_state(ckpt["policy"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        pool = ckpt["pool"]  # this epoch's samples and weights (theta_old is in the policy state)
         utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
         grid.load_state_dict(ckpt.get("grid"))
@@ -237,7 +256,8 @@ if __name__ == "__main__":
     def save_checkpoint(iteration):
         if rank == 0:
             utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
-                policy=policy.trainable_state(), optimizer=optimizer.state_dict(), iteration=iteration,
+                policy=policy.trainable_state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                iteration=iteration, pool=pool,
                 reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
                 rng=utils.rng_state(), args=vars(args), grid=grid.state_dict()))
 
@@ -246,25 +266,44 @@ if __name__ == "__main__":
     bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="orw_cfm_w2")
     for it in bar:
         t_iter = time.time()
-        # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
-        # a 2-process run sees the same numbers as a 1-process run with the same global batch
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-        # ---- sample: CFG-free ODE samples of the lagged sampling copy theta_old (spec §3.6 / §4 step 1)
-        captions, meta, prompt_idx = sampler.sample(it)
+        epoch, j = divmod(it, args.epoch_iters)
+        if j == 0 or pool is None:
+            # ---- new epoch: a pool of M minibatches of CFG-free ODE samples of the fixed sampling copy theta_old,
+            # scored once (spec §3.6 / §4 steps 1-3). Noise for the global batch from (seed, epoch, batch), sliced
+            # per rank: resume is exact and 2 processes see the numbers of 1 process with the same global batch.
+            pool = dict(epoch=epoch, latents=[], prompt_idx=[], rewards=[], parts={})
+            for b in range(args.pool_batches):
+                captions, meta, prompt_idx = sampler.sample(epoch * args.pool_batches + b)
+                n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
+                gen = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_009 + b)
+                noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+                with policy.old() as old:
+                    x0 = sampling.sample(old, *model.encode_prompt(captions), sigmas, noise)["latents"]  # (B, C, H, W)
+                reward, parts = reward_fn(model.decode(x0), captions, meta)
+                pool["latents"].append(x0), pool["prompt_idx"].append(prompt_idx)
+                pool["rewards"].append(utils.all_gather_cat(reward.to(device)).cpu())  # (B_global,)
+                for k, v in parts.items():
+                    pool["parts"].setdefault(k, []).append(v.float().mean().item())
+                reward_queries += n * world
+            # weights w = exp(tau * r) over the whole pool, detached (spec §3.1 / §4 step 3)
+            all_rewards = torch.stack(pool["rewards"])  # (M, B_global)
+            pool["weights"] = orw_weights(all_rewards.flatten(), args.tau, args.normalize_weights,
+                                          args.max_exponent).view_as(all_rewards)
+            # order in which the epoch visits the pool's minibatches: one permutation per pass
+            perm_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+            pool["order"] = torch.cat([torch.randperm(args.pool_batches, generator=perm_gen)
+                                       for _ in range(-(-args.epoch_iters // args.pool_batches))])
+        t_sample = time.time()
+        # ---- this iteration's minibatch from the pool; fresh (sigma, noise) drawn from (seed, iteration)
+        b = int(pool["order"][j])
+        x0, prompt_idx = pool["latents"][b], pool["prompt_idx"][b]
+        captions = [prompts[i] for i in prompt_idx]
         n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
         prompt_embeds, pooled = model.encode_prompt(captions)
-        noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
-        with policy.old() as old:
-            x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
-        t_sample = time.time()
-        # ---- reward (gathered over ranks so the weight normalisation and statistics are global)
-        reward, parts = reward_fn(model.decode(x0), captions, meta)
-        reward_queries += n * world
-        all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
+        w_local = pool["weights"][b][local].to(device)
+        all_rewards, weights = torch.stack(pool["rewards"]), pool["weights"]
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
         t_reward = time.time()
-        # ---- weights w = exp(tau * r), detached (spec §3.1 / §4 step 3)
-        weights = orw_weights(all_rewards, args.tau, args.normalize_weights, args.max_exponent)
-        w_local = weights[local].to(device)
         # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated (spec §4 steps 4-7)
         optimizer.zero_grad(set_to_none=True)
         n_mb = n // args.train_batch_size
@@ -289,10 +328,13 @@ if __name__ == "__main__":
         loss = torch.stack(losses).mean()
         utils.sync_gradients(policy.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        lr_now = optimizer.param_groups[0]["lr"]
         if guard.ok(loss, grad_norm, all_rewards, iteration=it):
             optimizer.step()
-        # ---- sampling copy: theta_old <- theta every sync_every iterations (spec §3.6 / §4 step 8)
-        if (it + 1) % args.sync_every == 0:
+        scheduler.step()
+        # ---- end of epoch: theta_old <- theta (official `update_last_policy`, spec §3.6 / §4 step 8); offline
+        # RW-CFM keeps sampling from the base model
+        if j == args.epoch_iters - 1 and not args.offline:
             policy.update_old(0.0)
 
         t_train = time.time()
@@ -301,22 +343,22 @@ if __name__ == "__main__":
             fm_mean, wfm_mean, w2_mean = torch.stack(stats).mean(0).tolist()
             metrics = {
                 "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
-                "charts/images_per_sec": len(all_rewards) / (time.time() - t_iter),
+                "charts/images_per_sec": n * world / (time.time() - t_iter),
                 "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
                 "perf/train_s": t_train - t_reward,
-                "charts/lr": optimizer.param_groups[0]["lr"], "charts/reward_queries": reward_queries,
+                "charts/lr": lr_now, "charts/reward_queries": reward_queries, "charts/epoch": epoch,
                 "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
                 "losses/fm": fm_mean, "losses/weighted_fm": wfm_mean, "losses/w2": w2_mean,
                 "losses/alpha_w2": args.alpha * w2_mean,
                 "losses/weight_mean": weights.mean().item(), "losses/weight_max": weights.max().item(),
-                "losses/weight_ess": (weights.sum() ** 2 / (weights ** 2).sum() / len(weights)).item(),
+                "losses/weight_ess": (weights.sum() ** 2 / (weights ** 2).sum() / weights.numel()).item(),
                 "losses/skipped_updates": guard.total,
             }
-            metrics.update({f"charts/reward_{k}": v.mean().item() for k, v in parts.items()})
+            metrics.update({f"charts/reward_{k}": sum(v) / len(v) for k, v in pool["parts"].items()})
             utils.log_metrics(writer, metrics, it + 1)
             bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", w2=f"{w2_mean:.4f}")
             if (it + 1) % args.log_images_every == 0:
-                writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], reward[:16]),
+                writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], all_rewards[b][local][:16]),
                                  it + 1, dataformats="HWC")
         if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
             res = evaluate(it + 1)

@@ -120,7 +120,9 @@ def _run(args, tmp_path, timeout=600):
 
 @pytest.mark.parametrize("flag,value,msg", [("--tau", "-1", "--tau -1.0 must be >= 0"),
                                             ("--alpha", "-0.5", "--alpha -0.5 must be >= 0"),
-                                            ("--sync-every", "0", "--sync-every 0 must be >= 1"),
+                                            ("--epoch-iters", "0", "--epoch-iters 0 must be >= 1"),
+                                            ("--pool-batches", "0", "--pool-batches 0 must be >= 1"),
+                                            ("--warmup-iters", "-1", "--warmup-iters -1 must be >= 0"),
                                             ("--reward", "shapez", "unknown reward 'shapez'")])
 def test_bad_flags_fail_before_loading(flag, value, msg):
     code, err = check_flags("orw_cfm_w2", [flag, value])
@@ -128,7 +130,8 @@ def test_bad_flags_fail_before_loading(flag, value, msg):
 
 
 TINY = ["--num-iterations", "2", "--prompts-per-iter", "2", "--group-size", "2", "--train-batch-size", "2",
-        "--eval-samples-per-prompt", "2", "--w2-eval-samples", "4", "--checkpoint-every", "1"]
+        "--eval-samples-per-prompt", "2", "--w2-eval-samples", "4", "--checkpoint-every", "1", "--epoch-iters", "1",
+        "--pool-batches", "1", "--warmup-iters", "2"]
 
 
 def _check_run(run, weights_dir):
@@ -142,14 +145,46 @@ def _check_run(run, weights_dir):
     return s
 
 
+def _old_and_learner(run):
+    sd = torch.load(run / "checkpoint.pt", weights_only=False)["policy"]
+    return ({k[4:]: v for k, v in sd.items() if k.startswith("old.")},
+            {k[8:]: v for k, v in sd.items() if k.startswith("learner.")})
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_smoke_embedded_and_resume(tmp_path):
     run = tmp_path / "run"
-    out = _run([*TINY, "--sync-every", "2", "--output-dir", str(run)], tmp_path)
+    out = _run([*TINY, "--output-dir", str(run)], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     _check_run(run, "transformer")
     out = _run([*TINY, "--num-iterations", "3", "--resume", str(run)], tmp_path)  # continue for one iteration
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((run / "summary.json").read_text())["reward_queries"] == 3 * 4
+
+
+def test_epochs_fixed_sampler_pool_and_exact_resume(tmp_path):
+    """Epoch of K = 3 iterations on a pool of M = 2 minibatches: the sampling copy stays the base model during the
+    epoch and equals the learner after it; the pool is scored once (8 queries, not 12); resuming in the middle of
+    the epoch (pool from the checkpoint) gives the same weights as the straight run; --offline never refreshes."""
+    flags = [*TINY, "--epoch-iters", "3", "--pool-batches", "2", "--w2-eval-samples", "0", "--lr", "1e-3"]
+    a, b, off = tmp_path / "a", tmp_path / "b", tmp_path / "off"
+    for run, extra in ((a, ["--num-iterations", "3"]), (b, ["--num-iterations", "2"]), (off, ["--offline", "--num-iterations", "3"])):
+        out = _run([*flags, *extra, "--output-dir", str(run)], tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+    old_b, learner_b = _old_and_learner(b)  # mid-epoch: old is still the base, the learner moved
+    old_off, learner_off = _old_and_learner(off)
+    assert _same(old_b, old_off) and not _same(old_b, learner_b)  # offline: old is the base after the epoch too
+    assert json.loads((b / "summary.json").read_text())["reward_queries"] == 2 * 4
+    out = _run([*flags, "--num-iterations", "3", "--resume", str(b)], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    old_a, learner_a = _old_and_learner(a)
+    assert _same(old_a, learner_a) and not _same(old_a, old_b)  # end of epoch: old <- learner
+    old_r, learner_r = _old_and_learner(b)
+    assert all(torch.allclose(learner_a[k], learner_r[k], atol=1e-6) for k in learner_a) and _same(old_r, learner_r)
+    assert json.loads((a / "summary.json").read_text())["reward_queries"] == 2 * 4
 
 
 def test_smoke_tiny_sd3_lora(tmp_path):
@@ -167,21 +202,34 @@ def test_smoke_tiny_sd3_lora(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- learning
-# The compression reward (the paper's second task): on the shapes partial credit ORW-CFM-W2 does not beat --lr 0
-# within a few CPU minutes (docs/orw_cfm_w2.md, "What did not behave as the paper claims"), on JPEG size it does.
-# Self-training alone (tau = 0, uniform weights) also simplifies images a little (measured -1.257 -> -1.198 kB),
-# so the run must beat that control too: the reward weighting, not the drift, has to make the gain.
-LEARN = ["--reward", "jpeg_compressibility", "--tau", "20", "--num-iterations", "20", "--prompts-per-iter", "32",
-         "--train-batch-size", "32", "--eval-every", "1000", "--eval-samples-per-prompt", "2", "--w2-eval-samples", "0",
+# World v2 (docs/orw_cfm_w2.md, Results): self-training on the model's own samples (tau = 0) loses held-out reward
+# (0.353 -> 0.264 partial, strict 0.270 -> 0.219 in 100 iterations at alpha 1), and the reward weighting (tau 20)
+# cancels that drift (0.357 / 0.289) but no configuration tried raised strict accuracy beyond evaluation noise.
+# What is reproducible, and what a broken weighting (e.g. weights ignored or inverted) fails: the weighted run beats
+# the identical uniform-weight run.
+LEARN = ["--num-iterations", "100", "--alpha", "1", "--eval-every", "1000", "--w2-eval-samples", "0",
          "--checkpoint-every", "1000", "--no-save-model"]
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="fails on the world-v2 base until orw_cfm_w2.py is retuned on v2 (issue 18): measured -1.086 kB vs --lr 0 -1.145 and --tau 0 -1.102, margin 0.04 over tau 0 not reached")
-def test_learning_beats_lr0(tmp_path):
+def test_weighting_beats_uniform_weights(tmp_path):
     res = {}
-    for name, extra in (("learn", []), ("lr0", ["--lr", "0"]), ("tau0", ["--tau", "0"])):
+    for name, extra in (("learn", ["--tau", "20"]), ("tau0", ["--tau", "0"])):
         out = _run([*LEARN, *extra, "--output-dir", str(tmp_path / name)], tmp_path, timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
-        res[name] = json.loads((tmp_path / name / "summary.json").read_text())["final"]["train_reward_mean"]  # -kB
-    assert res["learn"] > res["lr0"] + 0.04 and res["learn"] > res["tau0"] + 0.04, res
+        res[name] = json.loads((tmp_path / name / "summary.json").read_text())["final"]
+    # measured: partial 0.357 vs 0.264, strict 0.289 vs 0.219 (held-out, 32 prompts x 8 samples)
+    assert res["learn"]["reward_mean"] > res["tau0"]["reward_mean"] + 0.04, res
+    assert res["learn"]["strict_accuracy"] > res["tau0"]["strict_accuracy"] + 0.03, res
+
+
+@pytest.mark.slow
+@pytest.mark.skip(reason="ORW-CFM-W2 does not raise held-out strict accuracy on the world-v2 base within a test's "
+                  "budget (issue 18): best measured 0.270 -> 0.289 (+0.019, within evaluation noise ~0.02) with the "
+                  "defaults (tau 20, alpha 3, 100 iterations); docs/orw_cfm_w2.md lists every configuration tried")
+def test_learning_raises_strict_accuracy(tmp_path):
+    out = _run(["--eval-every", "1000", "--w2-eval-samples", "0", "--checkpoint-every", "1000", "--no-save-model",
+                "--output-dir", str(tmp_path / "run")], tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["final"]["strict_accuracy"] > s["base"]["strict_accuracy"] + 0.05, s
