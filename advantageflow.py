@@ -123,7 +123,7 @@ class Args:
     NFT/SD3.5-M: rate 0.001, max 0.5 over ~1000 iterations - a 120-iteration run would stay on-policy, gamma inert)"""
     rollout_ema_max: float = 0.9
     """the spec §7.3 alternative rho = 0.9 (AF-speech): the lag that makes gamma a trust region; with max 0.5 the
-    embedded run at lr 1e-4 collapses (docs/advantageflow.md)"""
+    embedded run at lr 1e-4 collapsed on an earlier base (docs/advantageflow.md)"""
     nft: bool = False
     """DiffusionNFT's official loss instead (spec §3.6): implicit +/- policies, reward -> optimality prob."""
     nft_beta: float = 1.0

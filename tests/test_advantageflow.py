@@ -303,12 +303,14 @@ def test_eval_ema_decay_and_swap():
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="fails on the world-v2 base until advantageflow.py is retuned on v2 (issue 18): measured held-out partial 0.218 vs --lr 0 0.211 (strict 0.14 -> 0.06), margin 0.05 not reached")
 def test_learning_beats_lr_zero(tmp_path):
-    """A short run must beat the identical run with --lr 0 on held-out prompts."""
-    # measured on the committed base: +0.19 held-out partial credit after 20 default iterations
-    flags = ["--num-iterations", "12", "--threads", "2", "--eval-every", "1000", "--eval-samples-per-prompt", "4",
-             "--no-save-model"]
-    _, learn = _run(tmp_path, *flags, name="learn")
-    _, frozen = _run(tmp_path, *flags, "--lr", "0", name="frozen")
-    assert learn["final"]["reward_mean"] > frozen["final"]["reward_mean"] + 0.05, (learn["final"], frozen["final"])
+    """80 default iterations must raise held-out strict accuracy and partial credit over the identical run with
+    --lr 0. With lr 0 the weights never move, so its final evaluation is the base's on the same noise (asserted) and
+    one iteration of it suffices. Measured on the v2 base (8 samples per prompt): partial 0.353 -> 0.438, strict
+    0.270 -> 0.332 after 80 iterations."""
+    flags = ["--threads", "2", "--eval-every", "1000", "--eval-samples-per-prompt", "4", "--no-save-model"]
+    _, learn = _run(tmp_path, *flags, "--num-iterations", "80", name="learn")
+    _, frozen = _run(tmp_path, *flags, "--num-iterations", "1", "--lr", "0", name="frozen")
+    assert frozen["final"]["reward_mean"] == frozen["base"]["reward_mean"] == learn["base"]["reward_mean"]
+    assert learn["final"]["strict_accuracy"] > frozen["final"]["strict_accuracy"] + 0.04, (learn["final"], frozen["final"])
+    assert learn["final"]["reward_mean"] > frozen["final"]["reward_mean"] + 0.04, (learn["final"], frozen["final"])
