@@ -57,8 +57,8 @@ def diversity(images, groups):
 def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guidance_scale=1.0, num_steps=10,
                    reward_fn=None, captions=None, return_images=False, batch_size=128, rank=0, world=1):
     """Generate `samples_per_prompt` samples per prompt. Shapes specs are scored with the mini-GenEval scorer
-    (reward_mean = partial credit); prompts without a spec (None) need `reward_fn`, whose mean is then
-    `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well.
+    (reward_mean = partial credit); prompts without a spec (None or other metadata) need `reward_fn`, whose mean is
+    then `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well.
 
     Sharded (world > 1, every rank calls it): each rank generates and scores its contiguous slice of the prompts on
     the noise one process would use, the per-sample results are gathered, and every rank returns the metrics of the
@@ -81,7 +81,7 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
         local["div"] = [diversity(images, [list(range(i, i + k))]) for i in range(0, len(rep), k)] if k > 1 else []
         if reward_fn is not None:
             local["values"] = local["train"] = reward_fn(images, rep_caps, rep_specs)[0].tolist()
-        if all(s is not None for s in rep_specs):
+        if all(shapes.is_spec(s) for s in rep_specs):
             values, strict, checks = shapes.score(images, rep_specs)
             local.update(values=values.tolist(), strict=strict.float().tolist(), extra=[c["extra"] for c in checks],
                          cat=[s["category"] for s in rep_specs])
@@ -124,17 +124,19 @@ def _gather(local, world):
 
 def save_geneval_layout(out_dir, images, captions, specs, samples_per_prompt, start=0):
     """GenEval's layout: <out_dir>/<5-digit prompt index>/metadata.jsonl (one JSON line: prompt, tag (the
-    category) and, for shapes prompts, the spec's fields) and <index>/samples/<4-digit sample>.png at the model's
-    resolution. `images` holds samples_per_prompt consecutive samples per caption; the first caption is prompt
-    `start` (a rank's slice)."""
+    category) and, for shapes prompts, the spec's fields; a prompts file's own JSON line as it was) and
+    <index>/samples/<4-digit sample>.png at the model's resolution. `images` holds samples_per_prompt consecutive
+    samples per caption; the first caption is prompt `start` (a rank's slice)."""
     from PIL import Image
 
     out_dir = Path(out_dir)
     for k, (caption, spec) in enumerate(zip(captions, specs)):
         d = out_dir / f"{k + start:05d}"
         (d / "samples").mkdir(parents=True, exist_ok=True)
-        meta = {"prompt": caption, "tag": spec["category"] if spec else None,
-                **({f: spec[f] for f in ("objects", "relation")} if spec else {})}
+        if shapes.is_spec(spec):
+            meta = {"prompt": caption, "tag": spec["category"], **{f: spec[f] for f in ("objects", "relation")}}
+        else:
+            meta = spec or {"prompt": caption, "tag": None}
         (d / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
         for j in range(samples_per_prompt):
             img = images[k * samples_per_prompt + j].permute(1, 2, 0).mul(255).round().clamp(0, 255).byte().numpy()
@@ -209,7 +211,7 @@ def main(args: Args):
     if args.checkpoint and not os.path.exists(args.checkpoint):
         utils.fail(f"--checkpoint {args.checkpoint!r} does not exist")
     captions, specs = utils.load_prompts(args.prompts_file, args.model, args.split)
-    if any(s is None for s in specs) and not args.reward:
+    if not all(shapes.is_spec(s) for s in specs) and not args.reward:
         utils.fail("prompts outside the shapes grammar need --reward (e.g. --reward pickscore)")
     rank, world, device = utils.setup_distributed(args.device)  # torchrun: each rank evaluates a slice
     model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,

@@ -86,31 +86,38 @@ def check_args(args, world_size=1):
 
 def load_prompts(prompts_file, model=models.EMBEDDED, split="train", flag="--prompts-file"):
     """-> (captions, metadata). A prompts file has one prompt per line, or is GenEval's JSON-lines metadata (one
-    object with "prompt" (and "tag", ...) per line; `.jsonl` files or lines starting with "{"). For the embedded
-    model every prompt must parse with the shapes grammar (the error names the line); metadata is the shapes spec,
-    or None for prompts outside the grammar. No file: the shapes grammar's `split`."""
+    object with "prompt" (and "tag", ...) per line; `.jsonl` files or lines starting with "{"; what
+    `python -m common.prompts` builds). For the embedded model every prompt must parse with the shapes grammar (the
+    error names the line). metadata: the shapes spec of a prompt the grammar parses, else the line's JSON object
+    (handed to the reward as is, e.g. GenEval's "include" or OCR's "text"), else None. No file: the shapes
+    grammar's `split`."""
     if not prompts_file:
         specs = shapes.split_specs(split)
         return [s["caption"] for s in specs], specs
     if not os.path.isfile(prompts_file):
         fail(f"{flag} {prompts_file!r} does not exist")
-    lines = [(i, l.strip()) for i, l in enumerate(Path(prompts_file).read_text().splitlines(), 1) if l.strip()]
+    text = Path(prompts_file).read_text(encoding="utf-8")
+    lines = [(i, l.strip()) for i, l in enumerate(text.splitlines(), 1) if l.strip()]
     if not lines:
         fail(f"{flag} {prompts_file!r} holds no prompts (one prompt per line expected)")
     meta, prompts = [], []
     for i, line in lines:
+        record = None
         if line.startswith("{"):
             try:
-                line = json.loads(line)["prompt"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                fail(f"{prompts_file} line {i}: not a JSON object with a \"prompt\" field: {line[:80]!r}")
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                pass
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                fail(f"{prompts_file} line {i}: not a JSON object with a \"prompt\" string: {line[:80]!r}")
+            line = record["prompt"]
         prompts.append(line)
         try:
             meta.append(shapes.parse_caption(line))
         except ValueError as e:
             if model == models.EMBEDDED:
                 fail(f"{prompts_file} line {i}: {e}")
-            meta.append(None)
+            meta.append(record)
     return prompts, meta
 
 
