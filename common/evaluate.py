@@ -5,8 +5,12 @@
     python -m common.evaluate --prompts-file my_prompts.txt --samples-per-prompt 8 --json out.json
     python -m common.evaluate --save-images samples/ --samples-per-prompt 4   # GenEval's folder layout
 
-Prints a per-category table; --json writes {reward_mean, strict_accuracy, accuracy (per category),
-partial (per category), diversity, n}; --grid saves a PNG of samples with their prompts.
+    python -m common.evaluate --reward shapes,shapes_strict,jpeg_compressibility   # one row per reward
+
+Prints a per-category table and, with --reward, one row (mean, std) per named reward, so a held-out "gold" reward
+beside the trained one shows reward hacking; --json writes {reward_mean, strict_accuracy, accuracy (per category),
+partial (per category), diversity, n, rewards ({name: {weight, mean, std}})}; --grid saves a PNG of samples with
+their prompts.
 """
 
 import json
@@ -58,7 +62,8 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
                    reward_fn=None, captions=None, return_images=False, batch_size=128, rank=0, world=1):
     """Generate `samples_per_prompt` samples per prompt. Shapes specs are scored with the mini-GenEval scorer
     (reward_mean = partial credit); prompts without a spec (None or other metadata) need `reward_fn`, whose mean is
-    then `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well.
+    then `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well. A weighted
+    reward (common.rewards.RewardFn) also reports each of its rewards: `rewards` = {name: {weight, mean, std}}.
 
     Sharded (world > 1, every rank calls it): each rank generates and scores its contiguous slice of the prompts on
     the noise one process would use, the per-sample results are gathered, and every rank returns the metrics of the
@@ -71,6 +76,8 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
     rep = [i for i in range(lo, hi) for _ in range(k)]
     rep_caps, rep_specs = [captions[i] for i in rep], [specs[i] for i in rep]
     local = dict(div=[], values=[], train=[], strict=[], extra=[], cat=[])
+    weights = getattr(reward_fn, "weights", {})  # a RewardFn's named rewards: {name: weight}
+    local.update({f"reward/{name}": [] for name in weights})
     images = torch.zeros(0)
     if rep:
         was_training = transformer.training
@@ -80,7 +87,10 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
         transformer.train(was_training)
         local["div"] = [diversity(images, [list(range(i, i + k))]) for i in range(0, len(rep), k)] if k > 1 else []
         if reward_fn is not None:
-            local["values"] = local["train"] = reward_fn(images, rep_caps, rep_specs)[0].tolist()
+            total, parts = reward_fn(images, rep_caps, rep_specs)
+            local["values"] = local["train"] = total.tolist()
+            for name in weights:
+                local[f"reward/{name}"] = parts[name].tolist()
         if all(shapes.is_spec(s) for s in rep_specs):
             values, strict, checks = shapes.score(images, rep_specs)
             local.update(values=values.tolist(), strict=strict.float().tolist(), extra=[c["extra"] for c in checks],
@@ -92,6 +102,11 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
     res = {"n": n_prompts * k, "diversity": float(torch.tensor(gathered["div"]).mean()) if gathered["div"] else 0.0}
     if reward_fn is not None:
         res["train_reward_mean"] = float(torch.tensor(gathered["train"]).mean())
+    if weights:
+        parts = {name: torch.tensor(gathered[f"reward/{name}"]) for name in weights}
+        res["rewards"] = {name: {"weight": w, "mean": float(parts[name].mean()),
+                                 "std": float(parts[name].std()) if len(parts[name]) > 1 else 0.0}
+                          for name, w in weights.items()}
     if gathered["strict"] and len(gathered["strict"]) == len(values):  # every prompt has a shapes spec
         strict, cat = torch.tensor(gathered["strict"]), gathered["cat"]
         cats = [c for c in shapes.CATEGORIES if c in cat]
@@ -153,6 +168,16 @@ def format_table(res):
     return "\n".join(lines)
 
 
+def format_rewards(res):
+    """One row per named reward of --reward (mean, std over every sample); the weighted sum below when several."""
+    rows = res.get("rewards", {})
+    lines = [f"{'reward':<26}{'weight':>8}{'mean':>12}{'std':>12}"]
+    lines += [f"{name:<26}{r['weight']:>8.3g}{r['mean']:>12.4f}{r['std']:>12.4f}" for name, r in rows.items()]
+    if len(rows) > 1:
+        lines.append(f"{'weighted sum':<26}{'':>8}{res['train_reward_mean']:>12.4f}")
+    return "\n".join(lines)
+
+
 @dataclass
 class Args:
     checkpoint: str | None = None
@@ -181,7 +206,8 @@ class Args:
     guidance_scale: float = 1.0
     num_steps: int = 10
     reward: str | None = None
-    """also score with this reward spec (needed for prompts outside the shapes grammar)"""
+    """also score with these rewards, e.g. shapes,jpeg_compressibility (a row each; needed for prompts outside the
+    shapes grammar, where the weighted sum is reward_mean)"""
     json: str | None = None
     """write the metrics here"""
     grid: str | None = None
@@ -231,6 +257,8 @@ def main(args: Args):
         print(f"{args.checkpoint or args.model}: {len(captions)} prompts x {args.samples_per_prompt} samples"
               f"{f' on {world} processes' if world > 1 else ''}")
         print(format_table(res))
+        if args.reward:
+            print(format_rewards(res))
         if args.save_images:
             print(f"wrote {res['n']} samples of {len(captions)} prompts to {args.save_images}")
     if args.json and rank == 0:
