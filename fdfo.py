@@ -40,10 +40,16 @@ class Args:
     track: bool = False
     """also log to Weights & Biases (TensorBoard is always on)"""
     wandb_project_name: str = "cleanflow"
+    wandb_entity: str | None = None
+    """the wandb entity (user or team) of the project (default: your wandb default)"""
     output_dir: str | None = None
     """run directory (default runs/{task}__{exp_name}__{seed}__{time})"""
     save_model: bool = True
     """save lora/ (or transformer/) in diffusers format at the end"""
+    upload_model: bool = False
+    """upload the saved model, summary.json and a model card to the Hugging Face Hub at the end"""
+    hf_entity: str | None = None
+    """user or organisation of the Hub model repo {hf_entity}/{task}-{exp_name}-seed{seed} (default: your account)"""
     resume: str | None = None
     """a run directory or checkpoint.pt to continue from"""
     checkpoint_every: int = 20
@@ -376,4 +382,5 @@ if __name__ == "__main__":
               f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}; "
               f"{summary['wall_time_s'] / 60:.1f} min; run dir {run_dir}")
         writer.close()
+        utils.upload_to_hub(run_dir, args)  # --upload-model: lora/ (or transformer/) + model card to the Hub
     utils.cleanup_distributed()

@@ -5,8 +5,12 @@
     python -m common.evaluate --prompts-file my_prompts.txt --samples-per-prompt 8 --json out.json
     python -m common.evaluate --save-images samples/ --samples-per-prompt 4   # GenEval's folder layout
 
-Prints a per-category table; --json writes {reward_mean, strict_accuracy, accuracy (per category),
-partial (per category), diversity, n}; --grid saves a PNG of samples with their prompts.
+    python -m common.evaluate --reward shapes,shapes_strict,jpeg_compressibility   # one row per reward
+
+Prints a per-category table and, with --reward, one row (mean, std) per named reward, so a held-out "gold" reward
+beside the trained one shows reward hacking; --json writes {reward_mean, strict_accuracy, accuracy (per category),
+partial (per category), diversity, n, rewards ({name: {weight, mean, std}})}; --grid saves a PNG of samples with
+their prompts.
 """
 
 import json
@@ -57,8 +61,9 @@ def diversity(images, groups):
 def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guidance_scale=1.0, num_steps=10,
                    reward_fn=None, captions=None, return_images=False, batch_size=128, rank=0, world=1):
     """Generate `samples_per_prompt` samples per prompt. Shapes specs are scored with the mini-GenEval scorer
-    (reward_mean = partial credit); prompts without a spec (None) need `reward_fn`, whose mean is then
-    `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well.
+    (reward_mean = partial credit); prompts without a spec (None or other metadata) need `reward_fn`, whose mean is
+    then `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well. A weighted
+    reward (common.rewards.RewardFn) also reports each of its rewards: `rewards` = {name: {weight, mean, std}}.
 
     Sharded (world > 1, every rank calls it): each rank generates and scores its contiguous slice of the prompts on
     the noise one process would use, the per-sample results are gathered, and every rank returns the metrics of the
@@ -71,6 +76,8 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
     rep = [i for i in range(lo, hi) for _ in range(k)]
     rep_caps, rep_specs = [captions[i] for i in rep], [specs[i] for i in rep]
     local = dict(div=[], values=[], train=[], strict=[], extra=[], cat=[])
+    weights = getattr(reward_fn, "weights", {})  # a RewardFn's named rewards: {name: weight}
+    local.update({f"reward/{name}": [] for name in weights})
     images = torch.zeros(0)
     if rep:
         was_training = transformer.training
@@ -80,8 +87,11 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
         transformer.train(was_training)
         local["div"] = [diversity(images, [list(range(i, i + k))]) for i in range(0, len(rep), k)] if k > 1 else []
         if reward_fn is not None:
-            local["values"] = local["train"] = reward_fn(images, rep_caps, rep_specs)[0].tolist()
-        if all(s is not None for s in rep_specs):
+            total, parts = reward_fn(images, rep_caps, rep_specs)
+            local["values"] = local["train"] = total.tolist()
+            for name in weights:
+                local[f"reward/{name}"] = parts[name].tolist()
+        if all(shapes.is_spec(s) for s in rep_specs):
             values, strict, checks = shapes.score(images, rep_specs)
             local.update(values=values.tolist(), strict=strict.float().tolist(), extra=[c["extra"] for c in checks],
                          cat=[s["category"] for s in rep_specs])
@@ -92,6 +102,11 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
     res = {"n": n_prompts * k, "diversity": float(torch.tensor(gathered["div"]).mean()) if gathered["div"] else 0.0}
     if reward_fn is not None:
         res["train_reward_mean"] = float(torch.tensor(gathered["train"]).mean())
+    if weights:
+        parts = {name: torch.tensor(gathered[f"reward/{name}"]) for name in weights}
+        res["rewards"] = {name: {"weight": w, "mean": float(parts[name].mean()),
+                                 "std": float(parts[name].std()) if len(parts[name]) > 1 else 0.0}
+                          for name, w in weights.items()}
     if gathered["strict"] and len(gathered["strict"]) == len(values):  # every prompt has a shapes spec
         strict, cat = torch.tensor(gathered["strict"]), gathered["cat"]
         cats = [c for c in shapes.CATEGORIES if c in cat]
@@ -124,17 +139,19 @@ def _gather(local, world):
 
 def save_geneval_layout(out_dir, images, captions, specs, samples_per_prompt, start=0):
     """GenEval's layout: <out_dir>/<5-digit prompt index>/metadata.jsonl (one JSON line: prompt, tag (the
-    category) and, for shapes prompts, the spec's fields) and <index>/samples/<4-digit sample>.png at the model's
-    resolution. `images` holds samples_per_prompt consecutive samples per caption; the first caption is prompt
-    `start` (a rank's slice)."""
+    category) and, for shapes prompts, the spec's fields; a prompts file's own JSON line as it was) and
+    <index>/samples/<4-digit sample>.png at the model's resolution. `images` holds samples_per_prompt consecutive
+    samples per caption; the first caption is prompt `start` (a rank's slice)."""
     from PIL import Image
 
     out_dir = Path(out_dir)
     for k, (caption, spec) in enumerate(zip(captions, specs)):
         d = out_dir / f"{k + start:05d}"
         (d / "samples").mkdir(parents=True, exist_ok=True)
-        meta = {"prompt": caption, "tag": spec["category"] if spec else None,
-                **({f: spec[f] for f in ("objects", "relation")} if spec else {})}
+        if shapes.is_spec(spec):
+            meta = {"prompt": caption, "tag": spec["category"], **{f: spec[f] for f in ("objects", "relation")}}
+        else:
+            meta = spec or {"prompt": caption, "tag": None}
         (d / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
         for j in range(samples_per_prompt):
             img = images[k * samples_per_prompt + j].permute(1, 2, 0).mul(255).round().clamp(0, 255).byte().numpy()
@@ -148,6 +165,16 @@ def format_table(res):
     lines.append(f"{'overall':<15}{res.get('strict_accuracy', float('nan')):>12.3f}{res['reward_mean']:>10.3f}")
     lines.append(f"diversity {res['diversity']:.4f}   clean scenes {res.get('clean_fraction', float('nan')):.3f}   "
                  f"n = {res['n']}")
+    return "\n".join(lines)
+
+
+def format_rewards(res):
+    """One row per named reward of --reward (mean, std over every sample); the weighted sum below when several."""
+    rows = res.get("rewards", {})
+    lines = [f"{'reward':<26}{'weight':>8}{'mean':>12}{'std':>12}"]
+    lines += [f"{name:<26}{r['weight']:>8.3g}{r['mean']:>12.4f}{r['std']:>12.4f}" for name, r in rows.items()]
+    if len(rows) > 1:
+        lines.append(f"{'weighted sum':<26}{'':>8}{res['train_reward_mean']:>12.4f}")
     return "\n".join(lines)
 
 
@@ -179,7 +206,8 @@ class Args:
     guidance_scale: float = 1.0
     num_steps: int = 10
     reward: str | None = None
-    """also score with this reward spec (needed for prompts outside the shapes grammar)"""
+    """also score with these rewards, e.g. shapes,jpeg_compressibility (a row each; needed for prompts outside the
+    shapes grammar, where the weighted sum is reward_mean)"""
     json: str | None = None
     """write the metrics here"""
     grid: str | None = None
@@ -209,7 +237,7 @@ def main(args: Args):
     if args.checkpoint and not os.path.exists(args.checkpoint):
         utils.fail(f"--checkpoint {args.checkpoint!r} does not exist")
     captions, specs = utils.load_prompts(args.prompts_file, args.model, args.split)
-    if any(s is None for s in specs) and not args.reward:
+    if not all(shapes.is_spec(s) for s in specs) and not args.reward:
         utils.fail("prompts outside the shapes grammar need --reward (e.g. --reward pickscore)")
     rank, world, device = utils.setup_distributed(args.device)  # torchrun: each rank evaluates a slice
     model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
@@ -229,6 +257,8 @@ def main(args: Args):
         print(f"{args.checkpoint or args.model}: {len(captions)} prompts x {args.samples_per_prompt} samples"
               f"{f' on {world} processes' if world > 1 else ''}")
         print(format_table(res))
+        if args.reward:
+            print(format_rewards(res))
         if args.save_images:
             print(f"wrote {res['n']} samples of {len(captions)} prompts to {args.save_images}")
     if args.json and rank == 0:

@@ -32,7 +32,8 @@ def to_uint8(images):
 
 
 def _specs(prompts, metadata):
-    return [m if m is not None else shapes.parse_caption(p) for p, m in zip(prompts, metadata or [None] * len(prompts))]
+    metadata = metadata or [None] * len(prompts)
+    return [m if shapes.is_spec(m) else shapes.parse_caption(p) for p, m in zip(prompts, metadata)]
 
 
 def shapes_partial(images, prompts, metadata=None):

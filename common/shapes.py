@@ -66,8 +66,14 @@ def parse_caption(caption):
     spec = _CAPTION_INDEX.get(text)
     if spec is None:
         raise ValueError(f"cannot parse prompt {caption!r} with the shapes grammar "
-                         f"(examples: {', '.join(repr(s['caption']) for s in all_specs()[::29])})")
+                         f"(examples: {', '.join(repr(c) for c in list(_CAPTION_INDEX)[::29])})")
     return spec
+
+
+def is_spec(meta):
+    """True for a shapes spec (what the scorer reads); False for None and for other prompt metadata (a GenEval /
+    DrawBench JSON line of a --prompts-file)."""
+    return isinstance(meta, dict) and "objects" in meta and "caption" in meta
 
 
 _CAPTION_INDEX = {s["caption"]: s for s in all_specs()}

@@ -488,6 +488,33 @@ def test_evaluate_cli(tmp_path):
     assert bad.returncode != 0 and "unknown --split 'val'; choose from: train, test" in bad.stderr
 
 
+def test_evaluate_prints_one_row_per_reward(tmp_path):
+    """`--reward a,b,c` (issue 19 item 3): a row of mean and std per named reward and their weighted sum, the same
+    numbers in the JSON; on shapes prompts the `shapes` row is the partial credit and `shapes_strict` the strict
+    accuracy, so a gold reward sits beside the trained one."""
+    out = subprocess.run([sys.executable, "-m", "common.evaluate", "--reward",
+                          "shapes,shapes_strict,jpeg_compressibility=0.1", "--samples-per-prompt", "1",
+                          "--json", str(tmp_path / "r.json")], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    r = res["rewards"]
+    assert list(r) == ["shapes", "shapes_strict", "jpeg_compressibility"] and res["n"] == 32
+    assert [x["weight"] for x in r.values()] == [1.0, 1.0, 0.1]
+    assert r["shapes"]["mean"] == pytest.approx(res["reward_mean"], abs=1e-6)
+    assert r["shapes_strict"]["mean"] == pytest.approx(res["strict_accuracy"], abs=1e-6)
+    p = res["strict_accuracy"]  # a 0/1 reward's sample std follows from its mean
+    assert r["shapes_strict"]["std"] == pytest.approx((p * (1 - p) * 32 / 31) ** 0.5, abs=1e-5)
+    assert r["jpeg_compressibility"]["mean"] < 0 < r["jpeg_compressibility"]["std"]
+    weighted = r["shapes"]["mean"] + r["shapes_strict"]["mean"] + 0.1 * r["jpeg_compressibility"]["mean"]
+    assert res["train_reward_mean"] == pytest.approx(weighted, abs=1e-5)
+    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[-5:]}
+    assert list(rows) == ["reward", "shapes", "shapes_strict", "jpeg_compressibility", "weighted"], out.stdout
+    for name, x in r.items():
+        assert rows[name] == [f"{x['weight']:.3g}", f"{x['mean']:.4f}", f"{x['std']:.4f}"], out.stdout
+    assert rows["weighted"] == ["sum", f"{res['train_reward_mean']:.4f}"]
+
+
 def test_committed_base_draws_shapes():
     """The committed v2 base on the train split (1 fixed-noise sample per prompt, default sampler): measured
     strict 0.64, extra-object rate 0.07 (4 samples per prompt: 0.51 / 0.085, issue 15's target >= 0.5); a random

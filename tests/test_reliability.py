@@ -68,6 +68,7 @@ BAD_INPUTS = [  # (argv, text the single error line must contain)
     (["--resume", "/nonexistent/run"], "--resume '/nonexistent/run': no checkpoint file there"),
     (["--resume", "CORRUPT"], "is not a readable checkpoint"),
     (["--prompts-per-iter", "3", "--group-size", "1", "WORLD2"], "is not divisible by the world size 2"),
+    (["--upload-model", "--no-save-model"], "--upload-model needs --save-model"),
 ]
 
 

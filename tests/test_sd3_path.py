@@ -267,6 +267,8 @@ def test_evaluation_returns_the_picked_samples(tiny_no_t5):
     res, images, rep_caps, values = evaluate_model(model, model.transformer, [None] * 3, 2, 0, 1.0, 2, fn, caps, True)
     res2, picked, pcaps, pvalues = evaluate_model(model, model.transformer, [None] * 3, 2, 0, 1.0, 2, fn, caps,
                                                   [0, 4], batch_size=4)
+    assert res2.pop("rewards") == {"jpeg_compressibility": pytest.approx(res.pop("rewards")["jpeg_compressibility"],
+                                                                        rel=1e-5)}
     assert res2 == pytest.approx(res, rel=1e-5) and pcaps == [caps[0], caps[2]]  # other batch: float rounding
     assert torch.allclose(pvalues, values[[0, 4]], atol=1e-3) and torch.allclose(picked, images[[0, 4]], atol=1e-5)
     # a rank's slice (samples 2..3 of 6) is generated on the noise one process gives those samples
