@@ -180,6 +180,8 @@ class Args:
     num_steps: int = 10
     reward: str | None = None
     """also score with this reward spec (needed for prompts outside the shapes grammar)"""
+    reward_paths: str | None = None
+    """local weights of real rewards: name=path[|processor],... e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth"""
     json: str | None = None
     """write the metrics here"""
     grid: str | None = None
@@ -204,6 +206,7 @@ def main(args: Args):
     if args.reward:
         try:
             rewards.parse_reward_spec(args.reward)
+            rewards.parse_reward_paths(args.reward_paths, args.reward)
         except ValueError as e:
             utils.fail(str(e))
     if args.checkpoint and not os.path.exists(args.checkpoint):
@@ -217,7 +220,7 @@ def main(args: Args):
                               decode_batch_size=args.decode_batch_size)
     transformer = models.load_finetuned(model, args.checkpoint) if args.checkpoint else model.transformer
     reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
-                                     batch_size=args.decode_batch_size) if args.reward else None
+                                     batch_size=args.decode_batch_size, paths=args.reward_paths) if args.reward else None
     res, images, caps, values = evaluate_model(model, transformer, specs, args.samples_per_prompt, args.seed,
                                                args.guidance_scale, args.num_steps, reward_fn, captions, True,
                                                args.batch_size, rank, world)
