@@ -383,7 +383,7 @@ class RemoteReward:
     `retries` more time(s); a server not listening fails at construction. The answer is unpickled: trusted servers
     only (as in Flow-GRPO)."""
 
-    def __init__(self, url, batch_size=64, timeout=120.0, retries=1, **_):
+    def __init__(self, url, batch_size=64, timeout=120.0, retries=1):
         self.url, self.batch_size, self.timeout, self.retries = url, batch_size, timeout, retries
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # servers sit next to the GPUs
         u = urllib.parse.urlsplit(url)
