@@ -170,6 +170,8 @@ class Args:
     """images the VAE decodes and a reward model scores at once"""
     reward_device: str | None = None
     """device of the reward models (default: the model's device)"""
+    reward_paths: str | None = None
+    """local weights of real rewards: name=path[|processor],... e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth"""
     split: str = "test"
     """train | test (shapes grammar prompts), ignored with --prompts-file"""
     prompts_file: str | None = None
@@ -180,8 +182,6 @@ class Args:
     num_steps: int = 10
     reward: str | None = None
     """also score with this reward spec (needed for prompts outside the shapes grammar)"""
-    reward_paths: str | None = None
-    """local weights of real rewards: name=path[|processor],... e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth"""
     json: str | None = None
     """write the metrics here"""
     grid: str | None = None
