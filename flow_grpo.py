@@ -83,6 +83,8 @@ class Args:
     """LoRA alpha (default 2 * rank)"""
     reward: str = "shapes"
     """weighted rewards, e.g. shapes=1.0,jpeg_compressibility=0.1 (choices in common/rewards.py)"""
+    reward_paths: str | None = None
+    """local weights of real rewards: name=path[|processor],... e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth"""
     prompts_file: str | None = None
     """training prompts, one per line (default: the shapes grammar's train split)"""
     eval_prompts_file: str | None = None
@@ -238,7 +240,7 @@ if __name__ == "__main__":
     policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=args.ema)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
-                                     batch_size=args.decode_batch_size)
+                                     batch_size=args.decode_batch_size, paths=args.reward_paths)
     grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config

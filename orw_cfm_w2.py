@@ -85,6 +85,8 @@ class Args:
     """LoRA alpha (default 2 * rank)"""
     reward: str = "shapes"
     """weighted rewards, e.g. shapes=1.0,jpeg_compressibility=0.1 (choices in common/rewards.py)"""
+    reward_paths: str | None = None
+    """local weights of real rewards: name=path[|processor],... e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth"""
     prompts_file: str | None = None
     """training prompts, one per line (default: the shapes grammar's train split)"""
     eval_prompts_file: str | None = None
@@ -215,7 +217,7 @@ if __name__ == "__main__":
     # linear warm-up (official code: LambdaLR(min(step, 5000) / 5000), whose first step has lr 0; ours lr / W)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_iters)))
     reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
-                                     batch_size=args.decode_batch_size)
+                                     batch_size=args.decode_batch_size, paths=args.reward_paths)
     grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) sampling grid, shift from the scheduler config

@@ -197,6 +197,8 @@ class Args:
     """images the VAE decodes and a reward model scores at once"""
     reward_device: str | None = None
     """device of the reward models (default: the model's device)"""
+    reward_paths: str | None = None
+    """local weights of real rewards: name=path[|processor],... e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth"""
     split: str = "test"
     """train | test (shapes grammar prompts), ignored with --prompts-file"""
     prompts_file: str | None = None
@@ -232,6 +234,7 @@ def main(args: Args):
     if args.reward:
         try:
             rewards.parse_reward_spec(args.reward)
+            rewards.parse_reward_paths(args.reward_paths, args.reward)
         except ValueError as e:
             utils.fail(str(e))
     if args.checkpoint and not os.path.exists(args.checkpoint):
@@ -245,7 +248,7 @@ def main(args: Args):
                               decode_batch_size=args.decode_batch_size)
     transformer = models.load_finetuned(model, args.checkpoint) if args.checkpoint else model.transformer
     reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
-                                     batch_size=args.decode_batch_size) if args.reward else None
+                                     batch_size=args.decode_batch_size, paths=args.reward_paths) if args.reward else None
     res, images, caps, values = evaluate_model(model, transformer, specs, args.samples_per_prompt, args.seed,
                                                args.guidance_scale, args.num_steps, reward_fn, captions, True,
                                                args.batch_size, rank, world)

@@ -30,6 +30,7 @@ def check_args(args, world_size=1):
     a = args
     try:
         rewards.parse_reward_spec(a.reward)
+        rewards.parse_reward_paths(getattr(a, "reward_paths", None), a.reward)
     except ValueError as e:
         fail(str(e))
     if a.lr < 0:

@@ -50,8 +50,10 @@ def _check(method, argv, world_size=1):
 
 
 BAD_INPUTS = [  # (argv, text the single error line must contain)
-    (["--reward", "pickscor"], "unknown reward 'pickscor'; choose from: clipscore"),
+    (["--reward", "pickscor"], "unknown reward 'pickscor'; choose from: aesthetic, clipscore"),
     (["--reward", "shapes=abc"], "malformed reward weight 'abc'"),
+    (["--reward-paths", "pikscore=/x"], "unknown reward 'pikscore' in --reward-paths 'pikscore=/x'; choose from: "),
+    (["--reward-paths", "aesthetic=/nonexistent/head.pth"], "'/nonexistent/head.pth' does not exist"),
     (["--model", "stabilityai/stable-diffusion-3.5-medium"], "no network/hub is reachable"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "--prompts-file '/nonexistent/prompts.txt' does not exist"),
     (["--prompts-file", "EMPTY"], "holds no prompts"),
