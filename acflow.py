@@ -346,7 +346,7 @@ if __name__ == "__main__":
         if j == 0 or not buffer:
             # ---- new epoch: M minibatches of CFG-free Euler ODE rollouts of the fixed sampling copy (spec §3.9, §4
             # step 2), scored once; noise for the global batch from (seed, epoch, batch), sliced per rank
-            pool = dict(latents=[], pooled=[], prompt_idx=[], rewards=[])
+            pool = dict(latents=[], pooled=[], prompt_idx=[], rewards=[], parts={})
             for b in range(args.pool_batches):
                 captions, meta, prompt_idx = sampler.sample(epoch * args.pool_batches + b)
                 n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
@@ -359,6 +359,8 @@ if __name__ == "__main__":
                 reward_queries += n * world
                 pool["latents"].append(x0), pool["pooled"].append(pooled), pool["prompt_idx"].append(prompt_idx)
                 pool["rewards"].append(utils.all_gather_cat(reward.to(device)).cpu())  # (B_global,)
+                for k, v in parts.items():
+                    pool["parts"].setdefault(k, []).append(v.float().mean().item())
             # shaping over the whole pool (spec §3.5); prompt ids gathered so group statistics are global
             groups = torch.cat([utils.all_gather_cat(p.to(device)).cpu() for p in pool["prompt_idx"]])
             shaped, shaping_stats = shape_rewards(torch.cat(pool["rewards"]).float(), args.shaping, groups,
@@ -452,6 +454,7 @@ if __name__ == "__main__":
                 **{f"losses/weight_{k}": getattr(w_all, k)().item() for k in ("mean", "min", "max", "std")},
                 "losses/skipped_updates": guard.total,
             }
+            metrics.update({f"charts/reward_{k}": sum(v) / len(v) for k, v in pool["parts"].items()})
             if critic_losses:
                 metrics.update({"losses/critic_loss": torch.stack(critic_losses).mean().item()})
             utils.log_metrics(writer, metrics, it + 1)

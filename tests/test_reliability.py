@@ -30,7 +30,7 @@ TINY = {m: ["--prompts-per-iter", "2", "--group-size", "2" if m == "fdfo" else "
             *(["--num-minibatches", "1"] if m == "flow_grpo" else [])]  # one minibatch: divides a 3-image shard
         for m in METHODS}
 BAD_OPTION = {"advantageflow": ("--gamma-mode", "big"), "flow_grpo": ("--noise-level", "-1"),
-              "orw_cfm_w2": ("--sync-every", "0"), "acflow": ("--shaping", "wild"), "fdfo": ("--group-size", "3")}
+              "orw_cfm_w2": ("--epoch-iters", "0"), "acflow": ("--shaping", "wild"), "fdfo": ("--group-size", "3")}
 
 
 def _check(method, argv, world_size=1):
