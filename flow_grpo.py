@@ -110,7 +110,12 @@ class Args:
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     noise_level: float = 0.7
-    """a in the SDE's std sigma_t = a * sqrt(t / (1 - t)) (paper, ODE-to-SDE conversion)"""
+    """a in the SDE's std sigma_t = a * sqrt(t / (1 - t)) (paper, ODE-to-SDE conversion); with --sde-type cps the
+    step std is sigma_next * sin(a pi / 2)"""
+    sde_type: str = "sde"
+    """sde: the paper's ODE-to-SDE step | cps: Coefficients-Preserving Sampling (official `sample.sde_type`, used by
+    its Flow-GRPO-Fast configs): no excess noise at small sigma; the last step (to sigma 0) is then deterministic
+    and never trained"""
     timestep_fraction: float = 0.3
     """trains int(num_steps * fraction) steps of each trajectory (SD3.5-M: 0.99, i.e. 9 of 10)"""
     timestep_sampling: str = "random"
@@ -158,7 +163,7 @@ def zero_std_fraction(rewards_, groups):
 
 # ----------------------------------------------------------------------------------- losses (paper)
 def step_log_prob(transformer, latents, next_latents, sigma, sigma_next, prompt_embeds, pooled, noise_level,
-                  sigma_max, guidance_scale=1.0, neg_embeds=None, neg_pooled=None):
+                  sigma_max, guidance_scale=1.0, neg_embeds=None, neg_pooled=None, sde_type="sde"):
     """log pi(next_latents | latents) of one SDE step (B,), its mean and sigma_t (paper, ODE-to-SDE conversion).
     latents / next_latents are the fp32 trajectory; the transformer sees latents in its own dtype (that of the
     prompt embeddings), the step math is fp32. With CFG, one batched pass as in the sampler, the unconditional branch
@@ -172,7 +177,10 @@ def step_log_prob(transformer, latents, next_latents, sigma, sigma_next, prompt_
     else:
         v = sampling.predict(transformer, x_in, s, prompt_embeds, pooled)
     _, log_prob, mean, std = sampling.sde_step_with_logprob(v, sigma, sigma_next, latents, noise_level,
-                                                            prev_sample=next_latents, sigma_max=sigma_max)
+                                                            prev_sample=next_latents, sigma_max=sigma_max,
+                                                            sde_type=sde_type)
+    if sde_type == "cps":  # the KL's scale is the step std itself (official code)
+        return log_prob, mean, std
     return log_prob, mean, std / (sigma - sigma_next).sqrt()  # step std = sigma_t * sqrt(-dt)
 
 
@@ -200,6 +208,14 @@ def ema_as_learner(state, lora_rank):
 def check_method_args(a):
     if a.timestep_sampling not in ("random", "first"):
         utils.fail(f"unknown --timestep-sampling {a.timestep_sampling!r}; choose from: random, first")
+    if a.sde_type not in ("sde", "cps"):
+        utils.fail(f"unknown --sde-type {a.sde_type!r}; choose from: sde, cps")
+    if a.noise_level <= 0 or (a.sde_type == "cps" and a.noise_level > 1):
+        utils.fail(f"--noise-level {a.noise_level} must be > 0 (0 is the deterministic ODE: no log-probabilities)"
+                   " and <= 1 with --sde-type cps")
+    if a.sde_type == "cps" and int(a.num_steps * a.timestep_fraction) > a.num_steps - 1:
+        utils.fail(f"--timestep-fraction {a.timestep_fraction} trains all {a.num_steps} steps, but with --sde-type "
+                   "cps the last one is deterministic: use a fraction that leaves it out")
     if a.noise_level <= 0:
         utils.fail(f"--noise-level {a.noise_level} must be > 0 (0 is the deterministic ODE: no log-probabilities)")
     if not 0 < a.timestep_fraction <= 1 or int(a.num_steps * a.timestep_fraction) < 1:
@@ -301,7 +317,8 @@ if __name__ == "__main__":
         for mb in torch.arange(n).split(args.train_batch_size):
             out = sampling.sample(policy.transformer, prompt_embeds[mb], pooled[mb], sigmas, noise[mb],
                                   args.guidance_scale, *negs(len(mb)), noise_level=args.noise_level,
-                                  generator=[sde_gens[j] for j in mb.tolist()], return_trajectory=True)
+                                  generator=[sde_gens[j] for j in mb.tolist()], return_trajectory=True,
+                                  sde_type=args.sde_type)
             trajs.append(out["trajectory"])
             old_lps.append(out["log_probs"])
         traj, old_log_probs = torch.cat(trajs), torch.cat(old_lps)  # (B, T+1, C, H, W) fp32, (B, T) fp32
@@ -323,8 +340,9 @@ if __name__ == "__main__":
             perm = torch.randperm(n * world, generator=gen)  # a global shuffle, restricted to this rank's images
             perm = perm[(perm >= rank * n) & (perm < (rank + 1) * n)] - rank * n
             for k, minibatch in enumerate(perm.chunk(args.num_minibatches)):
+                stochastic = args.num_steps - (args.sde_type == "cps")  # cps: the last step is deterministic
                 steps = (torch.arange(n_train) if args.timestep_sampling == "first"
-                         else torch.randperm(args.num_steps, generator=gen)[:n_train])
+                         else torch.randperm(stochastic, generator=gen)[:n_train])
                 optimizer.zero_grad(set_to_none=True)
                 n_micro = len(minibatch) // args.train_batch_size
                 for mb in minibatch.split(args.train_batch_size):
@@ -333,14 +351,14 @@ if __name__ == "__main__":
                         x, x_next = traj[mb, j], traj[mb, j + 1]
                         log_prob, mean, sigma_t = step_log_prob(
                             policy.transformer, x, x_next, sigmas[j], sigmas[j + 1], pe, pp, args.noise_level,
-                            sigma_max, args.guidance_scale, *negs(len(mb)))
+                            sigma_max, args.guidance_scale, *negs(len(mb)), sde_type=args.sde_type)
                         policy_loss, ratio = ppo_clip_loss(log_prob, old_log_probs[mb, j], a, args.clip_range)
                         kl = torch.zeros((), device=device)  # stacked with the step's tensors below
                         if args.beta > 0:  # KL to the frozen base (paper's KL term in the official code's form)
                             with torch.no_grad(), policy.ref() as ref:
                                 _, mean_ref, _ = step_log_prob(ref, x, x_next, sigmas[j], sigmas[j + 1], pe, pp,
                                                                args.noise_level, sigma_max, args.guidance_scale,
-                                                               *negs(len(mb)))
+                                                               *negs(len(mb)), sde_type=args.sde_type)
                             kl = kl_loss(mean, mean_ref, sigma_t)
                         loss = policy_loss + args.beta * kl
                         (loss / (n_micro * n_train)).backward()

@@ -127,6 +127,39 @@ def test_on_policy_ratio_is_exactly_one(guidance_scale):
         assert sigma_t.item() == pytest.approx(0.7 * math.sqrt(s / (1 - (sigmas[1].item() if s >= 1 else s))), rel=1e-5)
 
 
+def test_cps_step_preserves_the_noise_coefficient():
+    """CPS (official sde_type "cps"): with the exact velocity v = x1 - x0 of x = (1 - s) x0 + s x1, the step lands on
+    (1 - s') x0 + [sqrt(s'^2 - std^2) x1 + std eps], std = s' sin(a pi / 2): clean part (1 - s') x0 and a noise
+    part of variance exactly s'^2 (the schedule's level); log_prob = -mean (x_next - mean)^2; 0 at s' = 0."""
+    g = torch.Generator().manual_seed(0)
+    x0, x1, eps = (torch.randn(4, 3, 16, 16, generator=g) for _ in range(3))
+    s, s_next, a = 0.8, 0.5, 0.7
+    x = (1 - s) * x0 + s * x1
+    std = s_next * math.sin(a * math.pi / 2)
+    nxt, lp, mean, step_std = sampling.sde_step_with_logprob(x1 - x0, s, s_next, x, a, prev_sample=None,
+                                                             generator=g, sde_type="cps")
+    assert step_std == pytest.approx(std)
+    assert torch.allclose(mean, (1 - s_next) * x0 + math.sqrt(s_next**2 - std**2) * x1, atol=1e-5)
+    noise_part = nxt - (1 - s_next) * x0
+    assert noise_part.var().item() == pytest.approx(s_next**2, rel=0.05)  # 3072 values per check
+    assert torch.allclose(lp, -((nxt - mean) ** 2).mean(dim=(1, 2, 3)))
+    last, lp_last, _, _ = sampling.sde_step_with_logprob(x1 - x0, s, 0.0, x, a, generator=g, sde_type="cps")
+    assert torch.allclose(last, x0, atol=1e-5) and torch.equal(lp_last, torch.zeros(4))
+
+
+def test_on_policy_ratio_is_exactly_one_with_cps():
+    transformer, latents, pe, pooled = _tiny()
+    sigmas = models.load_model("embedded").sigmas(4)
+    out = sampling.sample(transformer, pe, pooled, sigmas, latents, noise_level=0.7, sde_type="cps",
+                          generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    traj, old = out["trajectory"], out["log_probs"]
+    for j in range(3):  # the last step (to sigma 0) is deterministic under CPS and never trained
+        lp, _, std = flow_grpo.step_log_prob(transformer, traj[:, j], traj[:, j + 1], sigmas[j], sigmas[j + 1], pe,
+                                             pooled, 0.7, sigmas[1].item(), sde_type="cps")
+        assert torch.equal(lp, old[:, j]) and lp.requires_grad and (lp < 0).all()
+        assert std.item() == pytest.approx(sigmas[j + 1].item() * math.sin(0.35 * math.pi))
+
+
 def test_on_policy_ratio_is_exactly_one_under_bf16():
     """With a bf16 model the trajectory is kept in fp32 (official code): the stored next state is the very sample
     whose log-prob the rollout took, so the recomputed ratio is exactly 1. A trajectory stored in bf16 is off by
@@ -173,6 +206,8 @@ def test_ema_state_replaces_learner_for_saving():
 @pytest.mark.parametrize("flags, message", [
     (["--timestep-sampling", "last"], "unknown --timestep-sampling 'last'; choose from: random, first"),
     (["--noise-level", "0"], "--noise-level 0.0 must be > 0"),
+    (["--sde-type", "ddim"], "unknown --sde-type 'ddim'; choose from: sde, cps"),
+    (["--sde-type", "cps", "--timestep-fraction", "1"], "--timestep-fraction 1.0 trains all 10 steps"),
     (["--num-minibatches", "3"], "--num-minibatches 3 x --train-batch-size 8 must divide the per-process batch 32"),
 ])
 def test_bad_flags_fail_before_loading(flags, message):
