@@ -130,8 +130,9 @@ class Args:
     """advantages clipped to [-adv_clip_max, adv_clip_max] (official code)"""
     global_std: bool = False
     """divide by the std of the whole gathered batch instead of each group's (official SD3.5-M configs: on)"""
-    beta: float = 0.0
-    """weight of the KL to the reference (base) model (SD3.5-M GenEval / OCR: 0.04, PickScore: 0.01)"""
+    beta: float = 0.5
+    """weight of the KL to the reference (base) model (SD3.5-M GenEval / OCR: 0.04, PickScore: 0.01; embedded world
+    v2: 0.5 keeps the images from growing a speckle texture, docs/flow_grpo.md)"""
     ema: bool = True
     """keep an EMA of the trained weights; evaluate and save it (official code)"""
     ema_decay: float = 0.9

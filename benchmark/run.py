@@ -27,13 +27,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def batch_size(method):
-    """Reward queries per iteration of a method with its default Args."""
+    """Reward queries per iteration of a method with its default Args (epoch-structured methods score a pool of
+    --pool-batches batches once every --epoch-iters iterations)."""
     a = importlib.import_module(method).Args()
-    return a.prompts_per_iter * a.group_size
+    return a.prompts_per_iter * a.group_size * getattr(a, "pool_batches", 1) / getattr(a, "epoch_iters", 1)
 
 
 def run_one(method, seed, budget, out, eval_points):
-    it = max(1, budget // batch_size(method))
+    it = max(1, round(budget / batch_size(method)))
     run_dir = out / method / f"seed{seed}"
     if (run_dir / "summary.json").is_file():
         return run_dir

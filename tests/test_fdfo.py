@@ -242,10 +242,16 @@ def test_one_iteration_chunk_loss_is_the_mean_over_the_chunk(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="fails on the world-v2 base until fdfo.py is retuned on v2 (issue 18): measured held-out partial 0.247 vs --lr 0 0.230, margin 0.03 not reached")
+@pytest.mark.skip(reason="issue 18: FDFO's strict gain at its default budget is within run-to-run noise on v2 (same seed, 1 thread: +0.046 strict / +0.044 partial over --lr 0; 2 threads: +0.008 / +0.027)")
 def test_learning_beats_lr_zero(tmp_path):
-    """A short run must beat the identical run with --lr 0 on held-out prompts."""
-    flags = ["--num-iterations", "30", "--threads", "1", "--eval-every", "1000"]
+    """`python fdfo.py` (80 default iterations) must raise held-out strict accuracy and partial credit over the
+    identical run with --lr 0 (its weights never move, so its final evaluation is the base's on the same noise,
+    asserted). Measured on the v2 base (8 samples per prompt): 1 thread partial 0.353 -> 0.397, strict
+    0.270 -> 0.316; 2 threads (other float rounding, so another trajectory) 0.380 / 0.277; 60 iterations gained
+    0.016 / 0.016 (4 samples per prompt)."""
+    flags = ["--threads", "2", "--eval-every", "1000", "--no-save-model"]
     _, learn = _run(tmp_path, *flags, name="learn")
-    _, frozen = _run(tmp_path, *flags, "--lr", "0", name="frozen")
+    _, frozen = _run(tmp_path, *flags, "--num-iterations", "1", "--lr", "0", name="frozen")
+    assert frozen["final"]["reward_mean"] == frozen["base"]["reward_mean"] == learn["base"]["reward_mean"]
+    assert learn["final"]["strict_accuracy"] > frozen["final"]["strict_accuracy"] + 0.03, (learn["final"], frozen["final"])
     assert learn["final"]["reward_mean"] > frozen["final"]["reward_mean"] + 0.03, (learn["final"], frozen["final"])

@@ -275,13 +275,16 @@ def test_one_iteration_loss_is_the_mean_over_micro_batches_and_steps(tmp_path):
 
 # ----------------------------------------------------------------------------------- learning
 @pytest.mark.slow
-@pytest.mark.skip(reason="fails on the world-v2 base until flow_grpo.py is retuned on v2 (issue 18): measured held-out partial 0.218 vs --lr 0 0.211, margin 0.04 not reached")
+@pytest.mark.skip(reason="issue 18: Flow-GRPO's strict gain on v2 is seed-dependent at 100 default iterations (seed 0 +0.058, seed 1 +0.023 over the base); the 3-seed benchmark decides the test's size")
 def test_learning_beats_lr0(tmp_path):
-    """12 default iterations (384 images) vs the same run with --lr 0 (measured: 0.635 -> 0.762 vs 0.635; 0.778 before
-    the noise became global-batch / per-image in 2026-12-04)."""
-    flags = ["--threads", "1", "--num-iterations", "12", "--eval-every", "1000", "--eval-samples-per-prompt", "4",
-             "--checkpoint-every", "1000", "--no-save-model"]
-    learned = run([*flags], tmp_path, "learn", timeout=1800)
-    control = run([*flags, "--lr", "0"], tmp_path, "lr0", timeout=1800)
-    assert control["final"]["reward_mean"] == pytest.approx(control["base"]["reward_mean"], abs=1e-6)
-    assert learned["final"]["reward_mean"] > control["final"]["reward_mean"] + 0.04
+    """60 default iterations must raise held-out strict accuracy and partial credit over the same run with --lr 0
+    (whose weights never move: its final evaluation is the base's on the same noise, asserted). Measured on the v2
+    base: not yet at this size (see the skip reason)."""
+    flags = ["--threads", "2", "--eval-every", "1000", "--eval-samples-per-prompt", "4", "--checkpoint-every", "1000",
+             "--no-save-model"]
+    learned = run([*flags, "--num-iterations", "60"], tmp_path, "learn", timeout=1800)
+    control = run([*flags, "--num-iterations", "1", "--lr", "0"], tmp_path, "lr0", timeout=1800)
+    assert control["base"]["reward_mean"] == learned["base"]["reward_mean"]
+    assert control["final"]["reward_mean"] == pytest.approx(control["base"]["reward_mean"], abs=1e-6)  # EMA rounding
+    assert learned["final"]["strict_accuracy"] > control["final"]["strict_accuracy"] + 0.02, (learned["final"], control["final"])
+    assert learned["final"]["reward_mean"] > control["final"]["reward_mean"] + 0.02, (learned["final"], control["final"])
