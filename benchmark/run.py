@@ -191,7 +191,7 @@ def cost_table(costs):
     return "\n".join(rows), "\n".join(notes)
 
 
-def report(res, out, budget, seeds, docs, costs=None, scale=None):
+def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,7 +240,8 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None):
 Budget: {budget} reward queries per run, seeds {', '.join(map(str, seeds))}, each method's own defaults
 (`--num-iterations` = budget / its batch), one CPU thread per run. Held-out = shapes test split (32 prompts x
 8 samples, CFG-free 10-step Euler, fixed noise). Machine: {platform.machine()}, {os.cpu_count()} cores,
-{time.strftime('%Y-%m-%d')}. Command: `python benchmark/run.py --budget {budget} --seeds {' '.join(map(str, seeds))}`.
+{time.strftime('%Y-%m-%d')}. Command: `python benchmark/run.py --budget {budget} --seeds {' '.join(map(str, seeds))} --eval-points
+{eval_points}{'' if costs else ' --no-cost'}`.
 
 {chr(10).join(rows)}
 
@@ -248,7 +249,7 @@ Budget: {budget} reward queries per run, seeds {', '.join(map(str, seeds))}, eac
 
 "Best partial credit" is the mean over seeds of each run's highest held-out evaluation (base included), with
 the mean number of reward queries at which it came. "Queries to Flow-GRPO's final" is the first evaluation at which a run's held-out partial credit reaches the
-mean final value of the flow_grpo runs (evaluations are spaced ~10% of the budget apart). The s/iter split
+mean final value of the flow_grpo runs (evaluations are spaced ~1/{eval_points} of the budget apart). The s/iter split
 comes from each script's `perf/` scalars (rank 0, first seed).
 """
     if costs:
@@ -311,7 +312,7 @@ def main():
         costs = {m: cost_one(m, out) for m in a.methods}
         r = scaling(a.scaling_method, out, a.scaling_prompts)
         scale = {a.scaling_method: {**r, "prompts_per_process": a.scaling_prompts}}
-    report(collect(out, a.methods, a.seeds), out, a.budget, a.seeds, Path(a.docs), costs, scale)
+    report(collect(out, a.methods, a.seeds), out, a.budget, a.seeds, Path(a.docs), costs, scale, a.eval_points)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def load_prompts(prompts_file, model=models.EMBEDDED, split="train", flag="--pro
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                pass
+                record = "invalid"  # reported just below
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 fail(f"{prompts_file} line {i}: not a JSON object with a \"prompt\" string: {line[:80]!r}")
             line = record["prompt"]
