@@ -211,9 +211,8 @@ def check_method_args(a):
         utils.fail(f"unknown --timestep-sampling {a.timestep_sampling!r}; choose from: random, first")
     if a.sde_type not in ("sde", "cps"):
         utils.fail(f"unknown --sde-type {a.sde_type!r}; choose from: sde, cps")
-    if a.noise_level <= 0 or (a.sde_type == "cps" and a.noise_level > 1):
-        utils.fail(f"--noise-level {a.noise_level} must be > 0 (0 is the deterministic ODE: no log-probabilities)"
-                   " and <= 1 with --sde-type cps")
+    if a.sde_type == "cps" and a.noise_level > 1:
+        utils.fail(f"--noise-level {a.noise_level} must be <= 1 with --sde-type cps (std = sigma_next sin(a pi / 2))")
     if a.sde_type == "cps" and int(a.num_steps * a.timestep_fraction) > a.num_steps - 1:
         utils.fail(f"--timestep-fraction {a.timestep_fraction} trains all {a.num_steps} steps, but with --sde-type "
                    "cps the last one is deterministic: use a fraction that leaves it out")

@@ -40,8 +40,8 @@ def sde_step_with_logprob(model_pred, sigma, sigma_next, latents, noise_level=0.
     x_next = mean + std * eps with step std = std_t * sqrt(-dt); log_prob the Gaussian's.
     sde_type "cps" (Coefficients-Preserving Sampling, Wang et al. 2025, arXiv 2509.05952; official `sde_type="cps"`):
     std = sigma_next * sin(a pi / 2), mean = x0_hat (1 - sigma_next) + x1_hat sqrt(sigma_next^2 - std^2) with
-    x0_hat = x - sigma v, x1_hat = x + (1 - sigma) v, so x_next keeps exactly the noise level sigma_next (the
-    "sde" step adds more noise than the schedule removes at small sigma: grainy images); log_prob is the
+    x0_hat = x - sigma v, x1_hat = x + (1 - sigma) v, so x_next keeps exactly the noise level sigma_next (the CPS
+    paper: the "sde" step over-noises at small sigma, which shows as grainy samples); log_prob is the
     official surrogate -(x_next - mean)^2 without the 1 / (2 std^2) scale and the constants (0 at sigma_next = 0).
     eps is drawn from `generator` (one CPU generator, or a list with one per sample). Returns (x_next in fp32 -
     the sample whose log-prob was taken, as the official code keeps it -, log_prob (B,), mean, step std)."""
