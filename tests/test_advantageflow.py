@@ -221,7 +221,7 @@ def test_bad_arguments_fail_before_loading():
 def _run(tmp_path, *extra, name="run"):
     out_dir = tmp_path / name
     out = subprocess.run([sys.executable, "advantageflow.py", "--output-dir", str(out_dir), *extra],
-                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=1200)
+                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=2400)
     assert out.returncode == 0, out.stderr[-3000:]
     return out_dir, json.loads((out_dir / "summary.json").read_text())
 
