@@ -9,11 +9,13 @@ summary.json and TensorBoard events; nothing is reimplemented here. Writes docs/
 """
 
 import argparse
+import hashlib
 import importlib
 import json
 import os
 import platform
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -33,24 +35,54 @@ def batch_size(method):
     return a.prompts_per_iter * a.group_size * getattr(a, "pool_batches", 1) / getattr(a, "epoch_iters", 1)
 
 
-def run_one(method, seed, budget, out, eval_points):
+def code_hash(method):
+    """sha256 of everything a run's result depends on: the method file, common/ and the committed base model."""
+    h = hashlib.sha256()
+    for f in [ROOT / f"{method}.py", *sorted((ROOT / "common").rglob("*")), ROOT / "benchmark" / "trace.py"]:
+        if f.is_file() and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_cmd(method, seed, budget, eval_points):
+    """The script arguments of one benchmark run (the run directory's --output-dir excluded)."""
     it = max(1, round(budget / batch_size(method)))
+    return [f"{method}.py", "--seed", str(seed), "--num-iterations", str(it),
+            "--eval-every", str(max(1, it // eval_points)), "--threads", "1"]
+
+
+def stored(run_dir, key):
+    """True if run_dir holds a finished run made by exactly this code and these arguments (never reuse others)."""
+    f = run_dir / "run_key.json"
+    return (run_dir / "summary.json").is_file() and f.is_file() and json.loads(f.read_text()) == key
+
+
+def run_one(method, seed, budget, out, eval_points):
     run_dir = out / method / f"seed{seed}"
-    if (run_dir / "summary.json").is_file():
+    key = dict(code=code_hash(method), args=run_cmd(method, seed, budget, eval_points))
+    if stored(run_dir, key):
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "benchmark" / "trace.py"), str(run_dir / "record.json"), f"{method}.py",
-           "--seed", str(seed), "--num-iterations", str(it), "--eval-every", str(max(1, it // eval_points)),
-           "--threads", "1", "--output-dir", str(run_dir)]
+    if run_dir.exists():  # another code state or other arguments: start over
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cmd = [sys.executable, str(ROOT / "benchmark" / "trace.py"), str(run_dir / "record.json"), *key["args"],
+           "--output-dir", str(run_dir)]
     t = time.time()
     with open(run_dir / "stdout.txt", "w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV).returncode
     print(f"{method} seed {seed}: exit {rc} after {time.time() - t:.0f} s", flush=True)
+    if rc == 0:
+        (run_dir / "run_key.json").write_text(json.dumps(key))
     return run_dir
 
 
 # ----------------------------------------------------------------------------------- cost breakdown and scaling
 NO_EVAL = ["--eval-every", "100000", "--checkpoint-every", "100000", "--eval-samples-per-prompt", "1", "--threads", "1"]
+
+
+def stored_cost(d, key):
+    f = d / "cost.json"
+    return f.is_file() and json.loads(f.read_text()).get("key") == key
 
 
 def iteration_times(run_dir, skip=1):
@@ -96,8 +128,10 @@ def time_passes(calls, reps=3):
 def cost_one(method, out, iterations=4):
     """Trace a short run of `method` (alone on the machine), then time the passes it made alone."""
     d = out / "cost" / method
-    if not (d / "cost.json").is_file():
-        d.mkdir(parents=True, exist_ok=True)
+    key = dict(code=code_hash(method), iterations=iterations)
+    if not stored_cost(d, key):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
         cmd = [sys.executable, str(ROOT / "benchmark" / "trace.py"), str(d / "record.json"), "--calls", f"{method}.py",
                "--num-iterations", str(iterations), "--output-dir", str(d / "run"), *NO_EVAL]
         subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, check=True)
@@ -107,7 +141,8 @@ def cost_one(method, out, iterations=4):
         pure = {ph: sum(s for s, c in zip(secs, rec["calls"]) if c[4] == ph) / n for ph in ("sample", "train")}
         passes = {k: sum(c[3] == g for c in rec["calls"]) / n for k, g in (("forward", False), ("forward_backward", True))}
         measured = iteration_times(d / "run")
-        (d / "cost.json").write_text(json.dumps(dict(measured=measured, pure=pure, passes=passes, iterations=n)))
+        (d / "cost.json").write_text(json.dumps(dict(measured=measured, pure=pure, passes=passes, iterations=n,
+                                                     key=key)))
     c = json.loads((d / "cost.json").read_text())
     print(f"{method} cost: {c}", flush=True)
     return c
@@ -118,7 +153,9 @@ def scaling(method, out, prompts_per_process, iterations=6):
     res = {}
     for nproc in (1, 2):
         d = out / "scaling" / method / f"nproc{nproc}"
-        if not (d / "summary.json").is_file():
+        key = dict(code=code_hash(method), nproc=nproc, prompts=prompts_per_process, iterations=iterations)
+        if not stored(d, key):
+            shutil.rmtree(d, ignore_errors=True)
             launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                           "--nproc_per_node", str(nproc)]
             per_process = prompts_per_process * importlib.import_module(method).Args().group_size
@@ -126,6 +163,7 @@ def scaling(method, out, prompts_per_process, iterations=6):
                             "--train-batch-size", str(per_process), "--num-iterations", str(iterations),
                             "--output-dir", str(d), *NO_EVAL], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, check=True)
+            (d / "run_key.json").write_text(json.dumps(key))
         res[nproc] = statistics.mean(v for st, _, v in scalars(d, "charts/images_per_sec") if st > 1)
     print(f"{method} scaling: {res}", flush=True)
     return res
@@ -140,14 +178,15 @@ def scalars(run_dir, tag):
     return [(e.step, e.wall_time, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
 
 
-def collect(out, methods, seeds):
+def collect(out, methods, seeds, budget, eval_points):
     res = {}
     for m in methods:
         bs = batch_size(m)
         runs = []
         for s in seeds:
             d = out / m / f"seed{s}"
-            if not (d / "summary.json").is_file():
+            if not stored(d, dict(code=code_hash(m), args=run_cmd(m, s, budget, eval_points))):
+                print(f"{m} seed {s}: no run of this code state and budget in {d}; left out", flush=True)
                 continue
             summ = json.loads((d / "summary.json").read_text())
             ev = scalars(d, "eval/reward_mean")
@@ -312,7 +351,7 @@ def main():
         costs = {m: cost_one(m, out) for m in a.methods}
         r = scaling(a.scaling_method, out, a.scaling_prompts)
         scale = {a.scaling_method: {**r, "prompts_per_process": a.scaling_prompts}}
-    report(collect(out, a.methods, a.seeds), out, a.budget, a.seeds, Path(a.docs), costs, scale, a.eval_points)
+    report(collect(out, a.methods, a.seeds, a.budget, a.eval_points), out, a.budget, a.seeds, Path(a.docs), costs, scale, a.eval_points)
 
 
 if __name__ == "__main__":

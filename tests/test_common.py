@@ -528,3 +528,23 @@ def test_committed_base_draws_shapes():
     rand.transformer = models.build_embedded()[0]
     res_rand = evaluate_model(rand, rand.transformer, specs, samples_per_prompt=1)
     assert res_rand["strict_accuracy"] == 0 and res_rand["reward_mean"] < 0.02, res_rand
+
+
+def test_benchmark_never_reuses_runs_of_other_code_or_arguments(tmp_path):
+    """benchmark/run.py reuses a stored run only when its key (code hash + script arguments) matches exactly."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmark"))
+    import run as bench
+
+    key = dict(code=bench.code_hash("advantageflow"), args=bench.run_cmd("advantageflow", 0, 3200, 4))
+    assert key["args"][:5] == ["advantageflow.py", "--seed", "0", "--num-iterations", "50"]  # 3200 / 64 per it.
+    assert bench.code_hash("advantageflow") != bench.code_hash("fdfo")
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "summary.json").write_text("{}")
+    assert not bench.stored(d, key)  # no key: a run of unknown provenance is never reused
+    (d / "run_key.json").write_text(json.dumps(key))
+    assert bench.stored(d, key)
+    assert not bench.stored(d, {**key, "code": "0" * 16})  # other code state
+    assert not bench.stored(d, dict(key, args=bench.run_cmd("advantageflow", 0, 6400, 4)))  # other budget
+    (d / "summary.json").unlink()
+    assert not bench.stored(d, key)  # unfinished
