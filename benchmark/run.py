@@ -45,9 +45,10 @@ def code_hash(method):
 
 
 def run_cmd(method, seed, budget, eval_points):
-    """The script arguments of one benchmark run (the run directory's --output-dir excluded)."""
-    it = max(1, round(budget / batch_size(method)))
-    return [f"{method}.py", "--seed", str(seed), "--num-iterations", str(it),
+    """The script arguments of one benchmark run (the run directory's --output-dir excluded); budget 0 = the
+    script's own default number of iterations (what `python <method>.py` runs)."""
+    it = max(1, round(budget / batch_size(method))) if budget else importlib.import_module(method).Args().num_iterations
+    return [f"{method}.py", "--seed", str(seed), *(["--num-iterations", str(it)] if budget else []),
             "--eval-every", str(max(1, it // eval_points)), "--threads", "1"]
 
 
@@ -230,7 +231,7 @@ def cost_table(costs):
     return "\n".join(rows), "\n".join(notes)
 
 
-def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8):
+def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8, page="benchmark"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,17 +241,19 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8)
     img.mkdir(parents=True, exist_ok=True)
     grpo = [r["summary"]["final"]["reward_mean"] for r in res.get("flow_grpo", [])]
     target = statistics.mean(grpo) if grpo else None
-    rows = ["| method | seeds | base partial credit | final partial credit | final strict accuracy | best partial credit (queries) | diversity | "
-            "queries to Flow-GRPO's final | wall time (min) | s/iter: sample / reward / train | peak RSS (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | seeds | reward queries | strict accuracy: base -> final (gain, per seed) | partial credit: base -> "
+            "final | best partial credit (queries) | extra-object rate: base -> final | diversity | queries to "
+            "Flow-GRPO's final | wall time (min) | s/iter: sample / reward / train | peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     for m, runs in res.items():
         if not runs:
             continue
-        b0 = [r["summary"]["base"]["reward_mean"] for r in runs]  # evaluation noise depends on the seed
-        f = [r["summary"]["final"]["reward_mean"] for r in runs]
-        st = [r["summary"]["final"]["strict_accuracy"] for r in runs]
-        dv = [r["summary"]["final"]["diversity"] for r in runs]
+        fin = [r["summary"]["final"] for r in runs]
+        base = [r["summary"]["base"] for r in runs]  # evaluation noise depends on the seed
+        ms = lambda xs: f"{mean_std(xs)[0]:.3f} ± {mean_std(xs)[1]:.3f}"  # noqa: E731
+        gains = [f["strict_accuracy"] - b["strict_accuracy"] for f, b in zip(fin, base)]
+        extra = lambda d: 1 - d["clean_fraction"]  # noqa: E731
         wt = [r["summary"]["wall_time_s"] / 60 for r in runs]
         reach = [queries_to_reach(r["curve"], target) for r in runs] if target is not None else []
         reach_s = (f"{statistics.mean([q for q in reach if q is not None]):.0f} ({sum(q is not None for q in reach)}/{len(reach)} seeds)"
@@ -259,37 +262,47 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8)
         best_s = f"{mean_std([b[2] for b in best])[0]:.3f} ({statistics.mean(b[0] for b in best):.0f})"
         p = runs[0]["perf"]
         rss = [r["peak_rss_mb"] for r in runs if r["peak_rss_mb"]]
-        rows.append(f"| {m} | {len(runs)} | {mean_std(b0)[0]:.3f} | {mean_std(f)[0]:.3f} ± {mean_std(f)[1]:.3f} | {mean_std(st)[0]:.3f} ± "
-                    f"{mean_std(st)[1]:.3f} | {best_s} | {mean_std(dv)[0]:.3f} | {reach_s} | {mean_std(wt)[0]:.1f} | "
-                    f"{p['sample']:.2f} / {p['reward']:.2f} / {p['train']:.2f} | {max(rss) if rss else float('nan'):.0f} |")
+        rows.append(f"| {m} | {len(runs)} | {runs[0]['curve'][-1][0]:.0f} | {mean_std([b['strict_accuracy'] for b in base])[0]:.3f} -> "
+                    f"{ms([f['strict_accuracy'] for f in fin])} (**{mean_std(gains)[0]:+.3f}**; "
+                    f"{', '.join(f'{g:+.3f}' for g in gains)}) | {mean_std([b['reward_mean'] for b in base])[0]:.3f} -> "
+                    f"{ms([f['reward_mean'] for f in fin])} | {best_s} | {mean_std([extra(b) for b in base])[0]:.3f} -> "
+                    f"{mean_std([extra(f) for f in fin])[0]:.3f} | {mean_std([f['diversity'] for f in fin])[0]:.3f} | "
+                    f"{reach_s} | {mean_std(wt)[0]:.1f} | {p['sample']:.2f} / {p['reward']:.2f} / {p['train']:.2f} | "
+                    f"{max(rss) if rss else float('nan'):.0f} |")
         for i, r in enumerate(runs):
             q, w, v = zip(*r["curve"])
             kw = dict(color=f"C{list(res).index(m)}", alpha=0.8, label=m if i == 0 else None)
             ax[0].plot(q, v, **kw)
             ax[1].plot([x / 60 for x in w], v, **kw)
             ax[2].scatter([r["summary"]["final"]["reward_mean"]], [r["summary"]["final"]["diversity"]], **kw)
-    ax[0].set(xlabel="reward queries", ylabel="held-out partial credit")
+    ax[0].set(xlabel="reward queries", ylabel="held-out partial credit", xscale="log" if not budget else "linear")
     ax[1].set(xlabel="wall time (min)", ylabel="held-out partial credit")
     ax[2].set(xlabel="final held-out partial credit", ylabel="diversity")
     ax[0].legend()
     fig.tight_layout()
-    fig.savefig(img / "benchmark.png", dpi=90)
-    text = f"""# Benchmark: all methods on the embedded shapes world
+    fig.savefig(img / f"{page}.png", dpi=90)
+    budget_s = (f"{budget} reward queries per run (`--num-iterations` = budget / the script's batch)" if budget else
+                "each script's own default number of iterations (exactly `python <method>.py --seed S`)")
+    text = f"""# Benchmark: all methods on the embedded shapes world{'' if budget else ' at their defaults'}
 
-Budget: {budget} reward queries per run, seeds {', '.join(map(str, seeds))}, each method's own defaults
-(`--num-iterations` = budget / its batch), one CPU thread per run. Held-out = shapes test split (32 prompts x
-8 samples, CFG-free 10-step Euler, fixed noise). Machine: {platform.machine()}, {os.cpu_count()} cores,
-{time.strftime('%Y-%m-%d')}. Command: `python benchmark/run.py --budget {budget} --seeds {' '.join(map(str, seeds))} --eval-points
-{eval_points}{'' if costs else ' --no-cost'}`.
+Budget: {budget_s}, seeds {', '.join(map(str, seeds))}, each method's own defaults otherwise, one CPU thread per
+run. Held-out = shapes test split (32 prompts x 8 samples, CFG-free 10-step Euler, fixed noise; the standard
+deviation of a strict-accuracy mean from evaluation noise alone is ~0.02). Machine: {platform.machine()},
+{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Command: `python benchmark/run.py --budget {budget} --seeds
+{' '.join(map(str, seeds))} --eval-points {eval_points}{'' if page == 'benchmark' else ' --page ' + page}{'' if costs else ' --no-cost'}`.
+Every run is keyed by the hash of its code and its arguments; a stored run of another code state is re-run.
 
 {chr(10).join(rows)}
 
-![curves](img/benchmark.png)
+![curves](img/{page}.png)
 
-"Best partial credit" is the mean over seeds of each run's highest held-out evaluation (base included), with
-the mean number of reward queries at which it came. "Queries to Flow-GRPO's final" is the first evaluation at which a run's held-out partial credit reaches the
-mean final value of the flow_grpo runs (evaluations are spaced ~1/{eval_points} of the budget apart). The s/iter split
-comes from each script's `perf/` scalars (rank 0, first seed).
+Strict accuracy = exact scenes (every object, count, colour and position right); the gain is final minus the
+same seed's base (the base is evaluated on the run's own noise). Extra-object rate = the fraction of images with
+an object the prompt did not ask for (clutter, the reward-hacking signature of world v1). "Best partial credit"
+is the mean over seeds of each run's highest held-out evaluation (base included), with the mean number of reward
+queries at which it came. "Queries to Flow-GRPO's final" is the first evaluation at which a run's held-out
+partial credit reaches the mean final value of the flow_grpo runs (evaluations are spaced ~1/{eval_points} of
+the run apart). The s/iter split comes from each script's `perf/` scalars (rank 0, first seed).
 """
     if costs:
         table, notes = cost_table(costs)
@@ -316,10 +329,10 @@ programmatic reward of the embedded world and AC-Flow's small critic are not mod
 gloo: one process {r[1]:.1f} images/s, two processes {r[2]:.1f} images/s, ratio **{r[2] / r[1]:.2f}** (ideal 2 on
 the 2 cores). Mean of `charts/images_per_sec` over iterations 2-6.
 """
-    notes = ROOT / "benchmark" / "commentary.md"  # hand-written reading of the numbers, kept across re-runs
+    notes = ROOT / "benchmark" / f"commentary{page[len('benchmark'):]}.md"  # hand-written reading, kept across re-runs
     if notes.is_file():
         text += "\n" + notes.read_text()
-    (docs / "benchmark.md").write_text(text)
+    (docs / f"{page}.md").write_text(text)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     print(text)
 
@@ -328,11 +341,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=[m for m in METHODS if (ROOT / f"{m}.py").is_file()])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--budget", type=int, default=6400, help="reward queries per run")
+    p.add_argument("--budget", type=int, default=3200, help="reward queries per run; 0 = each script's defaults")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--eval-points", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results"))
     p.add_argument("--docs", default=str(ROOT / "docs"))
+    p.add_argument("--page", default="benchmark", help="writes <docs>/<page>.md and <docs>/img/<page>.png")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--no-cost", action="store_true", help="skip the cost breakdown and the scaling runs")
     p.add_argument("--scaling-method", default="advantageflow")
@@ -351,7 +365,8 @@ def main():
         costs = {m: cost_one(m, out) for m in a.methods}
         r = scaling(a.scaling_method, out, a.scaling_prompts)
         scale = {a.scaling_method: {**r, "prompts_per_process": a.scaling_prompts}}
-    report(collect(out, a.methods, a.seeds, a.budget, a.eval_points), out, a.budget, a.seeds, Path(a.docs), costs, scale, a.eval_points)
+    report(collect(out, a.methods, a.seeds, a.budget, a.eval_points), out, a.budget, a.seeds, Path(a.docs), costs, scale,
+           a.eval_points, a.page)
 
 
 if __name__ == "__main__":
