@@ -3,7 +3,7 @@
 # Runs every method for a few iterations on SD3.5-M from the local Hugging Face cache (or MODEL=/path), with each
 # method page's per-GPU training micro-batch, CFG, T5 and LoRA r32, --mixed-precision bf16; prints seconds per
 # iteration and the peak GPU memory (torch.cuda.max_memory_allocated) per method, to compare with the estimate of
-# benchmark/gpu_memory.py (docs/benchmark.md). Without SD3.5-M in the cache it builds the tiny random SD3 pipeline of
+# benchmark/gpu_memory.py (docs/gpu.md). Without SD3.5-M in the cache it builds the tiny random SD3 pipeline of
 # tests/tiny_sd3.py and runs it at 512 px (checks the code path on CUDA, not the memory).
 # Settings: MODEL, ITERS (default 3), RES (default 512), REWARD (default jpeg_compressibility: no reward download; e.g. pickscore),
 # METHODS (default all five), OUT (default runs/gpu_smoke). About 10-15 minutes on one H100 with SD3.5-M.
