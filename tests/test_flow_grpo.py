@@ -275,16 +275,16 @@ def test_one_iteration_loss_is_the_mean_over_micro_batches_and_steps(tmp_path):
 
 # ----------------------------------------------------------------------------------- learning
 @pytest.mark.slow
-@pytest.mark.skip(reason="issue 18: Flow-GRPO's strict gain on v2 is seed-dependent at 100 default iterations (seed 0 +0.058, seed 1 +0.023 over the base); the 3-seed benchmark decides the test's size")
 def test_learning_beats_lr0(tmp_path):
-    """60 default iterations must raise held-out strict accuracy and partial credit over the same run with --lr 0
-    (whose weights never move: its final evaluation is the base's on the same noise, asserted). Measured on the v2
-    base: not yet at this size (see the skip reason)."""
-    flags = ["--threads", "2", "--eval-every", "1000", "--eval-samples-per-prompt", "4", "--checkpoint-every", "1000",
-             "--no-save-model"]
-    learned = run([*flags, "--num-iterations", "60"], tmp_path, "learn", timeout=1800)
+    """`python flow_grpo.py` (100 default iterations, one thread, evaluated every 25 as in the benchmark) must raise
+    held-out strict accuracy and partial credit over the identical run with --lr 0 (whose weights never move: its
+    final evaluation is the base's on the same noise, asserted). Measured on the v2 base with exactly this command
+    (benchmark_defaults.md, seed 0): partial 0.353 -> 0.407, strict 0.270 -> 0.328; seeds 1 / 2 gained +0.023 /
+    +0.047 strict. One thread, because the thread count changes float rounding and with it the trajectory."""
+    flags = ["--threads", "1", "--eval-every", "25", "--checkpoint-every", "1000", "--no-save-model"]
+    learned = run(flags, tmp_path, "learn", timeout=2400)
     control = run([*flags, "--num-iterations", "1", "--lr", "0"], tmp_path, "lr0", timeout=1800)
     assert control["base"]["reward_mean"] == learned["base"]["reward_mean"]
     assert control["final"]["reward_mean"] == pytest.approx(control["base"]["reward_mean"], abs=1e-6)  # EMA rounding
-    assert learned["final"]["strict_accuracy"] > control["final"]["strict_accuracy"] + 0.02, (learned["final"], control["final"])
-    assert learned["final"]["reward_mean"] > control["final"]["reward_mean"] + 0.02, (learned["final"], control["final"])
+    assert learned["final"]["strict_accuracy"] > control["final"]["strict_accuracy"] + 0.03, (learned["final"], control["final"])
+    assert learned["final"]["reward_mean"] > control["final"]["reward_mean"] + 0.03, (learned["final"], control["final"])
