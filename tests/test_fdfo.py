@@ -243,13 +243,13 @@ def test_one_iteration_chunk_loss_is_the_mean_over_the_chunk(tmp_path):
 
 @pytest.mark.slow
 def test_learning_beats_lr_zero(tmp_path):
-    """`python fdfo.py` (80 default iterations) must raise held-out strict accuracy and partial credit over the
+    """`python fdfo.py --num-iterations 80` must raise held-out strict accuracy and partial credit over the
     identical run with --lr 0 (its weights never move, so its final evaluation is the base's on the same noise,
     asserted). Measured on the v2 base (8 samples per prompt): 1 thread partial 0.353 -> 0.397, strict
     0.270 -> 0.316; 2 threads (other float rounding, so another trajectory) 0.380 / 0.277; 60 iterations gained
     0.016 / 0.016 (4 samples per prompt). Hence one thread: the measured trajectory, not another one."""
     flags = ["--threads", "1", "--eval-every", "1000", "--no-save-model"]
-    _, learn = _run(tmp_path, *flags, name="learn")
+    _, learn = _run(tmp_path, *flags, "--num-iterations", "80", name="learn")
     _, frozen = _run(tmp_path, *flags, "--num-iterations", "1", "--lr", "0", name="frozen")
     assert frozen["final"]["reward_mean"] == frozen["base"]["reward_mean"] == learn["base"]["reward_mean"]
     assert learn["final"]["strict_accuracy"] > frozen["final"]["strict_accuracy"] + 0.03, (learn["final"], frozen["final"])
