@@ -52,10 +52,11 @@ def run_cmd(method, seed, budget, eval_points):
             "--eval-every", str(max(1, it // eval_points)), "--threads", "1"]
 
 
-def stored(run_dir, key):
-    """True if run_dir holds a finished run made by exactly this code and these arguments (never reuse others)."""
+def stored(run_dir, key, done="summary.json"):
+    """True if run_dir holds a finished run (its `done` file) made by exactly this code and these arguments (never
+    reuse others)."""
     f = run_dir / "run_key.json"
-    return (run_dir / "summary.json").is_file() and f.is_file() and json.loads(f.read_text()) == key
+    return (run_dir / done).is_file() and f.is_file() and json.loads(f.read_text()) == key
 
 
 def run_one(method, seed, budget, out, eval_points):
@@ -79,11 +80,6 @@ def run_one(method, seed, budget, out, eval_points):
 
 # ----------------------------------------------------------------------------------- cost breakdown and scaling
 NO_EVAL = ["--eval-every", "100000", "--checkpoint-every", "100000", "--eval-samples-per-prompt", "1", "--threads", "1"]
-
-
-def stored_cost(d, key):
-    f = d / "cost.json"
-    return f.is_file() and json.loads(f.read_text()).get("key") == key
 
 
 def iteration_times(run_dir, skip=1):
@@ -130,7 +126,7 @@ def cost_one(method, out, iterations=4):
     """Trace a short run of `method` (alone on the machine), then time the passes it made alone."""
     d = out / "cost" / method
     key = dict(code=code_hash(method), iterations=iterations)
-    if not stored_cost(d, key):
+    if not stored(d, key, "cost.json"):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         cmd = [sys.executable, str(ROOT / "benchmark" / "trace.py"), str(d / "record.json"), "--calls", f"{method}.py",
@@ -142,8 +138,8 @@ def cost_one(method, out, iterations=4):
         pure = {ph: sum(s for s, c in zip(secs, rec["calls"]) if c[4] == ph) / n for ph in ("sample", "train")}
         passes = {k: sum(c[3] == g for c in rec["calls"]) / n for k, g in (("forward", False), ("forward_backward", True))}
         measured = iteration_times(d / "run")
-        (d / "cost.json").write_text(json.dumps(dict(measured=measured, pure=pure, passes=passes, iterations=n,
-                                                     key=key)))
+        (d / "cost.json").write_text(json.dumps(dict(measured=measured, pure=pure, passes=passes, iterations=n)))
+        (d / "run_key.json").write_text(json.dumps(key))
     c = json.loads((d / "cost.json").read_text())
     print(f"{method} cost: {c}", flush=True)
     return c
