@@ -154,7 +154,7 @@ def scaling(method, out, prompts_per_process, iterations=6):
         if not stored(d, key):
             shutil.rmtree(d, ignore_errors=True)
             launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                          "--nproc_per_node", str(nproc)]
+                                                          "--nproc_per_node", str(nproc), "--standalone"]
             per_process = prompts_per_process * importlib.import_module(method).Args().group_size
             subprocess.run([*launch, f"{method}.py", "--prompts-per-iter", str(prompts_per_process * nproc),
                             "--train-batch-size", str(per_process), "--num-iterations", str(iterations),

@@ -418,7 +418,7 @@ utils.sync_gradients([p]); assert p.grad.tolist() == [1.5, 1.5, 1.5]
 open({str(tmp_path)!r} + f"/rank{{rank}}.ok", "w").write("ok")
 utils.cleanup_distributed()
 """)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     # each rank leaves a file (two processes printing to one pipe can interleave their lines)

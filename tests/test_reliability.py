@@ -237,7 +237,7 @@ def test_torchrun_two_processes_match_one(method, tmp_path):
     one = subprocess.run(_cmd(method, tmp_path / "one", n_it=2), capture_output=True, text=True, cwd=ROOT, env=ENV,
                          timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                           *_cmd(method, tmp_path / "two", n_it=2)[1:]], capture_output=True, text=True, cwd=ROOT,
                          env=ENV, timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
