@@ -52,20 +52,42 @@ def run_cmd(method, seed, budget, eval_points):
             "--eval-every", str(max(1, it // eval_points)), "--threads", "1"]
 
 
+def effective(args):
+    """The resolved Args of a script command (defaults filled in, --output-dir dropped): a command that spells out
+    a default is the same run as one that leaves it out."""
+    import tyro
+
+    a = vars(tyro.cli(importlib.import_module(args[0].removesuffix(".py")).Args, args=list(args[1:])))
+    a.pop("output_dir", None)
+    return a
+
+
 def stored(run_dir, key, done="summary.json"):
-    """True if run_dir holds a finished run (its `done` file) made by exactly this code and these arguments (never
-    reuse others)."""
+    """True if run_dir holds a finished run (its `done` file) made by exactly this code and these (resolved)
+    arguments (never reuse others)."""
     f = run_dir / "run_key.json"
-    return (run_dir / done).is_file() and f.is_file() and json.loads(f.read_text()) == key
+    if not ((run_dir / done).is_file() and f.is_file()):
+        return False
+    old = json.loads(f.read_text())
+    if old == key:
+        return True
+    return ("args" in key and old.keys() == key.keys() and old["code"] == key["code"]
+            and effective(old["args"]) == effective(key["args"]))
 
 
-def run_one(method, seed, budget, out, eval_points):
+def run_one(method, seed, budget, out, eval_points, reuse=()):
     run_dir = out / method / f"seed{seed}"
     key = dict(code=code_hash(method), args=run_cmd(method, seed, budget, eval_points))
     if stored(run_dir, key):
         return run_dir
     if run_dir.exists():  # another code state or other arguments: start over
         shutil.rmtree(run_dir)
+    for other in reuse:  # the same run (same code, same resolved arguments) stored under another --out
+        if stored(Path(other) / method / f"seed{seed}", key):
+            shutil.copytree(Path(other) / method / f"seed{seed}", run_dir)
+            (run_dir / "run_key.json").write_text(json.dumps(key))
+            print(f"{method} seed {seed}: the same run is stored in {other}; copied", flush=True)
+            return run_dir
     run_dir.mkdir(parents=True)
     cmd = [sys.executable, str(ROOT / "benchmark" / "trace.py"), str(run_dir / "record.json"), *key["args"],
            "--output-dir", str(run_dir)]
@@ -286,7 +308,7 @@ run. Held-out = shapes test split (32 prompts x 8 samples, CFG-free 10-step Eule
 deviation of a strict-accuracy mean from evaluation noise alone is ~0.02). Machine: {platform.machine()},
 {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Command: `python benchmark/run.py --budget {budget} --seeds
 {' '.join(map(str, seeds))} --eval-points {eval_points}{'' if page == 'benchmark' else ' --page ' + page}{'' if costs else ' --no-cost'}`.
-Every run is keyed by the hash of its code and its arguments; a stored run of another code state is re-run.
+Every run is keyed by the hash of its code and its resolved arguments; a stored run of another code state is re-run.
 
 {chr(10).join(rows)}
 
@@ -345,6 +367,8 @@ def main():
     p.add_argument("--page", default="benchmark", help="writes <docs>/<page>.md and <docs>/img/<page>.png")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--no-cost", action="store_true", help="skip the cost breakdown and the scaling runs")
+    p.add_argument("--reuse", nargs="*", default=[], help="other --out folders: a run stored there with the same "
+                   "code and resolved arguments is copied instead of re-run (e.g. the defaults page from the budget one)")
     p.add_argument("--scaling-method", default="advantageflow")
     p.add_argument("--scaling-prompts", type=int, default=4, help="prompts per process in the scaling runs")
     a = p.parse_args()
@@ -355,7 +379,7 @@ def main():
     if not a.report_only:
         jobs = [(m, s) for s in a.seeds for m in a.methods]
         with ThreadPoolExecutor(a.workers) as ex:
-            list(ex.map(lambda j: run_one(j[0], j[1], a.budget, out, a.eval_points), jobs))
+            list(ex.map(lambda j: run_one(j[0], j[1], a.budget, out, a.eval_points, a.reuse), jobs))
     costs = scale = None
     if not a.no_cost:  # run alone, after the parallel runs, so the timings are not disturbed
         costs = {m: cost_one(m, out) for m in a.methods}
