@@ -293,7 +293,7 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8,
             ax[0].plot(q, v, **kw)
             ax[1].plot([x / 60 for x in w], v, **kw)
             ax[2].scatter([r["summary"]["final"]["reward_mean"]], [r["summary"]["final"]["diversity"]], **kw)
-    ax[0].set(xlabel="reward queries", ylabel="held-out partial credit", xscale="log" if not budget else "linear")
+    ax[0].set(xlabel="reward queries", ylabel="held-out partial credit")
     ax[1].set(xlabel="wall time (min)", ylabel="held-out partial credit")
     ax[2].set(xlabel="final held-out partial credit", ylabel="diversity")
     ax[0].legend()
