@@ -4,18 +4,31 @@ config.json files) are built on the meta device, and each phase of an iteration 
 batch sizes while a dispatch mode adds up the bytes of every tensor the ops allocate and frees them when the last
 reference dies (peak = high-water mark). Weights and trainable state are counted from parameter numbers.
 
-    python benchmark/gpu_memory.py                 # table (markdown) on stdout; ~1 min on one core
+    python benchmark/gpu_memory.py                 # table (markdown) on stdout; ~2 min on one core
+    python benchmark/gpu_memory.py --json out.json # also every number, for benchmark/gpu_check.py
 
 What the table adds up, per process: frozen weights in bf16 (--mixed-precision bf16, the CUDA default), VAE in fp32,
-reward models in bf16 (parameter counts of the released checkpoints); LoRA learner (+ rollout / EMA adapter) in fp32
-with fp32 gradients and AdamW moments; the iteration's stored tensors (prompt embeddings, latents, trajectories);
-plus the largest transient phase: a training micro-step (forward + backward at --train-batch-size, doubled under CFG
-when the method trains through CFG), a no-grad rollout / evaluation forward (--eval-batch-size, doubled under CFG),
-a VAE decode (--decode-batch-size) or the prompt encoding. Attention is counted as a fused kernel (flash / memory-
-efficient, what SDPA picks on CUDA). Not counted: the CUDA context (~0.5-1 GB), allocator fragmentation (allow
-~10 %), reward-model activations (< 1 GB at batch 16). `benchmark/gpu_smoke.sh` measures the real peak on a GPU.
+reward models in --reward-dtype (fp32 by default; parameter counts of the released checkpoints); LoRA learner
+(+ rollout / EMA adapter) in fp32 with fp32 gradients and AdamW moments; the iteration's stored tensors (prompt
+embeddings, latents, trajectories, ORW / AC-Flow's pool) as the scripts keep them; plus the largest transient phase:
+a training micro-step, a no-grad rollout / evaluation forward (--eval-batch-size, doubled under CFG), a VAE decode
+(--decode-batch-size, plus the images decoded so far) or the prompt encoding.
+
+The transformer phases run as the scripts run them on CUDA: fp32 LoRA weights, the forward under an emulation of
+CUDA's torch.autocast(bf16) (`AutocastPolicy`: CUDA keeps layer_norm, pow, softmax, sum in fp32, CPU autocast does
+not; checked against the real CPU autocast by benchmark/autocast_memory.py), fp32 outputs. A training micro-step is
+forward + backward at --train-batch-size (doubled under CFG when the method trains through CFG); Flow-GRPO's
+reference forward (--beta > 0) runs while the learner's graph is alive, so it is traced inside the step. Attention
+is counted as a fused kernel (flash / memory-efficient, what SDPA picks on CUDA).
+
+Not counted: the CUDA context (~0.5-1 GiB, outside PyTorch's allocator), allocator fragmentation, reward-model
+activations (< 1 GiB at batch 16), cuBLAS / attention workspaces (tens of MiB). The margin rule: reserved ~= 1.15 x
+the allocated peak (fragmentation), and a command fits a GPU when 1.15 x peak + 1 GiB (context) < its usable memory
+(H100 80 GB: 78 GiB). `benchmark/gpu_smoke.sh` measures both on a GPU.
 """
 
+import contextlib
+import functools
 import re
 import shlex
 import sys
@@ -24,8 +37,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,10 +84,13 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 s = t.untyped_storage()
                 key = s._cdata
+                if key in inputs and key not in self.size:  # a view of a tensor made outside (a weight, a buffer)
+                    continue
                 if key not in self.size:
                     self.size[key], self.refs[key] = s.nbytes(), 0
                     self.now += s.nbytes()
@@ -81,6 +98,58 @@ class PeakMemory(TorchDispatchMode):
                 self.refs[key] += 1
                 weakref.finalize(t, self._release, key)
         return out
+
+
+# torch.autocast's op lists (ATen autocast_mode.cpp), as the names torch functions reach a TorchFunctionMode with:
+# ops run in bf16, ops run in fp32 (CUDA only: CPU autocast runs these in the input dtype), ops run in the widest
+# input dtype. Only the ops an SD3 transformer calls matter here.
+AUTOCAST_LOW = {"linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "addbmm", "einsum", "conv1d", "conv2d",
+                "conv3d", "conv_transpose2d", "prelu", "scaled_dot_product_attention"}
+AUTOCAST_FP32 = {"cuda": {"exp", "expm1", "log", "log1p", "log2", "log10", "reciprocal", "rsqrt", "pow", "__pow__",
+                          "__rpow__", "softplus", "layer_norm", "group_norm", "norm", "cosine_similarity", "softmax",
+                          "log_softmax", "logsumexp", "cumsum", "cumprod", "prod", "sum", "mse_loss", "l1_loss",
+                          "cdist", "erfinv", "acos", "asin", "cosh", "sinh", "tan"},
+                 "cpu": {"mse_loss", "l1_loss", "cdist", "prod"}}
+AUTOCAST_PROMOTE = {"cat", "stack", "addcmul", "addcdiv", "index_put", "scatter_add", "dot", "cross", "atan2"}
+
+
+class AutocastPolicy(TorchFunctionMode):
+    """torch.autocast(device, bf16) emulated above autograd (so the casts are recorded and saved as autocast's are),
+    on any device - the meta device included, where torch.autocast does not run. Casts of leaf tensors that
+    require grad (the LoRA weights) are cached for the region, as autocast caches them."""
+
+    def __init__(self, device="cuda", dtype=torch.bfloat16):
+        super().__init__()
+        self.fp32, self.dtype, self.cache = AUTOCAST_FP32[device], dtype, {}
+
+    def __exit__(self, *exc):
+        self.cache.clear()
+        return super().__exit__(*exc)
+
+    def _cast(self, t, dtype):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()) or t.dtype == dtype or t.dtype == torch.float64:
+            return t
+        if t.is_leaf and t.requires_grad:
+            if id(t) not in self.cache:
+                self.cache[id(t)] = (t, t.to(dtype))
+            return self.cache[id(t)][1]
+        return t.to(dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in AUTOCAST_LOW:
+            dtype = self.dtype
+        elif name in self.fp32 and kwargs.get("dtype") is None:
+            dtype = torch.float32
+        elif name in AUTOCAST_PROMOTE:
+            floats = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            dtype = torch.float32 if any(t.dtype == torch.float32 for t in floats) else None
+        else:
+            dtype = None
+        if dtype is not None:
+            args, kwargs = tree_map(lambda t: self._cast(t, dtype), (args, kwargs))
+        return func(*args, **kwargs)
 
 
 def fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
@@ -131,7 +200,7 @@ def documented(method):
 
 
 class SD35M:
-    """Meta-device SD3.5-M with LoRA r32 (the scripts' targets) and the tracing of each phase."""
+    """Meta-device SD3.5-M with LoRA r32 in fp32 (the scripts' targets and dtypes) and the tracing of each phase."""
 
     def __init__(self):
         from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -141,8 +210,6 @@ class SD35M:
         self.n_transformer = nparams(self.transformer)
         self.policy = models.Policy(self.transformer, 32, 64, with_old=False)  # fp32 LoRA (cast_training_params)
         self.n_lora = sum(p.numel() for p in self.policy.parameters())
-        for p in self.policy.parameters():  # meta tensors have no autocast: trace with the bf16 casts it would make
-            p.data = p.data.to(torch.bfloat16)
         self.vae = meta(lambda: AutoencoderKL(**SD35M_VAE)).float()
         self.t5 = meta(lambda: T5EncoderModel(T5Config(**T5_XXL)))
         self.n_clip = sum(nparams(meta(lambda c=c: CLIPTextModelWithProjection(CLIPTextConfig(**c))))
@@ -157,22 +224,43 @@ class SD35M:
                     encoder_hidden_states=torch.empty(b, text_len, 4096, dtype=torch.bfloat16, **kw),
                     pooled_projections=torch.empty(b, 2048, dtype=torch.bfloat16, **kw))
 
-    def phase(self, name, b, res=512, text_len=77 + 128, checkpointing=False):
-        key = (name, b, res, text_len, checkpointing)
+    def forward(self, b, res, text_len):
+        """The scripts' transformer call, with an fp32 output (accelerate's convert_outputs_to_fp32)."""
+        return self.transformer(**self._inputs(b, res, text_len))[0].float()
+
+    def phase(self, name, b, res=512, text_len=77 + 128, checkpointing=False, ref=False, autocast=True):
+        """Peak bytes of one phase. train: forward + backward at batch b (ref: plus a no-grad reference forward at
+        batch b while the graph is alive, as Flow-GRPO's KL term); forward: a no-grad forward; vae: a decode of b
+        latents; t5: T5 encoding of b prompts. autocast=False: pure bf16 (LoRA cast to bf16, no autocast)."""
+        key = (name, b, res, text_len, checkpointing, ref, autocast)
         if key in self.cache:
             return self.cache[key]
         tr = self.transformer
-        tr.enable_gradient_checkpointing() if checkpointing and name == "train" else tr.disable_gradient_checkpointing()
+        if checkpointing and name == "train":  # the recomputation runs under the forward's autocast, as checkpoint
+            recompute = (lambda: (contextlib.nullcontext(), AutocastPolicy("cuda"))) if autocast else None  # does
+            tr.enable_gradient_checkpointing(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
+                                                               **({"context_fn": recompute} if recompute else {})))
+        lora = self.policy.parameters()
+        if not autocast:
+            for p in lora:
+                p.data = p.data.to(torch.bfloat16)
+        mode = AutocastPolicy("cuda") if autocast else contextlib.nullcontext()
         if name == "train":
             def fn():
-                v = tr(**self._inputs(b, res, text_len))[0]
-                v.float().pow(2).mean().backward()
-                for p in self.policy.parameters():
+                with mode:  # backward too: checkpointed blocks recompute under it
+                    v, v_ref = self.forward(b, res, text_len), 0
+                    if ref:
+                        with torch.no_grad():
+                            tr.disable_adapters()
+                            v_ref = self.forward(b, res, text_len)
+                            tr.enable_adapters()
+                    (v - v_ref).pow(2).mean().backward()
+                for p in lora:
                     p.grad = None
         elif name == "forward":
             def fn():
-                with torch.no_grad():
-                    tr(**self._inputs(b, res, text_len))
+                with torch.no_grad(), mode:
+                    self.forward(b, res, text_len)
         elif name == "vae":
             def fn():
                 with torch.no_grad():
@@ -181,61 +269,122 @@ class SD35M:
             def fn():
                 with torch.no_grad():
                     self.t5(torch.zeros(b, 128, dtype=torch.long, device="meta"))
-        self.cache[key] = traced(fn)
-        tr.disable_gradient_checkpointing()
+        try:
+            self.cache[key] = traced(fn)
+        finally:
+            tr.disable_gradient_checkpointing()
+            for p in lora:
+                p.data = p.data.float()
         return self.cache[key]
 
 
-def estimate(sd, method, checkpointing=False):
-    world, f = documented(method)
+def estimate(sd, method, checkpointing=False, flags=None, autocast=True, extra=None):
+    """Peak memory per process of `method` with the docs page's flags (or `flags`: {--flag: value, world: n}, e.g.
+    the smoke test's; `extra` overrides some), in bytes: dict with the parts, the phases, `total` (allocated peak)
+    and `reserved` (the margin rule)."""
+    world, f = documented(method) if flags is None else (int(flags.get("world", 1)), flags)
+    f = {**f, **(extra or {})}
+    checkpointing = checkpointing or "--gradient-checkpointing" in f
     res = int(f.get("--resolution", 512))
     n = int(f["--prompts-per-iter"]) * int(f.get("--group-size", 1)) // world  # images per process
     tbs, steps = int(f["--train-batch-size"]), int(f.get("--num-steps", 10))
     cfg = float(f.get("--guidance-scale", 1.0)) > 1
     t5 = "--use-t5" in f
-    rewards = [p.split("=")[0] for p in f.get("--reward", "").split(",")]
-    with_old = method != "fdfo" and (method != "flow_grpo" or "--ema" in f)
-    lat = 16 * (res // 8) ** 2
+    rewards = [p.split("=")[0] for p in str(f.get("--reward", "")).split(",")]
+    reward_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[f.get("--reward-dtype", "fp32")]
+    ema = f.get("--ema", True) is not False and "--no-ema" not in f  # flow_grpo: on by default
+    with_old = method != "fdfo" and (method != "flow_grpo" or ema)
+    beta = float(f.get("--beta", 0.5)) if method == "flow_grpo" else 0.0
+    lat = 16 * (res // 8) ** 2  # latent elements per image
+    img = 3 * res * res * 4  # a decoded fp32 image
     weights = (sd.n_transformer + sd.n_clip + (nparams(sd.t5) if t5 else 0)) * 2 + nparams(sd.vae) * 4
-    weights += sum(REWARD_PARAMS.get(r, 0) * 2 for r in rewards)
+    weights += sum(REWARD_PARAMS.get(r, 0) * reward_bytes for r in rewards)
     trainable = sd.n_lora * 4 * (4 + with_old)  # fp32 params, grads, 2 AdamW moments (+ old adapter)
     text = n * (77 + 128) * 4096 * 2 + n * 2048 * 2  # prompt_embeds + pooled, bf16
+    pool = int(f.get("--pool-batches", 5)) * n * (lat * 2 + 2048 * 2)  # ORW / AC-Flow: bf16 latents (+ pooled)
     stored = {"flow_grpo": n * (steps + 1) * lat * 4,  # fp32 SDE trajectory
-              "fdfo": n * steps * lat * 2 * 2 + n * lat * 4,  # bf16 states + velocities, fp32 finals
-              }.get(method, n * lat * 2) + text
+              "fdfo": n * steps * lat * (2 + 4) + 2 * n * lat * 4,  # bf16 states, fp32 velocities; fp32 finals, dbar
+              "orw_cfm_w2": pool, "acflow": pool,
+              "advantageflow": 2 * n * lat * 2,  # x0, eps
+              }[method] + text
     roll_b = tbs if method in MICRO_BATCHED_ROLLOUTS else n
-    eval_b = 128
+    eval_b = min(int(f.get("--eval-batch-size", 128)), int(f.get("eval_images", 128)))
+    decode_b = int(f.get("--decode-batch-size", 16))
+    train_b = tbs * (2 if cfg and method == "flow_grpo" else 1)
     phases = {
-        "train": sd.phase("train", tbs * (2 if cfg and method == "flow_grpo" else 1), res, checkpointing=checkpointing),
-        "rollout": sd.phase("forward", roll_b * (2 if cfg and method in CFG_ROLLOUTS else 1), res),
-        "eval": sd.phase("forward", eval_b * (2 if cfg else 1), res),
-        "vae": sd.phase("vae", 16, res),
+        "train": sd.phase("train", train_b, res, checkpointing=checkpointing, ref=beta > 0, autocast=autocast),
+        "rollout": sd.phase("forward", roll_b * (2 if cfg and method in CFG_ROLLOUTS else 1), res, autocast=autocast),
+        "eval": sd.phase("forward", eval_b * (2 if cfg else 1), res, autocast=autocast) + 3 * eval_b * img,
+        "vae": sd.phase("vae", min(decode_b, n), res) + max(n - decode_b, 0) * img,  # + the chunks decoded so far
         "text": sd.phase("t5", min(n, 128)) if t5 else 0,
     }
     worst = max(phases, key=phases.get)
     total = weights + trainable + stored + phases[worst]
     return dict(method=method, world=world, images=n, tbs=tbs, weights=weights, trainable=trainable, stored=stored,
-                phases=phases, worst=worst, total=total)
+                phases=phases, worst=worst, total=total, reserved=reserved(total))
+
+
+FRAGMENTATION, CONTEXT, H100_USABLE = 1.15, 1.0 * GiB, 78 * GiB
+
+
+def reserved(allocated):
+    """The margin rule: what the caching allocator reserves for an allocated peak (fragmentation)."""
+    return allocated * FRAGMENTATION
+
+
+def fits(allocated, usable=H100_USABLE):
+    return reserved(allocated) + CONTEXT < usable
+
+
+# the rows of the table: each docs command, plus variants
+VARIANTS = [(m, {}) for m in METHODS] + [("fdfo", {"--reward-dtype": "bf16"})]
+
+
+def rows(sd):
+    out = []
+    for m, extra in VARIANTS:
+        e, g = estimate(sd, m, extra=extra), estimate(sd, m, checkpointing=True, extra=extra)
+        e["bf16_train"] = estimate(sd, m, autocast=False, extra=extra)["phases"]["train"]
+        e["gc_total"] = g["total"]
+        e["label"] = m + "".join(f" `{k} {v}`" for k, v in extra.items())
+        out.append(e)
+    return out
+
+
+def table(rs):
+    lines = ["| method (docs command) | GPUs | images / GPU | train micro-batch | weights | LoRA + AdamW | stored "
+             "| train step: pure bf16 -> autocast | rollout fwd | eval fwd (128) | VAE decode (16) "
+             "| **peak allocated** | reserved x1.15 + 1 GiB context | with `--gradient-checkpointing` | fits 78 GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in rs:
+        p = e["phases"]
+        fit = "yes" if fits(e["total"]) else ("with `--gradient-checkpointing`" if fits(e["gc_total"]) else "**no**")
+        lines.append(
+            f"| {e['label']} | {e['world']} | {e['images']} | {e['tbs']} | {e['weights'] / GiB:.1f} | "
+            f"{e['trainable'] / GiB:.2f} | {e['stored'] / GiB:.1f} | {e['bf16_train'] / GiB:.1f} -> "
+            f"{p['train'] / GiB:.1f} | {p['rollout'] / GiB:.1f} | {p['eval'] / GiB:.1f} | {p['vae'] / GiB:.1f} | "
+            f"**{e['total'] / GiB:.1f}** ({e['worst']}) | {(e['reserved'] + CONTEXT) / GiB:.1f} | "
+            f"{e['gc_total'] / GiB:.1f} -> {(reserved(e['gc_total']) + CONTEXT) / GiB:.1f} | {fit} |")
+    return "\n".join(lines)
 
 
 def main():
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="also write every number (bytes) to this file")
+    a = ap.parse_args()
     torch.set_num_threads(1)
     sd = SD35M()
     print(f"SD3.5-M transformer {sd.n_transformer / 1e9:.2f} B params, LoRA r32 {sd.n_lora / 1e6:.1f} M, "
           f"CLIP-L+G {sd.n_clip / 1e9:.2f} B, T5-XXL encoder {nparams(sd.t5) / 1e9:.2f} B, VAE {nparams(sd.vae) / 1e6:.0f} M\n")
-    print("| method (docs command) | GPUs | images / GPU | train micro-batch | weights | LoRA + AdamW | stored "
-          "| train step | rollout fwd | eval fwd (128) | VAE decode (16) | **peak / GPU** | with `--gradient-checkpointing` |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for m in METHODS:
-        e, g = estimate(sd, m), estimate(sd, m, checkpointing=True)
-        p = e["phases"]
-        g_total = g["total"] if g["worst"] == "train" else max(g["total"], e["total"] - p["train"] + g["phases"]["train"])
-        print(f"| {m} | {e['world']} | {e['images']} | {e['tbs']} | {e['weights'] / GiB:.1f} | "
-              f"{e['trainable'] / GiB:.2f} | {e['stored'] / GiB:.1f} | {p['train'] / GiB:.1f} | {p['rollout'] / GiB:.1f} | "
-              f"{p['eval'] / GiB:.1f} | {p['vae'] / GiB:.1f} | **{e['total'] / GiB:.1f} GiB** ({e['worst']}) | "
-              f"{g_total / GiB:.1f} GiB |")
-    print("\nGiB; peak = weights + LoRA/AdamW + stored + the largest phase (named). Add ~1 GiB CUDA context and ~10 % "
-          "fragmentation before comparing with 80 GB.")
+    rs = rows(sd)
+    print(table(rs))
+    print("\nGiB; peak allocated = weights + LoRA/AdamW + stored + the largest phase (named); reserved = 1.15 x peak; "
+          "fits when reserved + 1 GiB context < 78 GiB (H100 80 GB).")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rs, indent=1))
 
 
 if __name__ == "__main__":
