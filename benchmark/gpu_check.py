@@ -8,8 +8,9 @@ Each method runs its docs page's SD3.5-M command (docs/<method>.md) on one GPU a
 with CFG, T5, LoRA r32, its --beta / --ema / reward dtype, for a few iterations: ORW-CFM-W2 and AC-Flow with short
 epochs (two pool samplings each, the page's pool-to-iteration ratio), Flow-GRPO and FDFO with fewer images per GPU
 (`--full-batch`: the page's 144 / 108). The real reward model when the local Hugging Face cache has it, otherwise
-a named fallback (Flow-GRPO's GenEval server: GENEVAL_URL; else the VLM judge the page names, else PickScore, else
-jpeg_compressibility). Checks, in order of priority within the time budget (`--budget`, 600 s):
+a named fallback (Flow-GRPO's GenEval server: GENEVAL_URL with prompts/geneval_*.jsonl; else the VLM judge the page
+names, else PickScore, else jpeg_compressibility). Checks, in order of priority within the time budget (`--budget`,
+600 s):
 
 - fp16: `--mixed-precision fp16` is refused in one line before loading (or, if the scripts train it with a
   GradScaler, its losses are finite);
@@ -40,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 SD35M = "stabilityai/stable-diffusion-3.5-medium"
+GENEVAL_PROMPTS = ROOT / "prompts" / "geneval_train.jsonl"  # python -m common.prompts --sets geneval
 PROMPTS = ["a photo of a red bicycle leaning against a blue wall", "two cats sleeping on a wooden bench",
            "a bowl of oranges on a kitchen table, morning light", "a lighthouse on a cliff at sunset",
            "three yellow balloons above a green field", "a dog wearing sunglasses on a beach",
@@ -53,6 +55,7 @@ SHORT = {
     "fdfo": {"--prompts-per-iter": 9, "--num-minibatches": 2, "--num-iterations": 2},  # 18 images (9 pairs)
     "flow_grpo": {"--prompts-per-iter": 3, "--group-size": 6, "--num-minibatches": 2, "--num-iterations": 2},
 }
+GC = {"--gradient-checkpointing": True, "--num-iterations": 1}  # Flow-GRPO: the step it shrinks most
 RATIO_TOL, MARGIN = 1e-3, 1.15
 GiB = 2**30
 
@@ -101,7 +104,7 @@ def pick_reward(method, spec, forced=None):
     if forced:
         return forced, f"{forced} (--reward)"
     if method == "flow_grpo":  # the page: a GenEval-type reward server
-        if os.environ.get("GENEVAL_URL"):
+        if os.environ.get("GENEVAL_URL") and GENEVAL_PROMPTS.exists():  # the server needs GenEval metadata
             return f"remote:{os.environ['GENEVAL_URL']}", "the GenEval server at GENEVAL_URL"
         for r in ("vlm", "pickscore"):
             if reward_available(r):
@@ -148,6 +151,9 @@ def run_argv(ctx, method, extra=None, world=1, save=False):
     f.update({"--model": ctx.model, "--prompts-file": str(ctx.prompts), "--eval-prompts-file": str(ctx.prompts),
               "--eval-samples-per-prompt": 1, "--eval-every": 1000, "--checkpoint-every": 1000,
               "--log-images-every": 1000, "--no-save-model": not save})
+    if f["--reward"].startswith("remote:"):
+        f["--prompts-file"] = str(GENEVAL_PROMPTS)
+        f["--eval-prompts-file"] = str(GENEVAL_PROMPTS.with_name("geneval_test.jsonl"))
     if ctx.tiny:
         f["--resolution"] = ctx.a.tiny_resolution
     if ctx.a.device != "auto":
@@ -251,7 +257,8 @@ def method_run(ctx, method, name=None, extra=None, world=1, save=False, memory=T
     report = ctx.out / f"{name}.report{{rank}}.json"
     cmd = exec_cmd(ctx, f"{method}.py", flags, report, world)
     est_key = f"{name}"
-    ctx.plan.append(dict(key=est_key, method=method, flags={**flags, "world": world, "eval_images": len(PROMPTS) // world}))
+    ctx.plan.append(dict(key=est_key, method=method,
+                         flags={**flags, "world": world, "eval_images": len(PROMPTS) // world}))
     if ctx.a.dry_run:
         print(f"[{name}] reward: {note}\n  {shlex.join(cmd)}")
         return None
@@ -317,7 +324,8 @@ def resume_check(ctx, method):
     resume = exec_cmd(ctx, f"{method}.py", {**flags, "--resume": str(run_dir)},
                       ctx.out / f"{name}_resumed.report{{rank}}.json")
     if ctx.a.dry_run:
-        return print(f"[{name}] kill -9 after the first checkpoint, then resume\n  {shlex.join(cmd)}\n  {shlex.join(resume)}")
+        return print(f"[{name}] kill -9 after the first checkpoint, then resume\n  {shlex.join(cmd)}\n"
+                     f"  {shlex.join(resume)}")
     import torch
 
     p, deadline = launch(ctx, name, cmd, None, wait=False), time.monotonic() + ctx.timeout(300)
@@ -493,9 +501,10 @@ def main():
     cap = torch.cuda.get_device_capability(0) if gpus else None
     ctx.low = "bfloat16" if cap and cap >= (8, 0) else "float32"  # the scripts' default frozen-weight dtype
     bf16 = f", compute capability {cap[0]}.{cap[1]}: bf16 {'native' if cap >= (8, 0) else 'emulated'}" if cap else ""
-    print(f"GPUs: {gpus} ({torch.cuda.get_device_name(0) if gpus else 'none'}{bf16}); "
-          f"model: {ctx.model}{' (tiny random SD3: SD3.5-M is not in the local cache)' if ctx.tiny else ''}"
-          f"{' (not in this cache: planned as a GPU with it would run)' if a.dry_run and not ctx.tiny and not a.model and not cached(SD35M, 'model_index.json') else ''}; "
+    note = " (tiny random SD3: SD3.5-M is not in the local cache)" if ctx.tiny else ""
+    if a.dry_run and not ctx.tiny and not a.model and not cached(SD35M, "model_index.json"):
+        note = " (not in this cache: planned as a GPU with it would run)"
+    print(f"GPUs: {gpus} ({torch.cuda.get_device_name(0) if gpus else 'none'}{bf16}); model: {ctx.model}{note}; "
           f"HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}; budget {a.budget:.0f} s")
     if not gpus and a.device == "auto" and not a.dry_run:
         raise SystemExit("no CUDA GPU: nothing to accept here (use --dry-run, or --device cpu to test the plan)")
@@ -521,8 +530,7 @@ def main():
               ("resume_orw_cfm_w2", lambda: resume_check(ctx, "orw_cfm_w2"), 90),
               ("acflow", lambda: method_run(ctx, "acflow"), 80),
               ("torchrun_2gpu", lambda: method_run(ctx, "flow_grpo", "torchrun_2gpu", world=2), 100),
-              ("gradient_checkpointing", lambda: method_run(ctx, "flow_grpo", "gradient_checkpointing",
-                                                            {"--gradient-checkpointing": True, "--num-iterations": 1}), 60),
+              ("gradient_checkpointing", lambda: method_run(ctx, "flow_grpo", "gradient_checkpointing", GC), 60),
               ("evaluate_fp16", lambda: evaluate_check(ctx, "fp16"), 30),
               ("resume_acflow", lambda: resume_check(ctx, "acflow"), 80)]
     if a.only:
@@ -562,9 +570,9 @@ def main():
 
 
 def summary(ctx):
-    print(f"\n{'check':34s} {'result':7s} detail ({ctx.elapsed():.0f} s in all; logs in {ctx.log})")
+    print(f"\n{'check':38s} {'result':7s} detail ({ctx.elapsed():.0f} s in all; logs in {ctx.log})")
     for r in ctx.results:
-        print(f"{r['check'][:34]:34s} {r['status']:7s} {r['detail'][:150]}")
+        print(f"{r['check'][:38]:38s} {r['status']:7s} {r['detail'][:150]}")
     counts = {s: sum(r["status"] == s for r in ctx.results) for s in ("PASS", "FAIL", "SKIPPED", "INFO")}
     print(", ".join(f"{v} {k}" for k, v in counts.items() if v))
     (ctx.out / "summary.json").write_text(json.dumps(dict(results=ctx.results, runs=ctx.runs), indent=1, default=str))

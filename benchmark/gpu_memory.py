@@ -143,7 +143,8 @@ class AutocastPolicy(TorchFunctionMode):
         elif name in self.fp32 and kwargs.get("dtype") is None:
             dtype = torch.float32
         elif name in AUTOCAST_PROMOTE:
-            floats = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            floats = [t for t in tree_flatten((args, kwargs))[0]
+                      if isinstance(t, torch.Tensor) and t.is_floating_point()]
             dtype = torch.float32 if any(t.dtype == torch.float32 for t in floats) else None
         else:
             dtype = None
@@ -378,7 +379,8 @@ def main():
     torch.set_num_threads(1)
     sd = SD35M()
     print(f"SD3.5-M transformer {sd.n_transformer / 1e9:.2f} B params, LoRA r32 {sd.n_lora / 1e6:.1f} M, "
-          f"CLIP-L+G {sd.n_clip / 1e9:.2f} B, T5-XXL encoder {nparams(sd.t5) / 1e9:.2f} B, VAE {nparams(sd.vae) / 1e6:.0f} M\n")
+          f"CLIP-L+G {sd.n_clip / 1e9:.2f} B, T5-XXL encoder {nparams(sd.t5) / 1e9:.2f} B, "
+          f"VAE {nparams(sd.vae) / 1e6:.0f} M\n")
     rs = rows(sd)
     print(table(rs))
     print("\nGiB; peak allocated = weights + LoRA/AdamW + stored + the largest phase (named); reserved = 1.15 x peak; "
