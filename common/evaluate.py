@@ -14,37 +14,57 @@ their prompts.
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import tyro
 
-from common import shapes
+from common import rewards, shapes
 from common.sampling import sample
 
 
-@torch.no_grad()
-def generate(model, transformer, captions, seed=0, guidance_scale=1.0, num_steps=10, batch_size=128, offset=0,
-             total=None):
-    """CFG-optional Euler ODE samples for a list of captions, noise fixed by `seed` (same noise for every
-    model, so base and fine-tuned are compared on paired noise). The captions are samples offset..offset+N of a list
-    of `total` (default N) whose noise is drawn at once, so a rank's slice gets the noise one process would give it.
-    Returns images (N, 3, H, W) in [0, 1]."""
+def eval_noise(shape, seed, total, offset, n, chunk=256):
+    """Samples offset..offset+n of `total` standard normal latents drawn at once from `seed` (the noise one process
+    gives them, however many processes share the evaluation), without holding all `total`: drawn in chunks of whole
+    samples up to the last one needed, which gives the same numbers as one draw when a sample has a multiple of 16
+    elements (torch's CPU sampler fills blocks of 16 values; other shapes: one draw)."""
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(total or len(captions), *model.latent_shape, generator=gen)[offset:offset + len(captions)]
+    if math.prod(shape) % 16:
+        return torch.randn(total, *shape, generator=gen)[offset:offset + n].clone()
+    parts = []
+    for start in range(0, offset + n, chunk):
+        x = torch.randn(min(chunk, total - start), *shape, generator=gen)
+        if start + len(x) > offset:
+            parts.append(x[max(0, offset - start):offset + n - start])
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def generate_batches(model, transformer, captions, seed=0, guidance_scale=1.0, num_steps=10, batch_size=128, offset=0,
+                     total=None):
+    """CFG-optional Euler ODE samples for a list of captions, noise fixed by `seed` (same noise for every
+    model, so base and fine-tuned are compared on paired noise), `batch_size` at a time. The captions are samples
+    offset..offset+N of a list of `total` (default N): a rank's slice gets the noise one process would give it.
+    Yields images (B, 3, H, W) in [0, 1] on the CPU."""
+    noise = eval_noise(model.latent_shape, seed, total or len(captions), offset, len(captions))
     sigmas = model.sigmas(num_steps)
     neg = model.encode_prompt([""]) if guidance_scale > 1 else (None, None)
-    images = []
     for i in range(0, len(captions), batch_size):
         pe, pooled = model.encode_prompt(captions[i:i + batch_size])
         n = pe.shape[0]
         negs = (neg[0].expand(n, -1, -1), neg[1].expand(n, -1)) if guidance_scale > 1 else (None, None)
         out = sample(transformer, pe, pooled, sigmas, noise[i:i + n].to(model.device, model.dtype),
                      guidance_scale, *negs)
-        images.append(model.decode(out["latents"]).cpu())
-    return torch.cat(images)
+        yield model.decode(out["latents"]).cpu()
+
+
+def generate(model, transformer, captions, seed=0, guidance_scale=1.0, num_steps=10, batch_size=128, offset=0,
+             total=None):
+    """All of `generate_batches` at once: images (N, 3, H, W) in [0, 1]."""
+    return torch.cat(list(generate_batches(model, transformer, captions, seed, guidance_scale, num_steps, batch_size,
+                                           offset, total)))
 
 
 def diversity(images, groups):
@@ -68,7 +88,8 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
     Sharded (world > 1, every rank calls it): each rank generates and scores its contiguous slice of the prompts on
     the noise one process would use, the per-sample results are gathered, and every rank returns the metrics of the
     whole list. `return_images`: True -> (res, images, captions, values) of this rank's slice (all samples in one
-    process); a list of global sample indices -> those samples only, gathered on every rank (for sample grids)."""
+    process); a list of global sample indices -> those samples only, gathered on every rank (for sample grids).
+    Images are returned as uint8 (N, 3, H, W); every score is taken on the float images."""
     captions = captions or [s["caption"] for s in specs]
     k, n_prompts = samples_per_prompt, len(captions)
     per = -(-n_prompts // world)
@@ -78,25 +99,38 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
     local = dict(div=[], values=[], train=[], strict=[], extra=[], cat=[])
     weights = getattr(reward_fn, "weights", {})  # a RewardFn's named rewards: {name: weight}
     local.update({f"reward/{name}": [] for name in weights})
-    images = torch.zeros(0)
-    if rep:
+    images = torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    if rep:  # scored batch by batch; kept as uint8 (4x less host memory than fp32 for a large held-out set)
+        by_spec = all(shapes.is_spec(s) for s in rep_specs)
+        if not by_spec and reward_fn is None:
+            raise ValueError("prompts without a shapes spec need a reward_fn to be evaluated")
         was_training = transformer.training
         transformer.eval()
-        images = generate(model, transformer, rep_caps, seed, guidance_scale, num_steps, batch_size, lo * k,
-                          n_prompts * k)
+        kept, carry, train = [], torch.zeros(0), []
+        for batch in generate_batches(model, transformer, rep_caps, seed, guidance_scale, num_steps, batch_size,
+                                      lo * k, n_prompts * k):
+            i = sum(len(b) for b in kept)
+            caps, specs_ = rep_caps[i:i + len(batch)], rep_specs[i:i + len(batch)]
+            if reward_fn is not None:
+                total, parts = reward_fn(batch, caps, specs_)
+                train += total.tolist()
+                for name in weights:
+                    local[f"reward/{name}"] += parts[name].tolist()
+            if by_spec:
+                values, strict, checks = shapes.score(batch, specs_)
+                local["values"] += values.tolist()
+                local["strict"] += strict.float().tolist()
+                local["extra"] += [c["extra"] for c in checks]
+                local["cat"] += [s["category"] for s in specs_]
+            carry = torch.cat([carry, batch])  # diversity: the k float samples of each prompt
+            whole = len(carry) // k * k
+            local["div"] += [diversity(carry, [list(range(j, j + k))]) for j in range(0, whole, k)] if k > 1 else []
+            carry = carry[whole:]
+            kept.append(rewards.uint8_images(batch))
         transformer.train(was_training)
-        local["div"] = [diversity(images, [list(range(i, i + k))]) for i in range(0, len(rep), k)] if k > 1 else []
-        if reward_fn is not None:
-            total, parts = reward_fn(images, rep_caps, rep_specs)
-            local["values"] = local["train"] = total.tolist()
-            for name in weights:
-                local[f"reward/{name}"] = parts[name].tolist()
-        if all(shapes.is_spec(s) for s in rep_specs):
-            values, strict, checks = shapes.score(images, rep_specs)
-            local.update(values=values.tolist(), strict=strict.float().tolist(), extra=[c["extra"] for c in checks],
-                         cat=[s["category"] for s in rep_specs])
-    if not local["values"] and rep:
-        raise ValueError("prompts without a shapes spec need a reward_fn to be evaluated")
+        images = torch.cat(kept)
+        local["train"] = train
+        local["values"] = local["values"] if by_spec else train
     gathered = _gather(local, world)
     values = torch.tensor(gathered["values"])
     res = {"n": n_prompts * k, "diversity": float(torch.tensor(gathered["div"]).mean()) if gathered["div"] else 0.0}
@@ -153,8 +187,7 @@ def save_geneval_layout(out_dir, images, captions, specs, samples_per_prompt, st
         else:
             meta = spec or {"prompt": caption, "tag": None}
         (d / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
-        for j in range(samples_per_prompt):
-            img = images[k * samples_per_prompt + j].permute(1, 2, 0).mul(255).round().clamp(0, 255).byte().numpy()
+        for j, img in enumerate(rewards.to_uint8(images[k * samples_per_prompt:(k + 1) * samples_per_prompt])):
             Image.fromarray(img).save(d / "samples" / f"{j:04d}.png")
 
 
@@ -190,13 +223,16 @@ class Args:
     """SD3: also load the T5 text encoder (as the run did)"""
     max_t5_length: int = 128
     mixed_precision: str | None = None
-    """no | bf16 | fp16 (default: bf16 on CUDA, no on CPU): weights in this dtype, forward under autocast"""
+    """no | bf16 | fp16 (default: bf16 on CUDA GPUs with native bf16, else no): weights in this dtype, forward under
+    autocast"""
     batch_size: int = 128
     """images generated at once"""
     decode_batch_size: int = 16
     """images the VAE decodes and a reward model scores at once"""
     reward_device: str | None = None
     """device of the reward models (default: the model's device)"""
+    reward_dtype: str = "fp32"
+    """fp32 | bf16 | fp16: dtype of the reward models (fp32 as the official Flow-GRPO code scores)"""
     reward_paths: str | None = None
     """local weights of real rewards: name=path[|processor],... e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth"""
     split: str = "test"
@@ -217,38 +253,62 @@ class Args:
     save_images: str | None = None
     """write every sample in GenEval's layout: DIR/<5-digit prompt>/metadata.jsonl and samples/<4-digit>.png"""
     device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda:N"""
+
+
+def check_args(a):
+    """Every flag, before any model loads (one line and exit 2 on a bad one). Returns (captions, specs)."""
+    from common import models, utils
+
+    if a.split not in ("train", "test"):
+        utils.fail(f"unknown --split {a.split!r}; choose from: train, test")
+    if a.mixed_precision not in (None, *models.PRECISIONS):  # fp16 too: evaluation takes no gradients
+        utils.fail(f"unknown --mixed-precision {a.mixed_precision!r}; choose from: {', '.join(models.PRECISIONS)}")
+    for name in ("samples_per_prompt", "num_steps", "batch_size", "decode_batch_size"):
+        if getattr(a, name) < 1:
+            utils.fail(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+    utils.check_shared(a)
+    if a.reward:
+        try:
+            rewards.parse_reward_spec(a.reward)
+            rewards.parse_reward_paths(a.reward_paths, a.reward)
+        except ValueError as e:
+            utils.fail(str(e))
+        utils.check_reward_servers(a.reward)
+    if a.checkpoint and not os.path.exists(a.checkpoint):
+        utils.fail(f"--checkpoint {a.checkpoint!r} does not exist")
+    if a.checkpoint and models.finetuned_weights(a.checkpoint) is None:
+        utils.fail(f"--checkpoint {a.checkpoint!r} holds no LoRA (pytorch_lora_weights.safetensors) and no "
+                   "transformer/ weights; pass a run directory, its lora/ or its transformer/ directory")
+    for flag, path in (("--json", a.json), ("--grid", a.grid)):
+        if path and os.path.isdir(path):
+            utils.fail(f"{flag} {path!r} is a directory; give a file name")
+        if path:
+            utils.check_writable_dir(flag, Path(path).absolute().parent)
+    if a.save_images:
+        utils.check_writable_dir("--save-images", a.save_images)
+    try:
+        models.check_model_available(a.model)
+    except SystemExit as e:
+        utils.fail(str(e).removeprefix("error: "))
+    captions, specs = utils.load_prompts(a.prompts_file, a.model, a.split)
+    if not all(shapes.is_spec(s) for s in specs) and not a.reward:
+        utils.fail("prompts outside the shapes grammar need --reward (e.g. --reward pickscore)")
+    return captions, specs
 
 
 def main(args: Args):
-    from common import models, rewards, utils
+    from common import models, utils
 
-    if args.split not in ("train", "test"):
-        utils.fail(f"unknown --split {args.split!r}; choose from: train, test")
-    if args.mixed_precision not in (None, "no", "bf16", "fp16"):
-        utils.fail(f"unknown --mixed-precision {args.mixed_precision!r}; choose from: no, bf16, fp16")
-    for name in ("samples_per_prompt", "num_steps", "batch_size", "decode_batch_size"):
-        if getattr(args, name) < 1:
-            utils.fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    if args.guidance_scale < 1:
-        utils.fail(f"--guidance-scale {args.guidance_scale} must be >= 1")
-    if args.reward:
-        try:
-            rewards.parse_reward_spec(args.reward)
-            rewards.parse_reward_paths(args.reward_paths, args.reward)
-        except ValueError as e:
-            utils.fail(str(e))
-    if args.checkpoint and not os.path.exists(args.checkpoint):
-        utils.fail(f"--checkpoint {args.checkpoint!r} does not exist")
-    captions, specs = utils.load_prompts(args.prompts_file, args.model, args.split)
-    if not all(shapes.is_spec(s) for s in specs) and not args.reward:
-        utils.fail("prompts outside the shapes grammar need --reward (e.g. --reward pickscore)")
+    captions, specs = check_args(args)
     rank, world, device = utils.setup_distributed(args.device)  # torchrun: each rank evaluates a slice
     model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
                               max_t5_length=args.max_t5_length, mixed_precision=args.mixed_precision,
                               decode_batch_size=args.decode_batch_size)
     transformer = models.load_finetuned(model, args.checkpoint) if args.checkpoint else model.transformer
-    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
-                                     batch_size=args.decode_batch_size, paths=args.reward_paths) if args.reward else None
+    reward_fn = None if not args.reward else rewards.build_reward(
+        args.reward, args.reward_device or device, args.reward_paths, rewards.DTYPES[args.reward_dtype],
+        args.decode_batch_size)
     res, images, caps, values = evaluate_model(model, transformer, specs, args.samples_per_prompt, args.seed,
                                                args.guidance_scale, args.num_steps, reward_fn, captions, True,
                                                args.batch_size, rank, world)
@@ -274,4 +334,6 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    from common import utils
+
+    main(utils.parse_args(Args))

@@ -6,8 +6,9 @@ or any diffusers SD3 checkpoint (id or local path), behind one small interface, 
     images = model.decode(latents)            # (N, 3, H, W) in [0, 1]
     sigmas = model.sigmas(num_steps)          # (num_steps + 1,), 1 -> 0, shift from the scheduler config
 
-Precision (`--mixed-precision no|bf16|fp16`, diffusers' names; default bf16 on CUDA, no on CPU; bf16 runs on CPU
-the same way): frozen weights (transformer base, text encoders, reward models) are stored in that dtype; the
+Precision (`--mixed-precision no|bf16`, diffusers' names; default bf16 on CUDA GPUs with native bf16, else no;
+bf16 runs on CPU the same way; fp16 only in evaluation - training in fp16 would need loss scaling): frozen weights
+(transformer base, text encoders) are stored in that dtype (reward models: `--reward-dtype`, fp32 by default); the
 transformer's forward runs under torch.autocast with fp32 outputs (what accelerate's `prepare` does), so fp32
 inputs and fp32 trainable weights meet low-precision frozen weights; `Policy` keeps every weight it updates (LoRA
 adapters incl. the rollout/EMA adapter, or the full learner and its old copy) in fp32 (diffusers'
@@ -29,6 +30,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from common import shapes
 
 EMBEDDED = "embedded"
+SD3_PIPELINE = "StableDiffusion3Pipeline"  # the model_index.json `_class_name` every --model folder must have
 ASSETS = Path(__file__).parent / "assets" / "embedded"
 EMBEDDED_CONFIG = {
     "transformer": dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=6,
@@ -38,6 +40,7 @@ EMBEDDED_CONFIG = {
     "scheduler": dict(num_train_timesteps=1000, shift=1.0),
 }
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAIN_PRECISIONS = ("no", "bf16")  # fp16 training would need a GradScaler; evaluation (no gradients) takes fp16 too
 # the 8 attention projections of every SD3 joint block (Flow-GRPO and diffusers' SD3 LoRA example)
 LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                 "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
@@ -127,16 +130,20 @@ def build_embedded(config=EMBEDDED_CONFIG):
     return SD3Transformer2DModel(**config["transformer"]), TextEncoder(**config["text_encoder"])
 
 
-def default_dtype(device):
+def default_dtype(device, capability=None):
+    """bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0: A100, H100, RTX 30xx on), fp32 elsewhere (CPU,
+    V100, T4). Not torch.cuda.is_bf16_supported(), which is also true where bf16 is only emulated. `capability`:
+    (major, minor), default the device's own."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    capability = capability or torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float32
 
 
 def weight_dtype(mixed_precision, device):
     """--mixed-precision no|bf16|fp16 -> dtype of the frozen weights and of the autocast forward;
-    None: bf16 on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere."""
+    None: `default_dtype(device)`."""
     return default_dtype(device) if mixed_precision is None else PRECISIONS[mixed_precision]
 
 
@@ -165,13 +172,23 @@ def check_model_available(name):
         if not os.path.isfile(os.path.join(name, "model_index.json")) and not os.path.isdir(os.path.join(name, "transformer")):
             raise SystemExit(f"error: --model {name!r} is a directory but not a diffusers SD3 pipeline "
                              "(no model_index.json / transformer/)")
-        return
-    from huggingface_hub import try_to_load_from_cache
+        index = os.path.join(name, "model_index.json")
+    else:
+        from huggingface_hub import try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(name, "model_index.json"), str):
-        raise SystemExit(f"error: --model {name!r} is neither 'embedded', a local directory, nor in the local "
-                         "Hugging Face cache, and no network/hub is reachable; download it elsewhere and pass "
-                         "its local path (e.g. --model /path/to/stable-diffusion-3.5-medium)")
+        index = try_to_load_from_cache(name, "model_index.json")
+        if not isinstance(index, str):
+            raise SystemExit(f"error: --model {name!r} is neither 'embedded', a local directory, nor in the local "
+                             "Hugging Face cache, and no network/hub is reachable; download it elsewhere and pass "
+                             "its local path (e.g. --model /path/to/stable-diffusion-3.5-medium)")
+    if os.path.isfile(index):  # another pipeline's folder would fail deep inside from_pretrained
+        try:
+            kind = json.loads(Path(index).read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError) as e:
+            raise SystemExit(f"error: --model {name!r}: unreadable model_index.json ({type(e).__name__})")
+        if kind != SD3_PIPELINE:
+            raise SystemExit(f"error: --model {name!r} holds a {kind} pipeline; choose a {SD3_PIPELINE} "
+                             "(e.g. stabilityai/stable-diffusion-3.5-medium) or 'embedded'")
 
 
 def load_embedded(device="cpu", dtype=torch.float32, path=ASSETS):
@@ -394,18 +411,28 @@ class Policy:
             self.transformer.save_pretrained(os.path.join(run_dir, "transformer"))
 
 
-def load_finetuned(model, checkpoint):
-    """Apply a method's output to a loaded Model: a LoRA dir, a full `transformer/` dir, or a run dir holding
-    either. Returns the transformer to sample with."""
+def finetuned_weights(checkpoint):
+    """("lora" | "transformer", directory) of a method's output: a LoRA dir, a full `transformer/` dir, or a run dir
+    holding either; None if there is neither."""
     path = Path(checkpoint)
     for cand in (path, path / "lora", path / "transformer"):
         if (cand / "pytorch_lora_weights.safetensors").is_file():
-            model.transformer.load_lora_adapter(str(cand), prefix="transformer", adapter_name="default",
-                                                weight_name="pytorch_lora_weights.safetensors")
-            return model.transformer
+            return "lora", cand
         if (cand / "config.json").is_file() and (cand / "diffusion_pytorch_model.safetensors").is_file():
-            t = SD3Transformer2DModel.from_pretrained(str(cand), torch_dtype=model.dtype).to(model.device)
-            model.transformer = autocast_forward(t, model.dtype)
-            return t
+            return "transformer", cand
+    return None
+
+
+def load_finetuned(model, checkpoint):
+    """Apply a method's output (see `finetuned_weights`) to a loaded Model. Returns the transformer to sample with."""
+    kind, cand = finetuned_weights(checkpoint) or (None, None)
+    if kind == "lora":
+        model.transformer.load_lora_adapter(str(cand), prefix="transformer", adapter_name="default",
+                                            weight_name="pytorch_lora_weights.safetensors")
+        return model.transformer
+    if kind == "transformer":
+        t = SD3Transformer2DModel.from_pretrained(str(cand), torch_dtype=model.dtype).to(model.device)
+        model.transformer = autocast_forward(t, model.dtype)
+        return t
     raise SystemExit(f"error: --checkpoint {checkpoint!r} holds no LoRA (pytorch_lora_weights.safetensors) and no "
                      "transformer/ weights; pass a run directory, its lora/ or its transformer/ directory")

@@ -40,8 +40,16 @@ REAL_DEFAULT_PATHS = {
 }
 
 
+def uint8_images(images):
+    """(N, 3, H, W) floats in [0, 1] -> uint8 (N, 3, H, W), rounded; uint8 images as they are."""
+    if images.dtype == torch.uint8:
+        return images
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def to_uint8(images):
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """(N, 3, H, W) in [0, 1] (or uint8) -> a uint8 (N, H, W, 3) numpy array."""
+    return uint8_images(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _specs(prompts, metadata):
@@ -375,6 +383,15 @@ class OCR:
         return torch.tensor([ocr_reward(r, t) for r, t in zip(self.recognise(images), targets)], dtype=torch.float32)
 
 
+def check_server(url, timeout=10.0):
+    """ConnectionError (one line) unless something listens at the reward server's host and port."""
+    u = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"reward server {url} is down or unreachable: {e}") from None
+
+
 class RemoteReward:
     """A Flow-GRPO reward server (yifan123/reward-server: GenEval, DeQA; UnifiedReward behind the same protocol):
     one HTTP POST per `batch_size` images of a pickled dict {"images": [JPEG bytes], "prompts": [str],
@@ -387,12 +404,7 @@ class RemoteReward:
     def __init__(self, url, batch_size=64, timeout=120.0, retries=1):
         self.url, self.batch_size, self.timeout, self.retries = url, batch_size, timeout, retries
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # servers sit next to the GPUs
-        u = urllib.parse.urlsplit(url)
-        try:
-            socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)),
-                                     timeout=min(timeout, 10)).close()
-        except OSError as e:
-            raise ConnectionError(f"reward server {url} is down or unreachable: {e}") from None
+        check_server(url, min(timeout, 10))
 
     def post(self, body):
         for attempt in range(self.retries + 1):
@@ -537,9 +549,14 @@ def parse_reward_paths(text, spec=None):
     return paths
 
 
+# --reward-dtype: the official Flow-GRPO code scores PickScore, ImageReward and the aesthetic predictor in fp32 (in
+# bf16, PickScore's logit scale exp(ln 100) is 99.0: scores ~1 % low); bf16 / fp16 save memory (e.g. the 7B VLM)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class RewardFn:
     """Weighted sum of registered rewards. Real reward models load on first construction, in `dtype` (the scripts:
-    the --mixed-precision dtype, bf16 on CUDA by default) on `device` (--reward-device, e.g. another GPU), scoring
+    --reward-dtype, fp32 by default) on `device` (--reward-device, e.g. another GPU), scoring
     `batch_size` images at a time (default: each model's own). `paths` maps a real reward name to a model path (or
     'model_path|processor_path'), as a dict or as --reward-paths text; `remote:<url>` rewards need none."""
 

@@ -1,7 +1,10 @@
 """Training utilities shared by the method scripts: argument checks, seeding, run directory + TensorBoard,
 image grids, prompt groups sharded over ranks, DDP helpers, atomic checkpoints, summary.json."""
 
+import contextlib
+import io
 import json
+import math
 import os
 import random
 import signal
@@ -24,6 +27,83 @@ def fail(msg):
     raise SystemExit(2)
 
 
+def parse_args(cls, args=None):
+    """tyro.cli(cls), with tyro's boxed message for a flag it cannot parse (a wrong type, an unknown flag, a missing
+    value) reported as one line: the message and the flag's expected form."""
+    import tyro
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parsed = tyro.cli(cls, args=args)
+    except SystemExit as e:
+        rows = [r.strip("│ ") for r in err.getvalue().splitlines()[1:]]  # inside the box, under its title
+        rule = next((i for i, r in enumerate(rows) if r and set(r) <= set("─╰╯")), len(rows))
+        msg = " ".join(r for r in rows[:rule] if r)
+        if not e.code or not msg:
+            sys.stderr.write(err.getvalue())
+            raise
+        forms = "; ".join(r for r in rows[rule:] if r.startswith("--"))  # the flag's helptext / close matches
+        fail(msg + (f" ({'did you mean' if 'Perhaps you meant:' in rows else 'expected'} {forms})" if forms else ""))
+    sys.stderr.write(err.getvalue())
+    return parsed
+
+
+def check_finite(args):
+    """Every float flag must be a number: NaN / inf learning rates, weights, ... fail here."""
+    for name, v in vars(args).items():
+        if isinstance(v, float) and not math.isfinite(v):
+            fail(f"--{name.replace('_', '-')} {v} must be a finite number")
+
+
+def check_device(flag, value):
+    """A --device / --reward-device value this machine has: auto, cpu, cuda or cuda:N with N < the GPU count."""
+    if value is None or value == "auto":
+        return
+    choices = "auto, cpu, cuda, cuda:N"
+    try:
+        d = torch.device(value)
+    except (RuntimeError, ValueError):
+        fail(f"{flag} {value!r} is not a device; choose from: {choices}")
+    if d.type not in ("cpu", "cuda"):
+        fail(f"{flag} {value!r} is not supported; choose from: {choices}")
+    if d.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            fail(f"{flag} {value!r}: this machine has no CUDA GPU; choose from: auto, cpu")
+        if (d.index or 0) >= n:
+            fail(f"{flag} {value!r}: this machine has {n} CUDA GPU(s); choose from: auto, cpu, cuda, "
+                 f"cuda:0 .. cuda:{n - 1}")
+
+
+def check_reward_servers(spec):
+    """Every `remote:<url>` reward must answer a connection now, not after the models have loaded."""
+    for name in rewards.parse_reward_spec(spec) if spec else []:
+        if name.startswith("remote:"):
+            try:
+                rewards.check_server(name.removeprefix("remote:"))
+            except ConnectionError as e:
+                fail(f"--reward {name}: {e}; start the server or pick another reward")
+
+
+def check_shared(a):
+    """Checks shared by the method scripts and common.evaluate: finite floats, devices, reward dtype, guidance scale,
+    seed, image size, T5 length."""
+    check_finite(a)
+    check_device("--device", a.device)
+    check_device("--reward-device", a.reward_device)
+    if getattr(a, "reward_dtype", "fp32") not in rewards.DTYPES:
+        fail(f"unknown --reward-dtype {a.reward_dtype!r}; choose from: {', '.join(rewards.DTYPES)}")
+    if a.guidance_scale < 1:
+        fail(f"--guidance-scale {a.guidance_scale} must be >= 1 (1 = no classifier-free guidance)")
+    if not 0 <= a.seed < 2**31:
+        fail(f"--seed {a.seed} must be in [0, 2^31)")
+    if a.resolution < 16 or a.resolution % 16:
+        fail(f"--resolution {a.resolution} must be a positive multiple of 16 (SD3: VAE factor 8 x patch size 2)")
+    if a.max_t5_length < 1:
+        fail(f"--max-t5-length {a.max_t5_length} must be >= 1")
+
+
 def check_args(args, world_size=1):
     """Validate the flags every method shares. Runs before any model loading.
     Returns (captions, metadata) of the training pool, then of the held-out prompts."""
@@ -33,20 +113,31 @@ def check_args(args, world_size=1):
         rewards.parse_reward_paths(getattr(a, "reward_paths", None), a.reward)
     except ValueError as e:
         fail(str(e))
+    check_shared(a)
     if a.lr < 0:
         fail(f"--lr {a.lr} must be >= 0 (0 is allowed as a no-learning control)")
-    for name in ("num_iterations", "num_steps", "group_size", "prompts_per_iter"):
+    if a.weight_decay < 0:
+        fail(f"--weight-decay {a.weight_decay} must be >= 0")
+    if a.max_grad_norm <= 0:
+        fail(f"--max-grad-norm {a.max_grad_norm} must be > 0 (the gradient-norm clipping threshold)")
+    for name in ("num_iterations", "num_steps", "group_size", "prompts_per_iter", "eval_samples_per_prompt",
+                 "eval_every", "checkpoint_every", "log_images_every"):  # counts, divisors and intervals
         if hasattr(a, name) and getattr(a, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
-    if a.guidance_scale < 1:
-        fail(f"--guidance-scale {a.guidance_scale} must be >= 1 (1 = no classifier-free guidance)")
-    if getattr(a, "mixed_precision", None) not in (None, *models.PRECISIONS):
-        fail(f"unknown --mixed-precision {a.mixed_precision!r}; choose from: {', '.join(models.PRECISIONS)}")
+    if a.threads < 0:
+        fail(f"--threads {a.threads} must be >= 0 (0 = torch's default)")
+    if a.mixed_precision == "fp16":  # training would need loss scaling (a GradScaler): fp16 LoRA gradients underflow
+        fail(f"--mixed-precision fp16 is not supported for training (no loss scaling); choose from: "
+             f"{', '.join(models.TRAIN_PRECISIONS)}")
+    if a.mixed_precision not in (None, *models.TRAIN_PRECISIONS):
+        fail(f"unknown --mixed-precision {a.mixed_precision!r}; choose from: {', '.join(models.TRAIN_PRECISIONS)}")
     for name in ("decode_batch_size", "eval_batch_size"):
         if getattr(a, name, 1) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
     if a.lora_rank < 0:
         fail(f"--lora-rank {a.lora_rank} must be >= 1 for LoRA, or 0 for full fine-tuning")
+    if a.lora_alpha is not None and a.lora_alpha < 1:
+        fail(f"--lora-alpha {a.lora_alpha} must be >= 1 (default: 2 * --lora-rank)")
     n = a.prompts_per_iter * a.group_size
     if n % world_size:
         fail(f"the prompt batch prompts_per_iter*group_size = {n} is not divisible by the world size {world_size}")
@@ -62,16 +153,10 @@ def check_args(args, world_size=1):
         if not isinstance(ckpt, dict) or "iteration" not in ckpt:
             fail(f"--resume {a.resume!r} is not a cleanflow checkpoint (no 'iteration' entry)")
     if a.output_dir:
-        d = Path(a.output_dir).absolute()
-        parent = next(q for q in [d, *d.parents] if q.exists())
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            fail(f"--output-dir {a.output_dir!r} is not writable ({parent} is not a writable directory)")
-        try:  # e.g. under /proc, where access() says yes and mkdir says no
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            fail(f"--output-dir {a.output_dir!r} cannot be created ({e.strerror}: {e.filename})")
+        check_writable_dir("--output-dir", a.output_dir)
     if getattr(a, "upload_model", False):
         check_upload(a)
+    check_reward_servers(a.reward)
     prompts = load_prompts(a.prompts_file, a.model, "train")
     eval_file = getattr(a, "eval_prompts_file", None)
     if eval_file:
@@ -85,6 +170,18 @@ def check_args(args, world_size=1):
     if a.model != models.EMBEDDED and a.lora_rank == 0:
         print("warning: --lora-rank 0 fully fine-tunes an SD3 model (needs a full frozen copy)", file=sys.stderr)
     return (*prompts, *eval_prompts)
+
+
+def check_writable_dir(flag, path):
+    """`path` is (or is now created as) a writable directory."""
+    d = Path(path).absolute()
+    parent = next(q for q in [d, *d.parents] if q.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        fail(f"{flag} {str(path)!r} is not writable ({parent} is not a writable directory)")
+    try:  # e.g. under /proc, where access() says yes and mkdir says no
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{flag} {str(path)!r} cannot be created ({e.strerror}: {e.filename})")
 
 
 def load_prompts(prompts_file, model=models.EMBEDDED, split="train", flag="--prompts-file"):
@@ -204,7 +301,8 @@ class SampleGrid:
     def add(self, writer, step, images, captions, values, picked=False):
         """images / captions / values of every sample, or (picked=True) of the samples `pick` chose only."""
         pick = list(range(len(captions))) if picked else self.pick(len(captions) // self.k)
-        now = (images[pick].cpu(), torch.as_tensor(values)[pick].cpu(), [captions[i] for i in pick])
+        now = (rewards.uint8_images(images[pick].cpu()), torch.as_tensor(values)[pick].cpu(),
+               [captions[i] for i in pick])
         self.base = self.base or now
         imgs, caps, vals = [], [], []
         for k in range(0, len(pick), self.ncol):
@@ -226,7 +324,8 @@ class SampleGrid:
         return {"base": self.base}
 
     def load_state_dict(self, state):
-        self.base = (state or {}).get("base")
+        base = (state or {}).get("base")
+        self.base = base and (rewards.uint8_images(base[0]), *base[1:])  # older checkpoints: float images
 
 
 def log_metrics(writer, metrics, step):
@@ -286,7 +385,30 @@ def setup_distributed(device=None):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
+        # TF32 tensor cores for the fp32 matmuls / convolutions (VAE decode, fp32 LoRA and critic paths), as the
+        # official Flow-GRPO code enables it
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return rank, world, torch.device(device)
+
+
+def now(device):
+    """time.time() once the work queued on `device` has run: CUDA kernels run asynchronously, so without the wait
+    the perf/* timers would count sampling time wherever the next synchronising call happens (e.g. as reward time)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+def randn_for_rank(gen, n_global, shape, local, device, dtype):
+    """Standard normal noise for a global batch of `n_global` samples, this rank's `local` slice of it, from the CPU
+    generator `gen`: the same numbers for any number of processes and after a resume. On the CPU drawn as one tensor
+    from `gen`; on CUDA drawn on the GPU from a CUDA generator seeded from `gen` (no CPU sampling of the whole batch
+    and pageable copy per step; other numbers than the CPU's, the same on every GPU of a kind)."""
+    if torch.device(device).type == "cuda":
+        g = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        return torch.randn(n_global, *shape, generator=g, device=device, dtype=dtype)[local].clone()
+    return torch.randn(n_global, *shape, generator=gen)[local].to(device, dtype)
 
 
 def world_size_from_env():
@@ -321,6 +443,35 @@ def sync_gradients(params, bucket_mb=25):
             for b, f in zip(bucket, flat.split([b.numel() for b in bucket])):
                 b.copy_(f.view_as(b))
             bucket, size = [], 0
+
+
+def gather_pool(pool, keys, device):
+    """A sample pool as a checkpoint holds it (every rank calls this): each per-rank list `pool[k]` (this rank's
+    slice of every minibatch) gathered over ranks into the global minibatches, on the CPU; the other entries (the
+    same on every rank) as they are. Without it, a checkpoint would hold rank 0's samples only."""
+    if pool is None:
+        return None
+    return {**pool, **{k: [all_gather_cat(t.to(device)).cpu() for t in pool[k]] for k in keys}}
+
+
+def rank_pool(pool, keys, rank, world, device):
+    """This rank's pool from a checkpoint's (gather_pool's) global one, every tensor on `device` (checkpoints load
+    on the CPU). A one-process checkpoint holds the global pool too."""
+    if pool is None:
+        return None
+    return to_device({**pool, **{k: [t[rank * (len(t) // world):(rank + 1) * (len(t) // world)] for t in pool[k]]
+                                 for k in keys}}, device)
+
+
+def to_device(obj, device):
+    """`obj` with every tensor in it (nested dicts, lists, tuples) moved to `device`."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
 
 
 def cleanup_distributed():

@@ -6,8 +6,6 @@ import importlib
 import io
 import os
 
-import tyro
-
 from common import utils
 
 
@@ -18,7 +16,7 @@ def check_flags(method, argv, world_size=1):
     os.environ["WORLD_SIZE"] = str(world_size)  # as torchrun sets it; some method checks read it
     try:
         with contextlib.redirect_stderr(err):
-            args = tyro.cli(mod.Args, args=argv)
+            args = utils.parse_args(mod.Args, argv)
             if hasattr(mod, "check_method_args"):
                 mod.check_method_args(args)
             utils.check_args(args, world_size)
