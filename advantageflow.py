@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import tyro
 from tqdm import tqdm
 
 from common import models, rewards, sampling, utils
@@ -68,14 +67,17 @@ class Args:
     max_t5_length: int = 128
     """SD3 with --use-t5: T5 prompt tokens (NFT and Flow-GRPO code: 128; diffusers' default 256)"""
     mixed_precision: str | None = None
-    """no | bf16 | fp16: frozen weights in this dtype, forward under autocast, trained weights in fp32
-    (default: bf16 on CUDA, no on CPU)"""
+    """no | bf16: frozen weights in this dtype, forward under autocast, trained weights in fp32 (default: bf16 on
+    CUDA GPUs with native bf16, compute capability >= 8.0, else no; fp16 is refused: training it needs loss scaling)"""
     gradient_checkpointing: bool = False
     """recompute the transformer's activations in the backward pass (less memory, ~30 % slower; SD3.5)"""
     decode_batch_size: int = 16
     """images the VAE decodes and a reward model scores at once"""
     reward_device: str | None = None
     """device of the reward models (default: the training device), e.g. cuda:1"""
+    reward_dtype: str = "fp32"
+    """fp32 | bf16 | fp16: dtype of the reward models (fp32 as the official Flow-GRPO code scores PickScore,
+    ImageReward and the aesthetic predictor; bf16 / fp16 save memory, e.g. for the 7B VLM)"""
     eval_batch_size: int = 128
     """images generated at once in held-out evaluation"""
     lora_rank: int = 0
@@ -227,6 +229,12 @@ class EvalEMA:
 
 
 def check_method_args(a):
+    utils.check_finite(a)  # before the convexity warning below
+    if a.group_size < 2:  # A = R - prompt mean (spec §3.1; NFT's r likewise): 0 for a prompt's only image
+        utils.fail(f"--group-size {a.group_size} must be >= 2: advantages are relative to each prompt's images, so "
+                   "one image per prompt makes every advantage 0")
+    if a.lam < 0 or a.nft_kl < 0 or a.rollout_ema_rate < 0:
+        utils.fail(f"--lam {a.lam}, --nft-kl {a.nft_kl} and --rollout-ema-rate {a.rollout_ema_rate} must be >= 0")
     if a.gamma_mode not in ("constant", "one-minus-a"):
         utils.fail(f"unknown --gamma-mode {a.gamma_mode!r}; choose from: constant, one-minus-a")
     if a.adaptive_weight not in ("shared", "none"):
@@ -250,7 +258,7 @@ def check_method_args(a):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = utils.parse_args(Args)
     check_method_args(args)
     # all checks before any loading; held-out: --eval-prompts-file, the shapes test split or 32 --prompts-file lines
     prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
@@ -269,8 +277,8 @@ if __name__ == "__main__":
                               gradient_checkpointing=args.gradient_checkpointing)
     policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
-                                     batch_size=args.decode_batch_size, paths=args.reward_paths)
+    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, batch_size=args.decode_batch_size,
+                                     dtype=rewards.DTYPES[args.reward_dtype], paths=args.reward_paths)
     grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
@@ -294,7 +302,7 @@ if __name__ == "__main__":
         policy.load_trainable_state(ckpt["policy"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ema and ckpt.get("eval_ema") is not None:
-            ema.shadow = [t.to(device) for t in ckpt["eval_ema"]]
+            ema.shadow = utils.to_device(ckpt["eval_ema"], device)
         utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
         grid.load_state_dict(ckpt.get("grid"))
@@ -315,7 +323,7 @@ if __name__ == "__main__":
     t0 = time.time()
     bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="advantageflow")
     for it in bar:
-        t_iter = time.time()
+        t_iter = utils.now(device)
         # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
         # a 2-process run sees the same numbers as a 1-process run with the same global batch
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
@@ -323,13 +331,13 @@ if __name__ == "__main__":
         captions, meta, prompt_idx = sampler.sample(it)
         n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
         prompt_embeds, pooled = model.encode_prompt(captions)
-        noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+        noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
         with policy.old() as old:
             x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W)
         # ---- reward (gathered over ranks so groups and batch statistics are global)
-        t_sample = time.time()
+        t_sample = utils.now(device)
         reward, parts = reward_fn(model.decode(x0), captions, meta)
-        t_reward = time.time()
+        t_reward = utils.now(device)
         reward_queries += n * world
         all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
         groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
@@ -352,7 +360,7 @@ if __name__ == "__main__":
                 sigma_all = sigmas[grid_idx[:, j]][local]
             else:
                 sigma_all = torch.rand(n * world, generator=gen)[local]
-            eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+            eps_all = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
             for mb in torch.arange(n).split(args.train_batch_size):
                 sigma, eps = sigma_all[mb].to(device), eps_all[mb]
                 s = sigma.view(-1, 1, 1, 1)
@@ -390,7 +398,7 @@ if __name__ == "__main__":
         # ---- rollout policy: EMA of the learner, rho_i = min(rate * i, max) (spec §7.3 / NFT eta_i)
         rho = min(args.rollout_ema_rate * (it + 1), args.rollout_ema_max)
         policy.update_old(rho)
-        t_train = time.time()
+        t_train = utils.now(device)
 
         # ---- log
         if rank == 0:

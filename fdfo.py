@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import tyro
 from tqdm import tqdm
 
 from common import models, rewards, sampling, utils
@@ -68,14 +67,17 @@ class Args:
     max_t5_length: int = 128
     """SD3 with --use-t5: T5 prompt tokens (NFT and Flow-GRPO code: 128; diffusers' default 256)"""
     mixed_precision: str | None = None
-    """no | bf16 | fp16: frozen weights in this dtype, forward under autocast, trained weights in fp32
-    (default: bf16 on CUDA, no on CPU)"""
+    """no | bf16: frozen weights in this dtype, forward under autocast, trained weights in fp32 (default: bf16 on
+    CUDA GPUs with native bf16, compute capability >= 8.0, else no; fp16 is refused: training it needs loss scaling)"""
     gradient_checkpointing: bool = False
     """recompute the transformer's activations in the backward pass (less memory, ~30 % slower; SD3.5)"""
     decode_batch_size: int = 16
     """images the VAE decodes and a reward model scores at once"""
     reward_device: str | None = None
     """device of the reward models (default: the training device), e.g. cuda:1"""
+    reward_dtype: str = "fp32"
+    """fp32 | bf16 | fp16: dtype of the reward models (fp32 as the official Flow-GRPO code scores PickScore,
+    ImageReward and the aesthetic predictor; bf16 / fp16 save memory, e.g. for the 7B VLM)"""
     eval_batch_size: int = 128
     """images generated at once in held-out evaluation"""
     lora_rank: int = 0
@@ -205,7 +207,7 @@ def check_method_args(a):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = utils.parse_args(Args)
     check_method_args(args)
     # all checks before any loading; held-out: --eval-prompts-file, the shapes test split or 32 --prompts-file lines
     prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
@@ -224,8 +226,8 @@ if __name__ == "__main__":
                               gradient_checkpointing=args.gradient_checkpointing)
     policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
-                                     batch_size=args.decode_batch_size, paths=args.reward_paths)
+    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, batch_size=args.decode_batch_size,
+                                     dtype=rewards.DTYPES[args.reward_dtype], paths=args.reward_paths)
     grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
@@ -269,7 +271,7 @@ if __name__ == "__main__":
     t0 = time.time()
     bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="fdfo")
     for it in bar:
-        t_iter = time.time()
+        t_iter = utils.now(device)
         # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
         # a 2-process run sees the same numbers as a 1-process run with the same global batch
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
@@ -277,20 +279,22 @@ if __name__ == "__main__":
         captions, meta, prompt_idx = sampler.sample(it)  # each prompt twice, pairs adjacent, never split over ranks
         n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
         prompt_embeds, pooled = model.encode_prompt(captions)
-        noise = torch.randn(n * world // 2, *model.latent_shape, generator=gen).repeat_interleave(2, 0)[local]
-        noise = noise.to(device, model.dtype)
+        pairs = slice(rank * n // 2, (rank + 1) * n // 2)  # this rank's pairs (its images are whole pairs)
+        noise = utils.randn_for_rank(gen, n * world // 2, model.latent_shape, pairs, device, model.dtype)
+        noise = noise.repeat_interleave(2, 0)
         seeds = torch.randint(2**62, (n * world,), generator=gen)[local].tolist()
         churn_gens = [torch.Generator().manual_seed(x) for x in seeds]  # one churn-noise stream per image
         outs = [churn_sample(policy.transformer, prompt_embeds[j:j + bs], pooled[j:j + bs], sigmas, noise[j:j + bs],
                              gammas, churn_gens[j:j + bs], args.guidance_scale, *negs(len(seeds[j:j + bs])))
                 for j, bs in ((j, args.train_batch_size) for j in range(0, n, args.train_batch_size))]
         states, v_old, x0 = (torch.cat(t) for t in zip(*outs))  # (B, T, C, H, W) x2, (B, C, H, W) fp32
-        t_sample = time.time()
+        del outs  # the micro-batch pieces: a second copy of every visited state and velocity otherwise
+        t_sample = utils.now(device)
         # ---- reward (gathered over ranks for logging; pairs never cross ranks)
         reward, parts = reward_fn(model.decode(x0), captions, meta)
         reward_queries += n * world
         all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
-        t_reward = time.time()
+        t_reward = utils.now(device)
         # ---- finite difference: half reward differences and normalised endpoint directions (spec §3.2)
         adv, dbar = finite_difference(reward.to(device), x0)
         pair_adv = utils.all_gather_cat(adv)[0::2].cpu()  # (R_A - R_B) / 2 of every pair, for logging
@@ -337,7 +341,7 @@ if __name__ == "__main__":
                 optimizer.step()
         loss = torch.stack(losses).mean() if losses else torch.zeros(())
 
-        t_train = time.time()
+        t_train = utils.now(device)
         # ---- log
         if rank == 0:
             s = torch.stack(stats).mean(0).tolist() if stats else [0.0, 0.0, 1.0, 0.0, 0.0]

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import tyro
 from tqdm import tqdm
 
 from common import models, rewards, sampling, utils
@@ -67,14 +66,17 @@ class Args:
     max_t5_length: int = 128
     """SD3 with --use-t5: T5 prompt tokens (NFT and Flow-GRPO code: 128; diffusers' default 256)"""
     mixed_precision: str | None = None
-    """no | bf16 | fp16: frozen weights in this dtype, forward under autocast, trained weights in fp32
-    (default: bf16 on CUDA, no on CPU)"""
+    """no | bf16: frozen weights in this dtype, forward under autocast, trained weights in fp32 (default: bf16 on
+    CUDA GPUs with native bf16, compute capability >= 8.0, else no; fp16 is refused: training it needs loss scaling)"""
     gradient_checkpointing: bool = False
     """recompute the transformer's activations in the backward pass (less memory, ~30 % slower; SD3.5)"""
     decode_batch_size: int = 16
     """images the VAE decodes and a reward model scores at once"""
     reward_device: str | None = None
     """device of the reward models (default: the training device), e.g. cuda:1"""
+    reward_dtype: str = "fp32"
+    """fp32 | bf16 | fp16: dtype of the reward models (fp32 as the official Flow-GRPO code scores PickScore,
+    ImageReward and the aesthetic predictor; bf16 / fp16 save memory, e.g. for the 7B VLM)"""
     eval_batch_size: int = 128
     """images generated at once in held-out evaluation"""
     lora_rank: int = 0
@@ -207,6 +209,12 @@ def ema_as_learner(state, lora_rank):
 
 
 def check_method_args(a):
+    if a.group_size < 2:  # A = (r - group mean) / std (paper): 0 for a prompt's only image, also with --global-std
+        utils.fail(f"--group-size {a.group_size} must be >= 2: advantages are relative to each prompt's group, so "
+                   "one image per prompt makes every advantage 0")
+    if not 0 < a.timestep_fraction <= 1 or int(a.num_steps * a.timestep_fraction) < 1:
+        utils.fail(f"--timestep-fraction {a.timestep_fraction} must be in (0, 1] and train at least one of the "
+                   f"{a.num_steps} steps")
     if a.timestep_sampling not in ("random", "first"):
         utils.fail(f"unknown --timestep-sampling {a.timestep_sampling!r}; choose from: random, first")
     if a.sde_type not in ("sde", "cps"):
@@ -218,9 +226,6 @@ def check_method_args(a):
                    "cps the last one is deterministic: use a fraction that leaves it out")
     if a.noise_level <= 0:
         utils.fail(f"--noise-level {a.noise_level} must be > 0 (0 is the deterministic ODE: no log-probabilities)")
-    if not 0 < a.timestep_fraction <= 1 or int(a.num_steps * a.timestep_fraction) < 1:
-        utils.fail(f"--timestep-fraction {a.timestep_fraction} must be in (0, 1] and train at least one of the "
-                   f"{a.num_steps} steps")
     if a.clip_range <= 0 or a.adv_clip_max <= 0 or a.beta < 0:
         utils.fail("--clip-range and --adv-clip-max must be > 0 and --beta >= 0")
     if a.num_inner_epochs < 1 or a.num_minibatches < 1 or a.ema_every < 1 or a.ema_repeat < 1:
@@ -236,7 +241,7 @@ def check_method_args(a):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = utils.parse_args(Args)
     check_method_args(args)
     # all checks before any loading; held-out: --eval-prompts-file, the shapes test split or 32 --prompts-file lines
     prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
@@ -255,8 +260,8 @@ if __name__ == "__main__":
                               gradient_checkpointing=args.gradient_checkpointing)
     policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=args.ema)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
-                                     batch_size=args.decode_batch_size, paths=args.reward_paths)
+    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, batch_size=args.decode_batch_size,
+                                     dtype=rewards.DTYPES[args.reward_dtype], paths=args.reward_paths)
     grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
@@ -302,7 +307,7 @@ if __name__ == "__main__":
     t0 = time.time()
     bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="flow_grpo")
     for it in bar:
-        t_iter = time.time()
+        t_iter = utils.now(device)
         # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
         # a 2-process run sees the same numbers as a 1-process run with the same global batch
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
@@ -310,7 +315,7 @@ if __name__ == "__main__":
         captions, meta, prompt_idx = sampler.sample(it)
         n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
         prompt_embeds, pooled = model.encode_prompt(captions)
-        noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+        noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
         seeds = torch.randint(2**62, (n * world,), generator=gen)[local].tolist()
         sde_gens = [torch.Generator().manual_seed(x) for x in seeds]  # one SDE-noise stream per image
         trajs, old_lps = [], []
@@ -322,14 +327,15 @@ if __name__ == "__main__":
             trajs.append(out["trajectory"])
             old_lps.append(out["log_probs"])
         traj, old_log_probs = torch.cat(trajs), torch.cat(old_lps)  # (B, T+1, C, H, W) fp32, (B, T) fp32
+        del trajs, old_lps, out  # the micro-batch pieces: a second copy of every trajectory otherwise
         x0 = traj[:, -1]
-        t_sample = time.time()
+        t_sample = utils.now(device)
         # ---- reward (gathered over ranks so groups and batch statistics are global)
         reward, parts = reward_fn(model.decode(x0), captions, meta)
         reward_queries += n * world
         all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
         groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
-        t_reward = time.time()
+        t_reward = utils.now(device)
         # ---- advantages: group-relative (paper), per-group or global std, clipped
         adv = grpo_advantages(all_rewards, groups, args.global_std, args.adv_clip_max)
         adv_local = adv[local].to(device)
@@ -383,7 +389,7 @@ if __name__ == "__main__":
                     policy.update_old(ema_decay**args.ema_repeat)
         loss = torch.stack(losses).mean()
 
-        t_train = time.time()
+        t_train = utils.now(device)
         # ---- log
         if rank == 0:
             s = torch.stack(stats).mean(0).tolist()
