@@ -1,7 +1,8 @@
 """Reliability of every method script: bad input fails with one clear line before any model loads;
 SIGKILL or Ctrl-C + --resume reproduces an uninterrupted run; non-finite updates are skipped and stop the run
 without writing a bad checkpoint; a failing reward names itself and the prompts; torchrun with 2 processes
-matches 1 process."""
+matches 1 process. Bad input covers every flag by class: type, range (a divisor or an interval at 0), finiteness,
+choice, availability (a device this machine lacks, another diffusers pipeline, a reward server that is down)."""
 
 import importlib
 import json
@@ -20,6 +21,9 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
+from cli_check import check_flags  # noqa: E402
 from common import rewards, utils  # noqa: E402
 
 METHODS = [m for m in ("advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo") if (ROOT / f"{m}.py").is_file()]
@@ -71,21 +75,65 @@ BAD_INPUTS = [  # (argv, text the single error line must contain)
     (["--resume", "CORRUPT"], "is not a readable checkpoint"),
     (["--prompts-per-iter", "3", "--group-size", "1", "WORLD2"], "is not divisible by the world size 2"),
     (["--upload-model", "--no-save-model"], "--upload-model needs --save-model"),
+    # finiteness: NaN / inf floats
+    (["--lr", "nan"], "--lr nan must be a finite number"),
+    (["--max-grad-norm", "inf"], "--max-grad-norm inf must be a finite number"),
+    (["--guidance-scale", "nan"], "--guidance-scale nan must be a finite number"),
+    # ranges: a divisor or an interval at 0, negative sizes and rates
+    (["--eval-every", "0"], "--eval-every 0 must be >= 1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every 0 must be >= 1"),
+    (["--log-images-every", "0"], "--log-images-every 0 must be >= 1"),
+    (["--eval-samples-per-prompt", "0"], "--eval-samples-per-prompt 0 must be >= 1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size 0 must be >= 1"),
+    (["--max-grad-norm", "0"], "--max-grad-norm 0.0 must be > 0"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0 must be >= 0"),
+    (["--threads", "-1"], "--threads -1 must be >= 0"),
+    (["--seed", "-1"], "--seed -1 must be in [0, 2^31)"),
+    (["--resolution", "500"], "--resolution 500 must be a positive multiple of 16"),
+    (["--max-t5-length", "0"], "--max-t5-length 0 must be >= 1"),
+    (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha 0 must be >= 1"),
+    # choices
+    (["--mixed-precision", "fp16"], "--mixed-precision fp16 is not supported for training (no loss scaling); "
+                                    "choose from: no, bf16"),
+    (["--reward-dtype", "fp8"], "unknown --reward-dtype 'fp8'; choose from: fp32, bf16, fp16"),
+    # availability: devices this machine lacks, another pipeline's folder, a reward server that is down
+    (["--device", "cuda:99"], "--device 'cuda:99': this machine has "),
+    (["--device", "mps"], "--device 'mps' is not supported; choose from: auto, cpu, cuda, cuda:N"),
+    (["--device", "gpu"], "--device 'gpu' is not a device; choose from: auto, cpu, cuda, cuda:N"),
+    (["--reward-device", "cuda:99"], "--reward-device 'cuda:99': this machine has "),
+    (["--model", "OTHER_PIPELINE"], "holds a StableDiffusionXLPipeline pipeline; choose a StableDiffusion3Pipeline"),
+    (["--reward", "REMOTE_DOWN"], "is down or unreachable"),
 ]
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("argv,expected", BAD_INPUTS, ids=[c[1][:30] for c in BAD_INPUTS])
-def test_bad_input_one_clear_line(method, argv, expected, tmp_path, capsys):
-    world = 2 if "WORLD2" in argv else 1
+def _placeholders(argv, tmp_path):
+    """BAD_INPUTS' stand-ins made real: files, another diffusers pipeline's folder, a closed port."""
+    import socket
+
     files = {"EMPTY": "\n\n", "UNPARSEABLE": "a red circle\na purple octagon\n", "CORRUPT": "not a checkpoint"}
     real = []
     for a in argv:
         if a in files:
             (tmp_path / a).write_text(files[a])
             a = str(tmp_path / a)
+        elif a == "OTHER_PIPELINE":  # an SDXL folder: model_index.json names its pipeline class
+            (tmp_path / a / "unet").mkdir(parents=True, exist_ok=True)
+            (tmp_path / a / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+            a = str(tmp_path / a)
+        elif a == "REMOTE_DOWN":
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            a = f"remote:http://127.0.0.1:{sock.getsockname()[1]}"
+            sock.close()  # nobody listens there now
         real.append(a)
-    real = [a for a in real if a != "WORLD2"]
+    return real
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("argv,expected", BAD_INPUTS, ids=[c[1][:30] for c in BAD_INPUTS])
+def test_bad_input_one_clear_line(method, argv, expected, tmp_path, capsys):
+    world = 2 if "WORLD2" in argv else 1
+    real = [a for a in _placeholders(argv, tmp_path) if a != "WORLD2"]
     if method == "fdfo" and world == 2:  # fdfo's groups are pairs: 1 pair cannot be split over 2 processes
         real = ["--prompts-per-iter", "1", "--group-size", "2", "--train-batch-size", "1"]
     code = _check(method, real, world)
@@ -102,6 +150,84 @@ def test_bad_method_option_and_subprocess_exit(method):
                          env=ENV, timeout=300)
     lines = out.stderr.strip().splitlines()
     assert out.returncode != 0 and len(lines) == 1 and value in lines[0] and flag in lines[0], out.stderr[-2000:]
+
+
+FLOAT_FLAGS = {m: [f for f, v in vars(importlib.import_module(m).Args()).items() if isinstance(v, float)]
+               for m in METHODS}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_float_flag_must_be_finite(method, value):
+    """Each float flag of each script at NaN / +-inf (in the order the script checks): one line naming the flag."""
+    for name in FLOAT_FLAGS[method]:
+        flag = "--" + name.replace("_", "-")
+        code, err = check_flags(method, [flag, value])
+        assert code == 2 and len(err) == 1 and flag in err[0], (flag, err)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("argv,expected", [(["--num-steps", "abc"], "Error parsing --num-steps: invalid literal "
+                                                                    "for int() with base 10: 'abc' (expected --num-steps INT)"),
+                                           (["--lr", "fast"], "Error parsing --lr: could not convert string to float: "
+                                                              "'fast' (expected --lr FLOAT)"),
+                                           (["--num-step", "3"], "Unrecognized options: --num-step, 3 (did you mean "),
+                                           (["--reward"], "Missing value for argument '--reward'")],
+                         ids=["int", "float", "unknown", "missing"])
+def test_wrong_type_or_unknown_flag_one_line(method, argv, expected):
+    """tyro's boxed message for a value of the wrong type, an unknown flag or a missing value becomes one line."""
+    code, err = check_flags(method, argv)
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.parametrize("method,argv", [("flow_grpo", []), ("flow_grpo", ["--global-std"]), ("advantageflow", []),
+                                         ("advantageflow", ["--nft"])])
+def test_group_size_one_fails_where_advantages_are_group_relative(method, argv):
+    """Flow-GRPO's and AdvantageFlow's (and NFT's) advantages are centred per prompt: one image per prompt would
+    make every advantage 0 and the run learn nothing."""
+    code, err = check_flags(method, ["--group-size", "1", "--prompts-per-iter", "8", "--train-batch-size", "4",
+                                     *argv])
+    assert code == 2 and len(err) == 1 and "--group-size 1 must be >= 2" in err[0], err
+    assert check_flags("orw_cfm_w2", ["--group-size", "1"])[0] == 0  # per-image weights: no groups needed
+
+
+EVAL_BAD_INPUTS = [
+    (["--guidance-scale", "nan"], "--guidance-scale nan must be a finite number"),
+    (["--num-steps", "abc"], "Error parsing --num-steps"),
+    (["--samples-per-prompt", "0"], "--samples-per-prompt 0 must be >= 1"),
+    (["--seed", "-1"], "--seed -1 must be in [0, 2^31)"),
+    (["--resolution", "100"], "--resolution 100 must be a positive multiple of 16"),
+    (["--mixed-precision", "fp8"], "unknown --mixed-precision 'fp8'; choose from: no, bf16, fp16"),
+    (["--reward-dtype", "half"], "unknown --reward-dtype 'half'; choose from: fp32, bf16, fp16"),
+    (["--device", "cuda:99"], "--device 'cuda:99': this machine has "),
+    (["--reward", "shapes", "--reward-device", "mps"], "--reward-device 'mps' is not supported"),
+    (["--model", "OTHER_PIPELINE"], "holds a StableDiffusionXLPipeline pipeline; choose a StableDiffusion3Pipeline"),
+    (["--reward", "REMOTE_DOWN"], "is down or unreachable"),
+    (["--checkpoint", "EMPTY_DIR"], "holds no LoRA (pytorch_lora_weights.safetensors) and no transformer/ weights"),
+    (["--json", "EMPTY_DIR"], "--json"),
+    (["--save-images", "/proc/cleanflow/images"], "--save-images '/proc/cleanflow/images' cannot be created"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", EVAL_BAD_INPUTS, ids=[c[1][:30] for c in EVAL_BAD_INPUTS])
+def test_evaluate_bad_input_one_clear_line(argv, expected, tmp_path, capsys):
+    """`python -m common.evaluate`: the same classes of bad input, one line before any model loads."""
+    from common import evaluate
+
+    (tmp_path / "EMPTY_DIR").mkdir()
+    argv = [str(tmp_path / a) if a == "EMPTY_DIR" else a for a in _placeholders(argv, tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        evaluate.check_args(utils.parse_args(evaluate.Args, argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_evaluate_takes_fp16():
+    """Evaluation has no gradients to underflow: fp16 is allowed there (training refuses it)."""
+    from common import evaluate
+
+    captions, _ = evaluate.check_args(utils.parse_args(evaluate.Args, ["--mixed-precision", "fp16"]))
+    assert len(captions) == 32
 
 
 def test_lr_zero_is_allowed():

@@ -1,7 +1,13 @@
 """The SD3.5 path as a GPU user meets it (issue 17), tested without a GPU: every method page's SD3.5-M command line,
-sizes swapped for tiny ones, on the tiny random SD3 pipeline with T5, with `--mixed-precision bf16` on CPU (torch's
-CPU autocast runs the same bf16 casts as on CUDA); trainable weights must stay fp32; plus unit tests of the precision
-and memory plumbing in common/."""
+sizes swapped for tiny ones, on the tiny random SD3 pipeline with T5, with `--mixed-precision bf16` on CPU; trainable
+weights must stay fp32; plus unit tests of the precision and memory plumbing in common/.
+
+What the CPU bf16 matrix proves: no dtype mismatch between bf16 frozen weights, fp32 trainable weights and fp32
+latents on any documented code path (T5, LoRA, CFG, gradient checkpointing, EMA / old adapters, evaluation), the
+trainable weights and AdamW state stay fp32, and every path runs end to end. What it does not prove: CPU autocast is
+not CUDA autocast - on the CPU layer_norm, group_norm, softmax, pow and exp return bf16 under autocast, on CUDA they
+run in fp32 - so it says nothing of the casts, the numerics or the speed of a CUDA run, nor of its device placement
+(every tensor is on the CPU) or its memory; benchmark/gpu_smoke.sh checks those on a GPU."""
 
 import json
 import os
@@ -117,10 +123,12 @@ def test_documented_sd35_command_runs_in_bf16(tiny, tmp_path, method, extra):
 
 
 def test_documented_commands_are_all_covered():
-    """Every method page has an SD3.5-M command for the matrix above to run."""
+    """Every method page has an SD3.5-M command for the matrix above to run; it evaluates one sample per held-out
+    prompt, as the official Flow-GRPO code does (8 per prompt on 2,048-2,212 prompts would be 8x the generation)."""
     for m in METHODS:
         argv = documented_command(m)
         assert "--lora-rank" in argv and "--model" in argv
+        assert argv[argv.index("--eval-samples-per-prompt") + 1] == "1", m
 
 
 # ----------------------------------------------------------------------------------- precision plumbing (unit)
@@ -188,12 +196,16 @@ def test_mixed_precision_choices_fail_before_loading():
     assert code == 2 and "--mixed-precision" in err[-1] and "bf16" in err[-1]
     code, err = check_flags("flow_grpo", ["--decode-batch-size", "0"])
     assert code == 2 and "--decode-batch-size" in err[-1]
-    assert check_flags("acflow", ["--mixed-precision", "fp16"])[0] == 0
+    # fp16 training would need loss scaling (a GradScaler; LoRA gradients underflow in fp16): refused in one line
+    code, err = check_flags("acflow", ["--mixed-precision", "fp16"])
+    assert code == 2 and err == ["error: --mixed-precision fp16 is not supported for training (no loss scaling); "
+                                 "choose from: no, bf16"]
+    assert check_flags("acflow", ["--mixed-precision", "bf16"])[0] == 0
 
 
 def test_reward_models_load_in_the_requested_dtype(tmp_path):
-    """Reward models follow --mixed-precision (bf16 on CUDA by default), scoring in chunks of batch_size; before,
-    they always loaded in fp32 (~33 GB for the 7B VLM)."""
+    """Reward models load in the dtype asked for (the scripts' --reward-dtype: fp32 by default, bf16 / fp16 to save
+    memory, ~33 GB in fp32 for the 7B VLM), scoring in chunks of batch_size."""
     import tiny_rewards
 
     clip = str(tiny_rewards.build_tiny_clip(tmp_path / "clip"))
@@ -270,12 +282,13 @@ def test_evaluation_returns_the_picked_samples(tiny_no_t5):
     assert res2.pop("rewards") == {"jpeg_compressibility": pytest.approx(res.pop("rewards")["jpeg_compressibility"],
                                                                         rel=1e-5)}
     assert res2 == pytest.approx(res, rel=1e-5) and pcaps == [caps[0], caps[2]]  # other batch: float rounding
-    assert torch.allclose(pvalues, values[[0, 4]], atol=1e-3) and torch.allclose(picked, images[[0, 4]], atol=1e-5)
+    assert torch.allclose(pvalues, values[[0, 4]], atol=1e-3)
+    assert picked.dtype == images.dtype == torch.uint8 and (picked.int() - images[[0, 4]].int()).abs().max() <= 1
     # a rank's slice (samples 2..3 of 6) is generated on the noise one process gives those samples
     from common.evaluate import generate
 
     part = generate(model, model.transformer, [caps[1]] * 2, 0, 1.0, 2, offset=2, total=6)
-    assert torch.allclose(part, images[2:4], atol=1e-5)
+    assert (rewards.uint8_images(part).int() - images[2:4].int()).abs().max() <= 1
 
 
 @pytest.mark.slow
