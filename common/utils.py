@@ -152,6 +152,11 @@ def check_args(args, world_size=1):
         ckpt = load_checkpoint(p)  # corrupt files fail here, before any model loads
         if not isinstance(ckpt, dict) or "iteration" not in ckpt:
             fail(f"--resume {a.resume!r} is not a cleanflow checkpoint (no 'iteration' entry)")
+        for k in ("exp_name", "model", "lora_rank"):  # another script's or model's state would fail after loading
+            saved = ckpt.get("args", {}).get(k, getattr(a, k))
+            if saved != getattr(a, k):
+                fail(f"--resume {a.resume!r} was saved with --{k.replace('_', '-')} {saved}, this run has "
+                     f"{getattr(a, k)}; resume with the same script (--exp-name), --model and --lora-rank")
     if a.output_dir:
         check_writable_dir("--output-dir", a.output_dir)
     if getattr(a, "upload_model", False):

@@ -73,6 +73,7 @@ BAD_INPUTS = [  # (argv, text the single error line must contain)
     (["--output-dir", "/proc/cleanflow/run"], "--output-dir '/proc/cleanflow/run' cannot be created"),
     (["--resume", "/nonexistent/run"], "--resume '/nonexistent/run': no checkpoint file there"),
     (["--resume", "CORRUPT"], "is not a readable checkpoint"),
+    (["--resume", "OTHER_CKPT"], "was saved with --exp-name another_method, this run has "),
     (["--prompts-per-iter", "3", "--group-size", "1", "WORLD2"], "is not divisible by the world size 2"),
     (["--upload-model", "--no-save-model"], "--upload-model needs --save-model"),
     # finiteness: NaN / inf floats
@@ -119,6 +120,9 @@ def _placeholders(argv, tmp_path):
         elif a == "OTHER_PIPELINE":  # an SDXL folder: model_index.json names its pipeline class
             (tmp_path / a / "unet").mkdir(parents=True, exist_ok=True)
             (tmp_path / a / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+            a = str(tmp_path / a)
+        elif a == "OTHER_CKPT":  # another script's checkpoint
+            torch.save({"iteration": 2, "args": {"exp_name": "another_method", "model": "embedded"}}, tmp_path / a)
             a = str(tmp_path / a)
         elif a == "REMOTE_DOWN":
             sock = socket.socket()
