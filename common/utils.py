@@ -408,8 +408,10 @@ def now(device):
 def randn_for_rank(gen, n_global, shape, local, device, dtype):
     """Standard normal noise for a global batch of `n_global` samples, this rank's `local` slice of it, from the CPU
     generator `gen`: the same numbers for any number of processes and after a resume. On the CPU drawn as one tensor
-    from `gen`; on CUDA drawn on the GPU from a CUDA generator seeded from `gen` (no CPU sampling of the whole batch
-    and pageable copy per step; other numbers than the CPU's, the same on every GPU of a kind)."""
+    from `gen` (the numbers every CPU result was computed with); on CUDA drawn on the GPU from a CUDA generator seeded
+    from `gen` (no CPU sampling of the whole batch and pageable copy per step; other numbers than the CPU's, the same
+    on every GPU of a kind). The whole global batch either way: a seeded stream cannot jump to a rank's slice, and
+    per-sample streams would change every result so far."""
     if torch.device(device).type == "cuda":
         g = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
         return torch.randn(n_global, *shape, generator=g, device=device, dtype=dtype)[local].clone()
