@@ -16,10 +16,10 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
-import tyro
 from tqdm import tqdm
 
 from common import models, rewards, sampling, utils
@@ -69,14 +69,17 @@ class Args:
     max_t5_length: int = 128
     """SD3 with --use-t5: T5 prompt tokens (NFT and Flow-GRPO code: 128; diffusers' default 256)"""
     mixed_precision: str | None = None
-    """no | bf16 | fp16: frozen weights in this dtype, forward under autocast, trained weights in fp32
-    (default: bf16 on CUDA, no on CPU)"""
+    """no | bf16: frozen weights in this dtype, forward under autocast, trained weights in fp32 (default: bf16 on
+    CUDA GPUs with native bf16, compute capability >= 8.0, else no; fp16 is refused: training it needs loss scaling)"""
     gradient_checkpointing: bool = False
     """recompute the transformer's activations in the backward pass (less memory, ~30 % slower; SD3.5)"""
     decode_batch_size: int = 16
     """images the VAE decodes and a reward model scores at once"""
     reward_device: str | None = None
     """device of the reward models (default: the training device), e.g. cuda:1"""
+    reward_dtype: str = "fp32"
+    """fp32 | bf16 | fp16: dtype of the reward models (fp32 as the official Flow-GRPO code scores PickScore,
+    ImageReward and the aesthetic predictor; bf16 / fp16 save memory, e.g. for the 7B VLM)"""
     eval_batch_size: int = 128
     """images generated at once in held-out evaluation"""
     lora_rank: int = 0
@@ -128,6 +131,9 @@ class Args:
     """c_A: A^ = clip(A, -c_A, c_A) in shaped-reward units (spec §3.7); 0 = no clipping"""
     weight_norm: bool = True
     """w / mean(w) over the minibatch (spec §3.1 option / §4 step 8), so alpha keeps its meaning (mean w = 1)"""
+    weights: Literal["paper", "signed"] = "paper"
+    """paper: w (positive, ORW-CFM-W2's form) | signed: w - 1 (mean 0; needs --weight-norm), the update without its
+    unweighted self-training part (not the paper's form)"""
     shaping: str = "batch"
     """reward shaping over the epoch's pool (spec §3.5): batch z-score | group (per prompt) | running (EMA) | none"""
     shaping_momentum: float = 0.99
@@ -212,15 +218,16 @@ def shape_rewards(r, mode="batch", groups=None, stats=None, momentum=0.99, clamp
     return (z.clamp(-clamp, clamp) if clamp > 0 else z), stats
 
 
-def actor_weights(iteration, shaped, values, beta, adv_clip, warmup_iterations, normalize=False):
+def actor_weights(iteration, shaped, values, beta, adv_clip, warmup_iterations, normalize=False, signed=False):
     """Spec §3.6-3.8 / §4 steps 7-8: A = r~ - V, with V treated as 0 while iteration < warmup_iterations (the
     ORW-CFM-W2 special case); A^ = clip(A, -c_A, c_A) (c_A = 0: no clipping). Returns (w, A^), w detached:
-    w = exp(beta A^) (exponent capped at 30 against overflow; optionally / mean)."""
+    w = exp(beta A^) (exponent capped at 30 against overflow; optionally / mean; signed: w - 1)."""
     adv = shaped - values.detach() if iteration >= warmup_iterations else shaped.clone()
     if adv_clip > 0:
         adv = adv.clamp(-adv_clip, adv_clip)
     w = torch.exp((beta * adv).clamp(max=30.0))
-    return (w / utils.all_gather_cat(w).mean() if normalize else w), adv  # mean over every rank's batch
+    w = w / utils.all_gather_cat(w).mean() if normalize else w  # mean over every rank's batch
+    return (w - 1 if signed else w), adv
 
 
 def acflow_loss(v, v_ref, target, w, alpha):
@@ -252,6 +259,8 @@ def check_method_args(a):
             utils.fail(f"unknown --{name.replace('_', '-')} {getattr(a, name)!r}; choose from: {', '.join(allowed)}")
     if a.adv_clip < 0 or a.alpha < 0 or a.critic_lr < 0 or a.shaping_clamp < 0:
         utils.fail("--adv-clip, --alpha, --critic-lr and --shaping-clamp must be >= 0")
+    if a.beta < 0 or a.critic_weight_decay < 0:
+        utils.fail(f"--beta {a.beta} and --critic-weight-decay {a.critic_weight_decay} must be >= 0")
     if a.critic_width < 4 or min(a.critic_steps, a.critic_buffer, a.timesteps_per_image, a.epoch_iters, a.pool_batches) < 1:
         utils.fail("--critic-width must be >= 4; --critic-steps, --critic-buffer, --timesteps-per-image, "
                    "--epoch-iters, --pool-batches >= 1")
@@ -260,12 +269,14 @@ def check_method_args(a):
                    f"{a.critic_warmup} >= 0 or -1 (10% of --num-iterations)")
     if not 0 <= a.shaping_momentum < 1:
         utils.fail(f"--shaping-momentum {a.shaping_momentum} must be in [0, 1)")
+    if a.weights == "signed" and not a.weight_norm:
+        utils.fail("--weights signed needs --weight-norm (w - 1 has mean 0 only for normalised w)")
     if a.shaping == "group" and a.group_size < 2:
         utils.fail("--shaping group needs --group-size >= 2 (a z-score within each prompt's images)")
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = utils.parse_args(Args)
     check_method_args(args)
     # all checks before any loading; held-out: --eval-prompts-file, the shapes test split or 32 --prompts-file lines
     prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
@@ -291,8 +302,8 @@ if __name__ == "__main__":
         critic = Critic(model.latent_shape[0], model.transformer.config.pooled_projection_dim, args.critic_width,
                         args.critic_zero_init).to(device)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.critic_weight_decay)
-    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
-                                     batch_size=args.decode_batch_size, paths=args.reward_paths)
+    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, batch_size=args.decode_batch_size,
+                                     dtype=rewards.DTYPES[args.reward_dtype], paths=args.reward_paths)
     grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
@@ -309,16 +320,18 @@ if __name__ == "__main__":
 
     def noised(x0, n, gen):  # global-batch draws sliced per rank: sigma ~ U(0, 1) (ORW code), x_t (paper t = 1 - sigma)
         sigma = torch.rand(n * world, generator=gen)[local].to(device)
-        eps = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+        eps = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
         return sigma, eps, (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
 
     start_it, reward_queries, wall_before, summary, shaping_stats, buffer, warmup_end = 0, 0, 0.0, {}, None, [], None
+    pool_keys = ("latents", "pooled", "prompt_idx")  # the per-rank entries of a pool (this rank's part of a batch)
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume)
         policy.load_trainable_state(ckpt["policy"])
         optimizer.load_state_dict(ckpt["optimizer"]), scheduler.load_state_dict(ckpt["scheduler"])
         critic.load_state_dict(ckpt["critic"]), critic_opt.load_state_dict(ckpt["critic_optimizer"])
-        shaping_stats, warmup_end, buffer = ckpt["shaping_stats"], ckpt["warmup_end"], ckpt["buffer"]
+        shaping_stats, warmup_end = ckpt["shaping_stats"], ckpt["warmup_end"]  # CPU statistics, as in a run
+        buffer = [utils.rank_pool(p, pool_keys, rank, world, device) for p in ckpt["buffer"]]  # this rank's part
         utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
         grid.load_state_dict(ckpt.get("grid"))
@@ -328,12 +341,13 @@ if __name__ == "__main__":
             utils.log_eval(writer, summary["base"], 0)
             print("base:", {k: round(v, 4) for k, v in summary["base"].items() if isinstance(v, float)})
 
-    def save_checkpoint(iteration):
+    def save_checkpoint(iteration):  # every rank calls it: the pools' per-rank samples are gathered
+        global_buffer = [utils.gather_pool(p, pool_keys, device) for p in buffer]
         if rank == 0:
             utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
                 policy=policy.trainable_state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), shaping_stats=shaping_stats,
-                buffer=buffer, warmup_end=warmup_end, iteration=iteration, reward_queries=reward_queries,
+                buffer=global_buffer, warmup_end=warmup_end, iteration=iteration, reward_queries=reward_queries,
                 wall_time_s=wall_before + time.time() - t0, summary=summary, rng=utils.rng_state(), args=vars(args),
                 grid=grid.state_dict()))
 
@@ -341,7 +355,7 @@ if __name__ == "__main__":
     t0, pool_ev = time.time(), float("nan")
     bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="acflow")
     for it in bar:
-        t_iter = time.time()
+        t_iter = utils.now(device)
         epoch, j = divmod(it, args.epoch_iters)
         if j == 0 or not buffer:
             # ---- new epoch: M minibatches of CFG-free Euler ODE rollouts of the fixed sampling copy (spec §3.9, §4
@@ -351,7 +365,7 @@ if __name__ == "__main__":
                 captions, meta, prompt_idx = sampler.sample(epoch * args.pool_batches + b)
                 n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
                 gen = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_009 + b)
-                noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+                noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
                 prompt_embeds, pooled = model.encode_prompt(captions)
                 with policy.old() as old:
                     x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W), paper x_1
@@ -378,7 +392,7 @@ if __name__ == "__main__":
                                        for _ in range(-(-args.epoch_iters // args.pool_batches))])
             buffer = (buffer + [pool])[-args.critic_buffer:]  # the critic's replay buffer of recent pools
         pool = buffer[-1]
-        t_sample = time.time()
+        t_sample = utils.now(device)
         # ---- this iteration's actor minibatch from the pool and its noised points (spec §4 step 5)
         b = int(pool["order"][j])
         x0, pooled, prompt_idx = pool["latents"][b], pool["pooled"][b], pool["prompt_idx"][b]
@@ -397,8 +411,8 @@ if __name__ == "__main__":
         targets = torch.cat([shaped[mb] for mb, _, _, _ in points])  # r~ of each noised point's image
         warm = warmup_end is None
         w_all, adv = actor_weights(it, targets, values, args.beta, args.adv_clip, it + 1 if warm else warmup_end,
-                                   args.weight_norm)
-        t_reward = time.time()
+                                   args.weight_norm, args.weights == "signed")
+        t_reward = utils.now(device)
         # ---- actor update: critic-weighted CFM + W2 (spec §3.1-3.2, §4 step 9), one optimizer step
         optimizer.zero_grad(set_to_none=True)
         losses, fms, w2s, start = [], [], [], 0
@@ -437,7 +451,7 @@ if __name__ == "__main__":
             policy.update_old(0.0)
         all_values, all_targets = utils.all_gather_cat(values), utils.all_gather_cat(targets)  # global diagnostics
 
-        t_train = time.time()
+        t_train = utils.now(device)
         # ---- log
         if rank == 0:
             metrics = {
@@ -472,11 +486,11 @@ if __name__ == "__main__":
 
     # ---- final evaluation, model, checkpoint, summary
     summary["final"] = evaluate(args.num_iterations)
+    save_checkpoint(args.num_iterations)
     if rank == 0:
         utils.log_eval(writer, summary["final"], args.num_iterations)
         if args.save_model:
             policy.save_pretrained(run_dir)
-        save_checkpoint(args.num_iterations)
         summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
                        skipped_updates=guard.total, args=vars(args))
         utils.write_summary(run_dir, summary)

@@ -17,9 +17,9 @@ shared/methods/orw_cfm_w2.md; docs: docs/orw_cfm_w2.md.
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-import tyro
 from tqdm import tqdm
 
 from common import models, rewards, sampling, utils
@@ -69,14 +69,17 @@ class Args:
     max_t5_length: int = 128
     """SD3 with --use-t5: T5 prompt tokens (NFT and Flow-GRPO code: 128; diffusers' default 256)"""
     mixed_precision: str | None = None
-    """no | bf16 | fp16: frozen weights in this dtype, forward under autocast, trained weights in fp32
-    (default: bf16 on CUDA, no on CPU)"""
+    """no | bf16: frozen weights in this dtype, forward under autocast, trained weights in fp32 (default: bf16 on
+    CUDA GPUs with native bf16, compute capability >= 8.0, else no; fp16 is refused: training it needs loss scaling)"""
     gradient_checkpointing: bool = False
     """recompute the transformer's activations in the backward pass (less memory, ~30 % slower; SD3.5)"""
     decode_batch_size: int = 16
     """images the VAE decodes and a reward model scores at once"""
     reward_device: str | None = None
     """device of the reward models (default: the training device), e.g. cuda:1"""
+    reward_dtype: str = "fp32"
+    """fp32 | bf16 | fp16: dtype of the reward models (fp32 as the official Flow-GRPO code scores PickScore,
+    ImageReward and the aesthetic predictor; bf16 / fp16 save memory, e.g. for the 7B VLM)"""
     eval_batch_size: int = 128
     """images generated at once in held-out evaluation"""
     lora_rank: int = 0
@@ -127,24 +130,39 @@ class Args:
     alpha: float = 3.0
     """W2 coefficient: weight of ||v_theta - v_ref||^2 (official code 1.0, README 'alpha >= 1'; paper sweeps 0-1;
     3 on the embedded world, docs; 0 = ORW-CFM without W2)"""
-    normalize_weights: bool = True
-    """w / mean_pool(w) (keeps the reward/alpha balance fixed, spec §8.1); --no-normalize-weights = official raw exp(tau r)"""
+    weight_norm: Literal["pool", "prompt", "none"] = "pool"
+    """w / mean(w) over the epoch's pool | over each prompt's images in the pool (the per-prompt tilt of the paper's
+    target is unchanged) | none: the official code's raw exp(tau r)"""
+    weights: Literal["paper", "signed"] = "paper"
+    """paper: w (eq. 10, positive) | signed: w - 1 (mean 0), the paper's gradient minus its tau = 0 (self-training)
+    gradient; needs --weight-norm pool or prompt (not the paper's form)"""
     max_exponent: float = 20.0
     """clamp tau * r at this value before exp (raw weights only; guard against overflow, spec §8.1)"""
     offline: bool = False
     """RW-CFM, the paper's offline baseline: the pool is sampled from the base model and never refreshed"""
     timesteps_per_image: int = 1
     """noised points per image per iteration (official code: 1)"""
+    sigma_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    """training noise levels: uniform (sigma ~ U(0, 1), paper / official code, whose base model was pretrained the
+    same way) | logit_normal (sigmoid(N(0, 1)), the density the embedded base and SD3 were pretrained with)"""
     w2_eval_samples: int = 32
     """held-out samples on which the W2 bound to the base model is estimated at each evaluation"""
 
 
 # ----------------------------------------------------------------------------------- weights and loss
-def orw_weights(rewards_, tau, normalize=False, max_exponent=20.0):
-    """w = exp(tau * r) (spec §3.1, official code), no gradient. normalize: w / mean(w) over the batch
-    (computed as B * softmax(tau * r), so it cannot overflow); raw: tau * r clamped at max_exponent."""
+def orw_weights(rewards_, tau, norm="none", groups=None, max_exponent=20.0):
+    """w = exp(tau * r) (eq. 10, official code), no gradient. norm: "pool" w / mean(w) over all rewards, "prompt"
+    w / mean(w) over the rewards that share a group id (a softmax of tau * r per group times its size, so it cannot
+    overflow), "none": raw, tau * r clamped at max_exponent."""
     z = tau * rewards_.detach().double()
-    w = len(z) * torch.softmax(z, 0) if normalize else torch.exp(z.clamp(max=max_exponent))
+    if norm == "none":
+        w = torch.exp(z.clamp(max=max_exponent))
+    else:
+        groups = torch.zeros_like(z, dtype=torch.long) if norm == "pool" else groups
+        _, inv = torch.unique(groups, return_inverse=True)
+        z_max = torch.full((int(inv.max()) + 1,), -torch.inf, dtype=z.dtype).scatter_reduce(0, inv, z, "amax")
+        e = torch.exp(z - z_max[inv])  # shifted by each group's max: no overflow
+        w = e / utils.group_mean(e, groups)
     return w.to(rewards_.dtype)
 
 
@@ -183,6 +201,10 @@ def check_method_args(a):
         utils.fail(f"--tau {a.tau} must be >= 0 (0 = unweighted self-distillation)")
     if a.alpha < 0:
         utils.fail(f"--alpha {a.alpha} must be >= 0 (0 = ORW-CFM without the W2 term)")
+    if a.weights == "signed" and a.weight_norm == "none":
+        utils.fail("--weights signed needs --weight-norm pool or prompt (w - 1 has mean 0 only for normalised w)")
+    if a.weight_norm == "prompt" and a.group_size * a.pool_batches < 2:
+        utils.fail(f"--weight-norm prompt needs several images per prompt in the pool: --group-size {a.group_size}")
     if a.max_exponent <= 0:
         utils.fail(f"--max-exponent {a.max_exponent} must be > 0")
     for name in ("epoch_iters", "pool_batches", "timesteps_per_image"):
@@ -195,7 +217,7 @@ def check_method_args(a):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = utils.parse_args(Args)
     check_method_args(args)
     # all checks before any loading; held-out: --eval-prompts-file, the shapes test split or 32 --prompts-file lines
     prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
@@ -216,8 +238,8 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # linear warm-up (official code: LambdaLR(min(step, 5000) / 5000), whose first step has lr 0; ours lr / W)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_iters)))
-    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, dtype=model.dtype,
-                                     batch_size=args.decode_batch_size, paths=args.reward_paths)
+    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, batch_size=args.decode_batch_size,
+                                     dtype=rewards.DTYPES[args.reward_dtype], paths=args.reward_paths)
     grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
     sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) sampling grid, shift from the scheduler config
@@ -251,7 +273,8 @@ if __name__ == "__main__":
         policy.load_trainable_state(ckpt["policy"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        pool = ckpt["pool"]  # this epoch's samples and weights (theta_old is in the policy state)
+        # this epoch's samples and weights (theta_old is in the policy state): this rank's part, on the device
+        pool = utils.rank_pool(ckpt["pool"], ("latents", "prompt_idx"), rank, world, device)
         utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
         grid.load_state_dict(ckpt.get("grid"))
@@ -261,11 +284,12 @@ if __name__ == "__main__":
             log_eval(summary["base"], 0)
             print("base:", {k: round(v, 4) for k, v in summary["base"].items() if isinstance(v, float)})
 
-    def save_checkpoint(iteration):
+    def save_checkpoint(iteration):  # every rank calls it: the pool's per-rank samples are gathered
+        global_pool = utils.gather_pool(pool, ("latents", "prompt_idx"), device)
         if rank == 0:
             utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
                 policy=policy.trainable_state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                iteration=iteration, pool=pool,
+                iteration=iteration, pool=global_pool,
                 reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
                 rng=utils.rng_state(), args=vars(args), grid=grid.state_dict()))
 
@@ -273,7 +297,7 @@ if __name__ == "__main__":
     t0 = time.time()
     bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="orw_cfm_w2")
     for it in bar:
-        t_iter = time.time()
+        t_iter = utils.now(device)
         epoch, j = divmod(it, args.epoch_iters)
         if j == 0 or pool is None:
             # ---- new epoch: a pool of M minibatches of CFG-free ODE samples of the fixed sampling copy theta_old,
@@ -284,7 +308,7 @@ if __name__ == "__main__":
                 captions, meta, prompt_idx = sampler.sample(epoch * args.pool_batches + b)
                 n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
                 gen = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_009 + b)
-                noise = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+                noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
                 with policy.old() as old:
                     x0 = sampling.sample(old, *model.encode_prompt(captions), sigmas, noise)["latents"]  # (B, C, H, W)
                 reward, parts = reward_fn(model.decode(x0), captions, meta)
@@ -295,13 +319,14 @@ if __name__ == "__main__":
                 reward_queries += n * world
             # weights w = exp(tau * r) over the whole pool, detached (spec §3.1 / §4 step 3)
             all_rewards = torch.stack(pool["rewards"])  # (M, B_global)
-            pool["weights"] = orw_weights(all_rewards.flatten(), args.tau, args.normalize_weights,
-                                          args.max_exponent).view_as(all_rewards)
+            groups = torch.cat([utils.all_gather_cat(p.to(device)).cpu() for p in pool["prompt_idx"]])
+            w = orw_weights(all_rewards.flatten(), args.tau, args.weight_norm, groups, args.max_exponent)
+            pool["weights"] = (w - 1 if args.weights == "signed" else w).view_as(all_rewards)
             # order in which the epoch visits the pool's minibatches: one permutation per pass
             perm_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
             pool["order"] = torch.cat([torch.randperm(args.pool_batches, generator=perm_gen)
                                        for _ in range(-(-args.epoch_iters // args.pool_batches))])
-        t_sample = time.time()
+        t_sample = utils.now(device)
         # ---- this iteration's minibatch from the pool; fresh (sigma, noise) drawn from (seed, iteration)
         b = int(pool["order"][j])
         x0, prompt_idx = pool["latents"][b], pool["prompt_idx"][b]
@@ -311,15 +336,18 @@ if __name__ == "__main__":
         w_local = pool["weights"][b][local].to(device)
         all_rewards, weights = torch.stack(pool["rewards"]), pool["weights"]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-        t_reward = time.time()
+        t_reward = utils.now(device)
         # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated (spec §4 steps 4-7)
         optimizer.zero_grad(set_to_none=True)
         n_mb = n // args.train_batch_size
         stats, losses = [], []
         for _ in range(args.timesteps_per_image):
-            sigma_all = torch.rand(n * world, generator=gen)[local]  # t ~ U(0, 1) <=> sigma ~ U(0, 1) (spec §2)
+            if args.sigma_sampling == "uniform":  # t ~ U(0, 1) <=> sigma ~ U(0, 1) (official code)
+                sigma_all = torch.rand(n * world, generator=gen)[local]
+            else:  # the base model's pretraining density (SD3: logit-normal(0, 1))
+                sigma_all = torch.sigmoid(torch.randn(n * world, generator=gen))[local]
             # fresh independent noise, not the sampling noise and no OT re-pairing (spec §6 bug 1)
-            eps_all = torch.randn(n * world, *model.latent_shape, generator=gen)[local].to(device, model.dtype)
+            eps_all = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
             for mb in torch.arange(n).split(args.train_batch_size):
                 sigma, eps = sigma_all[mb].to(device), eps_all[mb]
                 s = sigma.view(-1, 1, 1, 1)
@@ -345,10 +373,11 @@ if __name__ == "__main__":
         if j == args.epoch_iters - 1 and not args.offline:
             policy.update_old(0.0)
 
-        t_train = time.time()
+        t_train = utils.now(device)
         # ---- log
         if rank == 0:
             fm_mean, wfm_mean, w2_mean = torch.stack(stats).mean(0).tolist()
+            w_pos = weights + 1 if args.weights == "signed" else weights  # the positive weights exp(tau r) / mean
             metrics = {
                 "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
                 "charts/images_per_sec": n * world / (time.time() - t_iter),
@@ -359,7 +388,7 @@ if __name__ == "__main__":
                 "losses/fm": fm_mean, "losses/weighted_fm": wfm_mean, "losses/w2": w2_mean,
                 "losses/alpha_w2": args.alpha * w2_mean,
                 "losses/weight_mean": weights.mean().item(), "losses/weight_max": weights.max().item(),
-                "losses/weight_ess": (weights.sum() ** 2 / (weights ** 2).sum() / weights.numel()).item(),
+                "losses/weight_ess": (w_pos.sum() ** 2 / (w_pos ** 2).sum() / w_pos.numel()).item(),
                 "losses/skipped_updates": guard.total,
             }
             metrics.update({f"charts/reward_{k}": sum(v) / len(v) for k, v in pool["parts"].items()})
@@ -379,11 +408,11 @@ if __name__ == "__main__":
 
     # ---- final evaluation, model, checkpoint, summary
     summary["final"] = evaluate(args.num_iterations)
+    save_checkpoint(args.num_iterations)
     if rank == 0:
         log_eval(summary["final"], args.num_iterations)
         if args.save_model:
             policy.save_pretrained(run_dir)
-        save_checkpoint(args.num_iterations)
         summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
                        skipped_updates=guard.total, args=vars(args))
         utils.write_summary(run_dir, summary)

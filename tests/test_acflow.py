@@ -83,6 +83,8 @@ def test_weight_norm():
     e = [math.exp(x) for x in shaped.tolist()]
     assert w.tolist() == pytest.approx([x / (sum(e) / 4) for x in e])
     assert w.mean().item() == pytest.approx(1.0)
+    ws, _ = acflow.actor_weights(0, shaped, values, 1.0, 0.0, 0, normalize=True, signed=True)  # --weights signed
+    assert ws.tolist() == pytest.approx([x / (sum(e) / 4) - 1 for x in e]) and abs(ws.sum().item()) < 1e-6
 
 
 def test_reward_shaping_by_hand():

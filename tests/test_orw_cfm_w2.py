@@ -39,15 +39,28 @@ def test_weights_match_hand_values():
     r = torch.tensor([0.0, 0.5, 1.0])
     w = orw.orw_weights(r, tau=2.0)
     assert torch.allclose(w, torch.tensor([1.0, math.e, math.e ** 2]))
-    wn = orw.orw_weights(r, tau=2.0, normalize=True)  # w / mean(w)
+    wn = orw.orw_weights(r, tau=2.0, norm="pool")  # w / mean(w)
     s = 1 + math.e + math.e ** 2
     assert torch.allclose(wn, torch.tensor([3 / s, 3 * math.e / s, 3 * math.e ** 2 / s]))
     assert torch.allclose(orw.orw_weights(r, tau=0.0), torch.ones(3))  # tau = 0: unweighted
     # raw weights clamp the exponent; normalised ones are exact (softmax) even for huge tau * r
     assert torch.allclose(orw.orw_weights(torch.tensor([100.0]), tau=1.0, max_exponent=20.0), torch.tensor([math.exp(20)]))
-    big = orw.orw_weights(torch.tensor([1000.0, 999.0]), tau=1.0, normalize=True)
+    big = orw.orw_weights(torch.tensor([1000.0, 999.0]), tau=1.0, norm="pool")
     assert torch.allclose(big, torch.tensor([2 / (1 + math.exp(-1)), 2 * math.exp(-1) / (1 + math.exp(-1))]))
     assert not orw.orw_weights(torch.tensor([0.3], requires_grad=True), 1.0).requires_grad
+
+
+def test_prompt_normalised_weights_match_hand_values():
+    """--weight-norm prompt: w / mean(w) over the images of the same prompt; --weights signed subtracts 1."""
+    r, groups = torch.tensor([0.0, 0.5, 1.0, 0.2]), torch.tensor([7, 3, 7, 3])
+    w = orw.orw_weights(r, tau=2.0, norm="prompt", groups=groups)
+    e = [1.0, math.e, math.e ** 2, math.exp(0.4)]
+    hand = torch.tensor([2 * e[0] / (e[0] + e[2]), 2 * e[1] / (e[1] + e[3]), 2 * e[2] / (e[0] + e[2]),
+                         2 * e[3] / (e[1] + e[3])])
+    assert torch.allclose(w, hand)
+    assert torch.allclose(orw.orw_weights(r, 2.0, "prompt", torch.zeros(4, dtype=torch.long)), orw.orw_weights(r, 2.0, "pool"))
+    huge = orw.orw_weights(torch.tensor([1000.0, 0.0, 999.0]), 1.0, "prompt", torch.tensor([0, 1, 0]))
+    assert torch.isfinite(huge).all() and torch.allclose(huge[1], torch.tensor(1.0))  # a prompt seen once: w = 1
 
 
 def test_loss_equals_hand_computation():
@@ -195,7 +208,7 @@ def test_smoke_tiny_sd3_lora(tmp_path):
     run = tmp_path / "run"
     out = _run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4", "--lr", "1e-2",
                 "--prompts-file", str(tmp_path / "p.txt"), "--reward", "shapes=1.0,jpeg_compressibility=0.1",
-                "--no-normalize-weights", "--output-dir", str(run)], tmp_path)
+                "--weight-norm", "none", "--output-dir", str(run)], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     s = _check_run(run, "lora")
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file() and "train_reward_mean" in s["final"]
