@@ -338,7 +338,7 @@ def fits(allocated, usable=H100_USABLE):
 
 
 # the rows of the table: each docs command, plus variants
-VARIANTS = [(m, {}) for m in METHODS] + [("fdfo", {"--reward-dtype": "bf16"})]
+VARIANTS = [(m, {}) for m in METHODS] + [("fdfo", {"--reward-dtype": "fp32"})]  # FDFO's page: bf16 rewards
 
 
 def rows(sd):

@@ -318,9 +318,10 @@ def test_sharded_evaluation_matches_one_process(tiny, tmp_path):
 
 
 def test_documented_sd35_commands_fit_80gb():
-    """benchmark/gpu_memory.py (meta-device trace of SD3.5-M, no weights): every method page's command must leave
-    room on an 80 GB GPU for the CUDA context and fragmentation (estimate < 64 GiB); and the traced VAE decode must
-    be the ~0.75 GiB per 512-px image the issue measured (the tracer counts what it should)."""
+    """benchmark/gpu_memory.py (meta-device trace of SD3.5-M, no weights): every method page's command, as written
+    there, must fit an 80 GB GPU under the margin rule of docs/gpu.md (`gpu_memory.fits`: 1.15 x the allocated peak
+    for fragmentation + 1 GiB CUDA context < 78 GiB usable); and the traced VAE decode must be the ~0.75 GiB per
+    512-px image the issue measured (the tracer counts what it should)."""
     sys.path.insert(0, str(ROOT / "benchmark"))
     import gpu_memory
 
@@ -328,4 +329,5 @@ def test_documented_sd35_commands_fit_80gb():
     assert sd.phase("vae", 1) / 2**30 == pytest.approx(0.75, rel=0.1)
     for m in METHODS:
         e = gpu_memory.estimate(sd, m)
-        assert e["total"] < 64 * 2**30, (m, e["total"] / 2**30, e["worst"])
+        assert gpu_memory.fits(e["total"]), (m, e["total"] / 2**30, (e["reserved"] + gpu_memory.CONTEXT) / 2**30,
+                                             e["worst"])
