@@ -5,9 +5,12 @@ Each epoch a lagged copy of the actor samples a pool of images (CFG-free ODE); r
 small critic V_phi(x_t, sigma, c) regresses the shaped reward at noised points of recent pools, so each (image,
 sigma) gets its own advantage A = r~ - V. The actor minimises  w ||v - (eps - x0)||^2 + alpha ||v - v_ref||^2,
 w = exp(beta clip(A, +-c_A)) / mean, with V treated as 0 until the critic explains fresh rollouts (warm-up).
+Default `--weights signed` trains with w - 1 (mean 0) instead of w: the paper's update without its unweighted
+self-training part, which alone degrades the model on the embedded world (docs); `--weights paper` is the paper's.
 Spec: shared/methods/acflow.md; docs: docs/acflow.md.
 
     python acflow.py                             # embedded shapes world, 2 CPU cores
+    python acflow.py --weights paper             # the paper's positive weights
     python acflow.py --no-critic --adv-clip 0    # ORW-CFM-W2 (w = exp(beta * shaped reward))
     python acflow.py --critic-warmup 0 --warmup-ev 0   # ablation: the critic drives the actor from iteration 1
 """
@@ -131,7 +134,7 @@ class Args:
     """c_A: A^ = clip(A, -c_A, c_A) in shaped-reward units (spec §3.7); 0 = no clipping"""
     weight_norm: bool = True
     """w / mean(w) over the minibatch (spec §3.1 option / §4 step 8), so alpha keeps its meaning (mean w = 1)"""
-    weights: Literal["paper", "signed"] = "paper"
+    weights: Literal["paper", "signed"] = "signed"
     """paper: w (positive, ORW-CFM-W2's form) | signed: w - 1 (mean 0; needs --weight-norm), the update without its
     unweighted self-training part (not the paper's form)"""
     shaping: str = "batch"
@@ -269,6 +272,9 @@ def check_method_args(a):
                    f"{a.critic_warmup} >= 0 or -1 (10% of --num-iterations)")
     if not 0 <= a.shaping_momentum < 1:
         utils.fail(f"--shaping-momentum {a.shaping_momentum} must be in [0, 1)")
+    if a.weights == "signed" and a.alpha <= 0:
+        utils.fail(f"--weights signed needs --alpha > 0 (got {a.alpha}): without the W2 term the signed objective is "
+                   "unbounded below")
     if a.weights == "signed" and not a.weight_norm:
         utils.fail("--weights signed needs --weight-norm (w - 1 has mean 0 only for normalised w)")
     if a.shaping == "group" and a.group_size < 2:

@@ -8,7 +8,12 @@ plus alpha * ||v_theta - v_ref||^2 towards the frozen base at the same (x_t, sig
 the squared W2 distance to the base model (paper Thm. 3); then theta_old <- theta. Spec:
 shared/methods/orw_cfm_w2.md; docs: docs/orw_cfm_w2.md.
 
+Default `--weights signed`: the reward term uses w / mean(w) - 1 (mean 0) instead of w, i.e. the paper's gradient
+minus its tau = 0 gradient (flow matching on the model's own samples, which alone degrades the embedded base); not
+the paper's form, which is `--weights paper` (docs: the controls behind this).
+
     python orw_cfm_w2.py                             # embedded shapes world, 2 CPU cores
+    python orw_cfm_w2.py --weights paper             # the paper's positive weights exp(tau r) / mean
     python orw_cfm_w2.py --alpha 0                   # ORW-CFM without W2 (collapses towards the reward maximiser)
     python orw_cfm_w2.py --offline                   # RW-CFM: every pool sampled from the base model
     python orw_cfm_w2.py --reward jpeg_compressibility --tau 20   # the paper's compression task
@@ -103,12 +108,13 @@ class Args:
     """CFG of evaluation; ORW-CFM-W2 samples CFG-free and trains the conditional branch (spec §8.3)"""
 
     # algorithm
-    num_iterations: int = 100
+    num_iterations: int = 200
     """gradient steps (official code: epochs x steps_per_epoch)"""
     prompts_per_iter: int = 32
     """prompts per gradient step (the minibatch; SD3.5-M: 32)"""
     group_size: int = 1
-    """images per prompt; ORW needs no groups (weights are per image), kept for the shared prompt sampler"""
+    """images per prompt; the paper's weights are per image (no groups needed); --weight-norm prompt normalises over
+    each prompt's images"""
     train_batch_size: int = 32
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
     epoch_iters: int = 20
@@ -133,9 +139,10 @@ class Args:
     weight_norm: Literal["pool", "prompt", "none"] = "pool"
     """w / mean(w) over the epoch's pool | over each prompt's images in the pool (the per-prompt tilt of the paper's
     target is unchanged) | none: the official code's raw exp(tau r)"""
-    weights: Literal["paper", "signed"] = "paper"
+    weights: Literal["paper", "signed"] = "signed"
     """paper: w (eq. 10, positive) | signed: w - 1 (mean 0), the paper's gradient minus its tau = 0 (self-training)
-    gradient; needs --weight-norm pool or prompt (not the paper's form)"""
+    gradient; needs --weight-norm pool or prompt and alpha > 0, whose W2 term keeps the objective bounded below
+    (not the paper's form)"""
     max_exponent: float = 20.0
     """clamp tau * r at this value before exp (raw weights only; guard against overflow, spec §8.1)"""
     offline: bool = False
@@ -150,10 +157,10 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------- weights and loss
-def orw_weights(rewards_, tau, norm="none", groups=None, max_exponent=20.0):
+def orw_weights(rewards_, tau, norm="none", groups=None, max_exponent=20.0, signed=False):
     """w = exp(tau * r) (eq. 10, official code), no gradient. norm: "pool" w / mean(w) over all rewards, "prompt"
     w / mean(w) over the rewards that share a group id (a softmax of tau * r per group times its size, so it cannot
-    overflow), "none": raw, tau * r clamped at max_exponent."""
+    overflow), "none": raw, tau * r clamped at max_exponent. signed: w - 1 (mean 0 for normalised w)."""
     z = tau * rewards_.detach().double()
     if norm == "none":
         w = torch.exp(z.clamp(max=max_exponent))
@@ -163,7 +170,7 @@ def orw_weights(rewards_, tau, norm="none", groups=None, max_exponent=20.0):
         z_max = torch.full((int(inv.max()) + 1,), -torch.inf, dtype=z.dtype).scatter_reduce(0, inv, z, "amax")
         e = torch.exp(z - z_max[inv])  # shifted by each group's max: no overflow
         w = e / utils.group_mean(e, groups)
-    return w.to(rewards_.dtype)
+    return (w - 1 if signed else w).to(rewards_.dtype)
 
 
 def orw_loss(v, v_ref, target, w, alpha):
@@ -203,6 +210,9 @@ def check_method_args(a):
         utils.fail(f"--alpha {a.alpha} must be >= 0 (0 = ORW-CFM without the W2 term)")
     if a.weights == "signed" and a.weight_norm == "none":
         utils.fail("--weights signed needs --weight-norm pool or prompt (w - 1 has mean 0 only for normalised w)")
+    if a.weights == "signed" and a.alpha <= 0:
+        utils.fail(f"--weights signed needs --alpha > 0 (got {a.alpha}): without the W2 term the signed objective is "
+                   "unbounded below; --weights paper --alpha 0 is ORW-CFM")
     if a.weight_norm == "prompt" and a.group_size * a.pool_batches < 2:
         utils.fail(f"--weight-norm prompt needs several images per prompt in the pool: --group-size {a.group_size}")
     if a.max_exponent <= 0:
@@ -317,11 +327,11 @@ if __name__ == "__main__":
                 for k, v in parts.items():
                     pool["parts"].setdefault(k, []).append(v.float().mean().item())
                 reward_queries += n * world
-            # weights w = exp(tau * r) over the whole pool, detached (spec §3.1 / §4 step 3)
+            # weights w = exp(tau * r) over the whole pool, detached (eq. 10; official code); --weights signed: w - 1
             all_rewards = torch.stack(pool["rewards"])  # (M, B_global)
             groups = torch.cat([utils.all_gather_cat(p.to(device)).cpu() for p in pool["prompt_idx"]])
-            w = orw_weights(all_rewards.flatten(), args.tau, args.weight_norm, groups, args.max_exponent)
-            pool["weights"] = (w - 1 if args.weights == "signed" else w).view_as(all_rewards)
+            pool["weights"] = orw_weights(all_rewards.flatten(), args.tau, args.weight_norm, groups, args.max_exponent,
+                                          args.weights == "signed").view_as(all_rewards)
             # order in which the epoch visits the pool's minibatches: one permutation per pass
             perm_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
             pool["order"] = torch.cat([torch.randperm(args.pool_batches, generator=perm_gen)

@@ -201,7 +201,8 @@ def test_smoke_tiny_sd3_lora(tmp_path):
 def test_learning_beats_lr0(tmp_path):
     flags = ["--threads", "1", "--reward", "jpeg_compressibility", "--num-iterations", "30", "--prompts-per-iter", "32",
              "--group-size", "1", "--train-batch-size", "32", "--eval-every", "1000", "--eval-samples-per-prompt", "2",
-             "--checkpoint-every", "1000", "--no-save-model", "--epoch-iters", "5", "--warmup-iters", "2", "--alpha", "1"]
+             "--checkpoint-every", "1000", "--no-save-model", "--epoch-iters", "5", "--warmup-iters", "2", "--alpha", "1",
+             "--weights", "paper"]
     res = {}
     for name, extra in (("learn", ["--beta", "4"]), ("lr0", ["--lr", "0", "--beta", "4"]), ("beta0", ["--beta", "0"])):
         out = tmp_path / name
