@@ -1,5 +1,5 @@
 """AC-Flow: the math against hand computations, smoke runs of the real script (embedded + tiny SD3, resume),
-and one learning test."""
+and one learning test (the default run beats its base on the same noise)."""
 
 import json
 import math
@@ -194,20 +194,18 @@ def test_smoke_tiny_sd3_lora(tmp_path):
     assert "critic" in ck and ck["critic"]["c_proj.weight"].shape[1] == 64  # SD3 pooled projection width
 
 
-# The compression reward: on world v2 no short AC-Flow run raises the shapes reward clearly (docs/acflow.md,
-# Results; the critic explains ~0 of it), on JPEG size it learns. Measured (held-out -kB, base -1.132): lr 0 -1.132,
-# uniform weights (--beta 0: self-training + W2 only) -1.115, the test's run -1.054: the weighting makes the gain.
+# The default run (signed weights, 100 iterations, 800 reward queries) against its own base, evaluated on the same
+# held-out noise (what `--lr 0` gives). One thread pins the trajectory (the thread count changes float rounding).
+# Measured gains over seeds 0 / 1 / 2: strict +0.043 / +0.031 / +0.004, partial +0.029 / +0.026 / +0.020
+# (docs/acflow.md). The test runs seed 0 at one thread; the 0.01 margins are what a broken update misses (ignored
+# weights, signed: all 0, leave only the W2 pull; inverted ones lose), not the seed spread (seed 2 is +0.004).
 @pytest.mark.slow
-def test_learning_beats_lr0(tmp_path):
-    flags = ["--threads", "1", "--reward", "jpeg_compressibility", "--num-iterations", "30", "--prompts-per-iter", "32",
-             "--group-size", "1", "--train-batch-size", "32", "--eval-every", "1000", "--eval-samples-per-prompt", "2",
-             "--checkpoint-every", "1000", "--no-save-model", "--epoch-iters", "5", "--warmup-iters", "2", "--alpha", "1",
-             "--weights", "paper"]
-    res = {}
-    for name, extra in (("learn", ["--beta", "4"]), ("lr0", ["--lr", "0", "--beta", "4"]), ("beta0", ["--beta", "0"])):
-        out = tmp_path / name
-        cmd = [sys.executable, str(ROOT / "acflow.py"), *flags, *extra, "--output-dir", str(out)]
-        p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
-        assert p.returncode == 0, p.stderr[-3000:]
-        res[name] = json.loads((out / "summary.json").read_text())["final"]["train_reward_mean"]  # held-out -kB
-    assert res["learn"] > res["lr0"] + 0.04 and res["learn"] > res["beta0"] + 0.04, res
+def test_default_run_beats_lr0(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "acflow.py"), "--threads", "1", "--eval-every", "1000", "--checkpoint-every",
+           "1000", "--no-save-model", "--output-dir", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["final"]["strict_accuracy"] > s["base"]["strict_accuracy"] + 0.01, s
+    assert s["final"]["reward_mean"] > s["base"]["reward_mean"] + 0.01, s
