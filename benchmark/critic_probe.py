@@ -3,14 +3,15 @@
 Samples pools of base-model images (CFG-free 10-step Euler, as acflow.py rolls out), scores them once, then trains
 critics of acflow.py's architecture on the shaped (z-scored) terminal reward and reports the explained variance on a
 fresh pool never trained on, overall and per noise level, for each input:
-  xt        the noised point x_t alone (acflow.py --critic-input xt)
-  xt_x0hat  x_t and the frozen model's clean-image estimate x0_hat = x_t - sigma * v(x_t) (--critic-input xt_x0hat)
+  xt        the noised point x_t alone (acflow.py's critic)
+  xt_x0hat  x_t and the frozen model's clean-image estimate x0_hat = x_t - sigma * v(x_t)
   prompt    the pooled prompt only (latents zeroed): what the prompt alone explains
   feat      the frozen model's last hidden states at x_t (mean and max over image tokens), an MLP head
 and for two kinds of states: interp (x_t = (1 - sigma) x0 + sigma * eps with fresh eps, the points the actor trains
 on) and traj (the sampler's own ODE states x_{sigma_i} along each trajectory).
 
-    python benchmark/critic_probe.py --threads 1             # ~5 min on one core
+    python benchmark/critic_probe.py --threads 1                  # 320 training images, ~10 min on one core
+    python benchmark/critic_probe.py --train-batches 30 --inputs feat xt_x0hat   # 960 training images
 """
 
 import json
@@ -53,7 +54,7 @@ def main(a):
     ref = model.transformer.eval()
 
     def pool(batches, offset):
-        out = dict(x0=[], traj=[], x0hat=[], pooled=[], r=[])
+        out = dict(x0=[], traj=[], x0hat=[], pe=[], pooled=[], r=[])
         for b in range(batches):
             caps, m, _ = sampler.sample(offset + b)
             pe, pp = model.encode_prompt(caps)
@@ -61,11 +62,12 @@ def main(a):
             with torch.no_grad():
                 res = sampling.sample(ref, pe, pp, sigmas, noise, return_trajectory=True)
                 traj = res["trajectory"][:, :-1]  # (B, T, C, H, W): the states the sampler's steps start from
-                hats = torch.stack([traj[:, i] - sigmas[i] * sampling.predict(ref, traj[:, i], sigmas[i].expand(len(caps)), pe, pp)
-                                    for i in range(len(sigmas) - 1)], 1)
+                v = [sampling.predict(ref, traj[:, i], sigmas[i].expand(len(caps)), pe, pp)
+                     for i in range(len(sigmas) - 1)]
+                hats = torch.stack([traj[:, i] - sigmas[i] * v[i] for i in range(len(v))], 1)  # clean estimates
             r, _ = reward_fn(model.decode(res["latents"]), caps, m)
             out["x0"].append(res["latents"]), out["traj"].append(traj), out["x0hat"].append(hats)
-            out["pooled"].append(pp), out["r"].append(r.float())
+            out["pe"].append(pe), out["pooled"].append(pp), out["r"].append(r.float())
         return {k: torch.cat(v) for k, v in out.items()}
 
     train, test = pool(a.train_batches, 0), pool(a.test_batches, 10_000)
@@ -87,10 +89,6 @@ def main(a):
             return s, xt, hat
         i = torch.randint(len(sigmas) - 1, (n,), generator=gen)
         return sigmas[i], p["traj"][idx, i], p["x0hat"][idx, i]
-
-    # prompt embeddings for interpolated points' x0_hat (the sampler's prompts, re-encoded)
-    for p, batches, offset in ((train, a.train_batches, 0), (test, a.test_batches, 10_000)):
-        p["pe"] = torch.cat([model.encode_prompt(sampler.sample(offset + b)[0])[0] for b in range(batches)])
 
     def feat_points(p, reps, gen):  # fixed noised points (features need a transformer forward each)
         out = dict(s=[], f=[], z=[], pooled=[])

@@ -210,7 +210,7 @@ def test_smoke_tiny_sd3_lora(tmp_path):
     run = tmp_path / "run"
     out = _run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4", "--lr", "1e-2",
                 "--prompts-file", str(tmp_path / "p.txt"), "--reward", "shapes=1.0,jpeg_compressibility=0.1",
-                "--weight-norm", "none", "--output-dir", str(run)], tmp_path)
+                "--weights", "paper", "--weight-norm", "none", "--output-dir", str(run)], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     s = _check_run(run, "lora")
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file() and "train_reward_mean" in s["final"]
