@@ -11,7 +11,7 @@ Spec: shared/methods/acflow.md; docs: docs/acflow.md.
 
     python acflow.py                             # embedded shapes world, 2 CPU cores
     python acflow.py --weights paper             # the paper's positive weights
-    python acflow.py --no-critic --adv-clip 0    # ORW-CFM-W2 (w = exp(beta * shaped reward))
+    python acflow.py --no-critic --adv-clip 0 --weights paper   # ORW-CFM-W2 (w = exp(beta * shaped reward))
     python acflow.py --critic-warmup 0 --warmup-ev 0   # ablation: the critic drives the actor from iteration 1
 """
 

@@ -14,7 +14,7 @@ the paper's form, which is `--weights paper` (docs: the controls behind this).
 
     python orw_cfm_w2.py                             # embedded shapes world, 2 CPU cores
     python orw_cfm_w2.py --weights paper             # the paper's positive weights exp(tau r) / mean
-    python orw_cfm_w2.py --alpha 0                   # ORW-CFM without W2 (collapses towards the reward maximiser)
+    python orw_cfm_w2.py --weights paper --alpha 0   # ORW-CFM without W2 (collapses towards the reward maximiser)
     python orw_cfm_w2.py --offline                   # RW-CFM: every pool sampled from the base model
     python orw_cfm_w2.py --reward jpeg_compressibility --tau 20   # the paper's compression task
 """
