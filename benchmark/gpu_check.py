@@ -517,7 +517,7 @@ def main():
             try:
                 est_proc.wait(timeout=max(1.0, 300 - ctx.elapsed()))
             except subprocess.TimeoutExpired:
-                pass
+                return None  # no estimate within the budget: the memory check reports that, it does not wait
         return (read_report(est_path) or {}).get(key)
 
     ctx.estimate = estimate
