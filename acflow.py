@@ -418,6 +418,9 @@ if __name__ == "__main__":
         warm = warmup_end is None
         w_all, adv = actor_weights(it, targets, values, args.beta, args.adv_clip, it + 1 if warm else warmup_end,
                                    args.weight_norm, args.weights == "signed")
+        w_v0, _ = actor_weights(it, targets, values, args.beta, args.adv_clip, it + 1, args.weight_norm,
+                                args.weights == "signed")  # the same weights with V = 0 (the ORW special case)
+        critic_effect = ((w_all - w_v0).abs().mean() / w_v0.abs().mean().clamp_min(1e-12)).item()
         t_reward = utils.now(device)
         # ---- actor update: critic-weighted CFM + W2 (spec §3.1-3.2, §4 step 9), one optimizer step
         optimizer.zero_grad(set_to_none=True)
@@ -469,6 +472,7 @@ if __name__ == "__main__":
                 "losses/fm_loss": torch.stack(fms).mean().item(), "losses/w2_loss": torch.stack(w2s).mean().item(),
                 "losses/value_mean": all_values.mean().item(), "losses/critic_explained_variance": pool_ev,
                 "losses/critic_ev_minibatch": explained_variance(all_values.cpu(), all_targets.cpu()),
+                "losses/critic_weight_change": critic_effect,
                 "losses/adv_mean": adv.mean().item(), "losses/adv_std": adv.std().item(), "losses/adv_clip_frac":
                 (adv.abs() >= args.adv_clip - 1e-6).float().mean().item() if args.adv_clip > 0 else 0.0,
                 **{f"losses/weight_{k}": getattr(w_all, k)().item() for k in ("mean", "min", "max", "std")},
