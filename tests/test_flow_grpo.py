@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import flow_grpo  # noqa: E402
 from cli_check import check_flags  # noqa: E402
-from common import models, rewards, run, sampling  # noqa: E402
+from common import models, rewards, sampling  # noqa: E402
 from run_logs import first_iteration, scalars  # noqa: E402
 from test_common import _inputs, _tiny_transformer  # noqa: E402
 
@@ -197,8 +197,10 @@ def test_cfg_gradient_only_through_conditional_branch():
 
 
 def test_ema_swaps_in_for_evaluation_and_saving():
+    from common.run import EMA
+
     p = torch.nn.Parameter(torch.zeros(2))
-    ema = run.EMA([p], 0.9)
+    ema = EMA([p], 0.9)
     p.data.fill_(1.0)
     ema.step(1)  # d = min(2 / 11, 0.9)
     with ema.swapped():
@@ -338,7 +340,7 @@ def test_per_sample_generators_make_sde_rollouts_independent_of_batch_split():
 
     def run(idx, seeds=(11, 12, 13)):
         return flow_grpo.sde_sample(transformer, pe[idx], pooled[idx], sigmas, latents[idx], noise_level=0.7,
-                               generator=[torch.Generator().manual_seed(seeds[i]) for i in idx])
+                                    generator=[torch.Generator().manual_seed(seeds[i]) for i in idx])
 
     whole, parts = run([0, 1, 2]), [run([0, 1]), run([2])]
     for key in ("trajectory", "log_probs"):
