@@ -251,7 +251,8 @@ if __name__ == "__main__":
         t_iter = utils.now(device)
         epoch, j = divmod(it, args.epoch_iters)
         if j == 0 or not buffer:
-            # ---- new epoch: M minibatches of CFG-free Euler ODE rollouts of the fixed sampling copy (ORW-CFM-W2's
+            # ---- new epoch (a deliberate copy of orw_cfm_w2.py's pool sampler, plus the pooled embeddings the critic
+            # reads): M minibatches of CFG-free Euler ODE rollouts of the fixed sampling copy (ORW-CFM-W2's
             # `last_policy`), scored once; noise for the global batch from (seed, epoch, batch), sliced per rank
             pool = dict(latents=[], pooled=[], prompt_idx=[], rewards=[], parts={})
             for b in range(args.pool_batches):
