@@ -168,7 +168,7 @@ class Run:
                 args=vars(self.args), grid=self.grid.state_dict()))
 
     def end_iteration(self, it, metrics, samples=None, **postfix):
-        """Log `metrics` (computed on rank 0 only; None elsewhere) and, every --log-images-every iterations,
+        """Log `metrics` (rank 0 writes them) and, every --log-images-every iterations,
         `samples` = (latents, captions, rewards); every --eval-every iterations evaluate; every --checkpoint-every
         save; on Ctrl-C / SIGTERM save whole iterations and exit 130."""
         a = self.args
