@@ -7,7 +7,7 @@ sigma) gets its own advantage A = r~ - V. The actor minimises  w ||v - (eps - x0
 w = exp(beta clip(A, +-c_A)) / mean, with V treated as 0 until the critic explains fresh rollouts (warm-up).
 Default `--weights signed` trains with w - 1 (mean 0) instead of w: the paper's update without its unweighted
 self-training part, which alone degrades the model on the embedded world (docs); `--weights paper` is the paper's.
-Spec: shared/methods/acflow.md; docs: docs/acflow.md.
+Docs: docs/acflow.md.
 
     python acflow.py                             # embedded shapes world, 2 CPU cores
     python acflow.py --weights paper             # the paper's positive weights
@@ -23,89 +23,15 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from common import models, rewards, sampling, utils
-from common.evaluate import evaluate_model
+from common import run, sampling, utils
+from common.run import RunArgs
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    seed: int = 0
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """cudnn.deterministic"""
-    device: str = "auto"
-    """auto (cuda if available, else cpu), cpu or cuda:N"""
-    threads: int = 0
-    """torch CPU threads per process (0 = torch default)"""
-    track: bool = False
-    """also log to Weights & Biases (TensorBoard is always on)"""
-    wandb_project_name: str = "cleanflow"
-    wandb_entity: str | None = None
-    """the wandb entity (user or team) of the project (default: your wandb default)"""
-    output_dir: str | None = None
-    """run directory (default runs/{task}__{exp_name}__{seed}__{time})"""
-    save_model: bool = True
-    """save lora/ (or transformer/) in diffusers format at the end"""
-    upload_model: bool = False
-    """upload the saved model, summary.json and a model card to the Hugging Face Hub at the end"""
-    hf_entity: str | None = None
-    """user or organisation of the Hub model repo {hf_entity}/{task}-{exp_name}-seed{seed} (default: your account)"""
-    resume: str | None = None
-    """a run directory or checkpoint.pt to continue from"""
-    checkpoint_every: int = 20
-    """iterations between resumable checkpoints"""
-    eval_every: int = 20
-    """iterations between held-out evaluations"""
-    log_images_every: int = 50
-
-    # model, prompts, reward
-    model: str = "embedded"
-    """'embedded' or a diffusers SD3 id / local path (e.g. stabilityai/stable-diffusion-3.5-medium)"""
-    resolution: int = 512
-    """SD3 image size (the embedded model is 32x32)"""
-    use_t5: bool = False
-    """SD3: also load the T5 text encoder"""
-    max_t5_length: int = 128
-    """SD3 with --use-t5: T5 prompt tokens (NFT and Flow-GRPO code: 128; diffusers' default 256)"""
-    mixed_precision: str | None = None
-    """no | bf16: frozen weights in this dtype, forward under autocast, trained weights in fp32 (default: bf16 on
-    CUDA GPUs with native bf16, compute capability >= 8.0, else no; fp16 is refused: training it needs loss scaling)"""
-    gradient_checkpointing: bool = False
-    """recompute the transformer's activations in the backward pass (less memory, ~30 % slower; SD3.5)"""
-    decode_batch_size: int = 16
-    """images the VAE decodes and a reward model scores at once"""
-    reward_device: str | None = None
-    """device of the reward models (default: the training device), e.g. cuda:1"""
-    reward_dtype: str = "fp32"
-    """fp32 | bf16 | fp16: dtype of the reward models (fp32 as the official Flow-GRPO code scores PickScore,
-    ImageReward and the aesthetic predictor; bf16 / fp16 save memory, e.g. for the 7B VLM)"""
-    eval_batch_size: int = 128
-    """images generated at once in held-out evaluation"""
-    lora_rank: int = 0
-    """0 = full fine-tuning (embedded default); SD3.5-M: 32"""
-    lora_alpha: int | None = None
-    """LoRA alpha (default 2 * rank)"""
-    reward: str = "shapes"
-    """weighted rewards, e.g. shapes=1.0,jpeg_compressibility=0.1 (choices in common/rewards.py)"""
-    reward_paths: str | None = None
-    """local weights of real rewards: name=path[|processor],... e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth"""
-    prompts_file: str | None = None
-    """training prompts, one per line (default: the shapes grammar's train split)"""
-    eval_prompts_file: str | None = None
-    """held-out prompts (default: the shapes test split)"""
-    eval_samples_per_prompt: int = 8
-    num_steps: int = 10
-    """ODE steps of the rollout sampler"""
-    eval_num_steps: int | None = None
-    """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
-    guidance_scale: float = 1.0
-    """CFG of evaluation; AC-Flow rolls out CFG-free (issue; spec §7.11 would sample with CFG)"""
-
-    # algorithm
     num_iterations: int = 100
     """actor gradient steps"""
     prompts_per_iter: int = 16
@@ -116,62 +42,68 @@ class Args:
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
     epoch_iters: int = 20
     """K: iterations per epoch; the sampling copy is fixed for an epoch, then old <- actor (ORW-CFM-W2 official code's
-    `last_policy`, spec §3.9); 1 = on-policy"""
+    `last_policy`); 1 = on-policy"""
     pool_batches: int = 5
     """M: minibatches sampled from the sampling copy and scored once per epoch; the actor visits them in a random
     order with fresh (sigma, noise) (M = K: the ORW code's fresh batch per step; M < K reuses samples)"""
     lr: float = 3e-5
-    """actor AdamW learning rate after the warm-up (SD3.5-M LoRA: 1e-4, spec §5)"""
+    """actor AdamW learning rate after the warm-up (SD3.5-M LoRA: 1e-4)"""
     warmup_iters: int = 10
-    """linear actor learning-rate warm-up (ORW-CFM-W2 official code: LambdaLR over 5000 steps, spec §3.8 note); 0 = off"""
+    """linear actor learning-rate warm-up (ORW-CFM-W2 official code: LambdaLR over 5000 steps); 0 = off"""
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
+    num_steps: int = 10
+    """ODE steps of the rollout sampler"""
+    eval_num_steps: int | None = None
+    """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
+    guidance_scale: float = 1.0
+    """CFG of evaluation; rollouts are CFG-free"""
     alpha: float = 3.0
-    """W2 coefficient: alpha ||v - v_ref||^2 (spec §3.2: 1; ORW README alpha >= 1; 3 tuned on the embedded world)"""
+    """W2 coefficient: alpha ||v - v_ref||^2 (AC-Flow paper: 1; ORW-CFM-W2 README: alpha >= 1)"""
     beta: float = 3.0
-    """weight temperature: w = exp(beta * A^) (spec §3.1: 1; ORW-CFM-W2's tau; 3 tuned on the embedded world)"""
+    """weight temperature: w = exp(beta * A^) (AC-Flow paper: 1; ORW-CFM-W2's tau)"""
     adv_clip: float = 1.0
-    """c_A: A^ = clip(A, -c_A, c_A) in shaped-reward units (spec §3.7); 0 = no clipping"""
+    """c_A: A^ = clip(A, -c_A, c_A) in shaped-reward units (AC-Flow's advantage clipping); 0 = no clipping"""
     weight_norm: bool = True
-    """w / mean(w) over the minibatch (spec §3.1 option / §4 step 8), so alpha keeps its meaning (mean w = 1)"""
+    """w / mean(w) over the minibatch, so alpha keeps its meaning (mean w = 1)"""
     weights: Literal["paper", "signed"] = "signed"
     """paper: w (positive, ORW-CFM-W2's form) | signed: w - 1 (mean 0; needs --weight-norm), the update without its
     unweighted self-training part (not the paper's form)"""
-    shaping: str = "batch"
-    """reward shaping over the epoch's pool (spec §3.5): batch z-score | group (per prompt) | running (EMA) | none"""
+    shaping: Literal["batch", "group", "running", "none"] = "batch"
+    """reward shaping over the epoch's pool: batch z-score | group (per prompt) | running (EMA) | none"""
     shaping_momentum: float = 0.99
     """EMA momentum of --shaping running"""
     shaping_clamp: float = 0.0
-    """clamp shaped rewards to [-c, c] (0 = off; spec §3.5 suggests 3)"""
+    """clamp shaped rewards to [-c, c] (0 = off)"""
     critic: bool = True
-    """use the critic; --no-critic gives V = 0, i.e. ORW-CFM-W2 on shaped rewards (spec §6)"""
+    """use the critic; --no-critic gives V = 0, i.e. ORW-CFM-W2 on shaped rewards"""
     critic_lr: float = 1e-3
-    """critic AdamW learning rate (spec §5 [R] 1e-4 for SD3)"""
+    """critic AdamW learning rate (SD3: 1e-4)"""
     critic_weight_decay: float = 1e-4
     critic_width: int = 32
-    """base channels c of the critic (conv c,2c,4c,4c; MLP 8c); spec §5 design is c = 64"""
+    """base channels c of the critic (conv c, 2c, 4c, 4c; MLP 8c); SD3: 64"""
     critic_zero_init: bool = False
     """zero-initialise the critic's last layer (V = 0 at the start, AC-Flow starts as ORW-CFM-W2); default: PyTorch
     init, a naive critic that predicts noise until it has trained"""
     critic_steps: int = 8
-    """critic minibatch steps per iteration on the buffer (spec §4 step 6 n_V; [R] 1-4 on the same batch)"""
+    """critic minibatch steps per iteration on the buffer (AC-Flow's n_V)"""
     critic_buffer: int = 2
-    """epochs' pools kept for the critic (the current one and the previous ones): a small replay buffer [R]"""
-    critic_loss: str = "mse"
-    """mse | huber (delta = 1), spec §3.4"""
+    """epochs' pools kept for the critic (the current one and the previous ones): a small replay buffer"""
+    critic_loss: Literal["mse", "huber"] = "mse"
+    """critic regression loss: mse | huber (delta = 1)"""
     critic_warmup: int = -1
-    """K_warm: minimum iterations in which the critic trains but does not drive the actor (spec §3.8); -1 = 10%"""
+    """K_warm: minimum iterations in which the critic trains but does not drive the actor; -1 = 10%"""
     warmup_ev: float = 0.3
-    """the warm-up ends only at an epoch start whose fresh pool the critic explains with EV > this (spec §3.8: 0.3);
-    0 = end after --critic-warmup iterations"""
+    """the warm-up ends only at an epoch start whose fresh pool the critic explains with EV > this; 0 = end after
+    --critic-warmup iterations"""
     timesteps_per_image: int = 1
-    """M noised points per image per iteration (spec §4 step 5)"""
+    """M noised points per image per iteration"""
 
 
-# ----------------------------------------------------------------------------------- critic (spec §3.3, §5)
+# ----------------------------------------------------------------------------------- critic
 class Critic(nn.Module):
     """V_phi(x_t, sigma, c): conv tower on the latent + sinusoidal sigma embedding + projected pooled prompt
-    embedding, concatenated into an MLP with LayerNorm (spec §5 [R]). zero_init: last layer 0, so V = 0 at the
+    embedding, concatenated into an MLP with LayerNorm. zero_init: last layer 0, so V = 0 at the
     start and AC-Flow starts as ORW-CFM-W2."""
 
     def __init__(self, in_channels, pooled_dim, width=32, zero_init=True):
@@ -203,7 +135,7 @@ class Critic(nn.Module):
 
 # ----------------------------------------------------------------------------------- shaping, advantages, weights
 def shape_rewards(r, mode="batch", groups=None, stats=None, momentum=0.99, clamp=0.0):
-    """Spec §3.5 [R]: r~ = (r - mean) / (std + 1e-6) with population statistics of the batch (batch), of each
+    """r~ = (r - mean) / (std + 1e-6) with population statistics of the batch (batch), of each
     prompt's group (group), or EMA statistics (running; stats = (mean, var), first batch initialises);
     none = raw reward. Optional clamp to [-clamp, clamp]. Returns (r~, stats)."""
     if mode == "batch":
@@ -222,7 +154,7 @@ def shape_rewards(r, mode="batch", groups=None, stats=None, momentum=0.99, clamp
 
 
 def actor_weights(iteration, shaped, values, beta, adv_clip, warmup_iterations, normalize=False, signed=False):
-    """Spec §3.6-3.8 / §4 steps 7-8: A = r~ - V, with V treated as 0 while iteration < warmup_iterations (the
+    """A = r~ - V (AC-Flow's advantage), with V treated as 0 while iteration < warmup_iterations (the
     ORW-CFM-W2 special case); A^ = clip(A, -c_A, c_A) (c_A = 0: no clipping). Returns (w, A^), w detached:
     w = exp(beta A^) (exponent capped at 30 against overflow; optionally / mean; signed: w - 1)."""
     adv = shaped - values.detach() if iteration >= warmup_iterations else shaped.clone()
@@ -235,15 +167,15 @@ def actor_weights(iteration, shaped, values, beta, adv_clip, warmup_iterations, 
 
 def acflow_loss(v, v_ref, target, w, alpha):
     """Per sample (B,): w * mean(v - (eps - x0))^2 + alpha * mean(v - v_ref)^2 (ORW-CFM-W2 loss with the critic
-    weight, spec §3.1-3.2; diffusers v = eps - x0 equals the paper's u = x1 - x0 up to a sign that cancels).
-    Returns (per-sample loss, fm, w2)."""
+    weight; diffusers v = eps - x0 equals the paper's u = x1 - x0 up to a sign that cancels).
+    Returns (per-sample loss, fm, w2). A deliberate copy of orw_cfm_w2.py's orw_loss (each method file stands alone)."""
     fm = ((v.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
     w2 = ((v.float() - v_ref.float()) ** 2).mean(dim=(1, 2, 3))
     return w * fm + alpha * w2, fm, w2
 
 
 def critic_loss_fn(values, shaped, kind="mse"):
-    """Spec §3.4 [R]: regress V on the shaped terminal reward (Monte-Carlo target, gamma = 1); MSE or Huber(1)."""
+    """Regress V on the shaped terminal reward (Monte-Carlo target, gamma = 1); MSE or Huber(1)."""
     return nn.functional.huber_loss(values, shaped, delta=1.0) if kind == "huber" else ((values - shaped) ** 2).mean()
 
 
@@ -256,10 +188,6 @@ def explained_variance(pred, target):
 def check_method_args(a):
     if a.eval_num_steps is not None and a.eval_num_steps < 1:
         utils.fail(f"--eval-num-steps {a.eval_num_steps} must be >= 1")
-    choices = dict(shaping=("batch", "group", "running", "none"), critic_loss=("mse", "huber"))
-    for name, allowed in choices.items():
-        if getattr(a, name) not in allowed:
-            utils.fail(f"unknown --{name.replace('_', '-')} {getattr(a, name)!r}; choose from: {', '.join(allowed)}")
     if a.adv_clip < 0 or a.alpha < 0 or a.critic_lr < 0 or a.shaping_clamp < 0:
         utils.fail("--adv-clip, --alpha, --critic-lr and --shaping-clamp must be >= 0")
     if a.beta < 0 or a.critic_weight_decay < 0:
@@ -284,22 +212,8 @@ def check_method_args(a):
 if __name__ == "__main__":
     args = utils.parse_args(Args)
     check_method_args(args)
-    # all checks before any loading; held-out: --eval-prompts-file, the shapes test split or 32 --prompts-file lines
-    prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
-    rank, world, device = utils.setup_distributed(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    utils.seed_everything(args.seed + rank, args.torch_deterministic)
-    run_dir = utils.run_dir_for(args, __file__)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    writer = utils.make_writer(run_dir, args, rank)
-
-    # ---- setup: model, actor / sampling ("old") / reference views, critic, optimizers, prompts, reward
-    model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
-                              max_t5_length=args.max_t5_length, mixed_precision=args.mixed_precision,
-                              decode_batch_size=args.decode_batch_size,
-                              gradient_checkpointing=args.gradient_checkpointing)
-    policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=True)
+    r = run.Run(args, __file__, with_old=True)  # checks, seed, run dir, model, actor / sampling ("old") / ref, reward
+    model, policy, rank, world, device = r.model, r.policy, r.rank, r.world, r.device
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # linear warm-up (ORW-CFM-W2 official code: LambdaLR(min(step, 5000) / 5000), first step lr 0; ours lr / W)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_iters)))
@@ -308,101 +222,75 @@ if __name__ == "__main__":
         critic = Critic(model.latent_shape[0], model.transformer.config.pooled_projection_dim, args.critic_width,
                         args.critic_zero_init).to(device)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.critic_weight_decay)
-    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, batch_size=args.decode_batch_size,
-                                     dtype=rewards.DTYPES[args.reward_dtype], paths=args.reward_paths)
-    grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
-    sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
     warmup_min = args.critic_warmup if args.critic_warmup >= 0 else args.num_iterations // 10
-
-    def evaluate(step):  # every rank its slice of the held-out prompts (results gathered)
-        res, images, caps, values = evaluate_model(
-            model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed, args.guidance_scale,
-            args.eval_num_steps or args.num_steps, reward_fn, eval_prompts, grid.pick(len(eval_prompts)),
-            args.eval_batch_size, rank, world)
-        if rank == 0:
-            grid.add(writer, step, images, caps, values, picked=True)  # TensorBoard eval/samples
-        return res
 
     def noised(x0, n, gen):  # global-batch draws sliced per rank: sigma ~ U(0, 1) (ORW code), x_t (paper t = 1 - sigma)
         sigma = torch.rand(n * world, generator=gen)[local].to(device)
         eps = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
         return sigma, eps, (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
 
-    start_it, reward_queries, wall_before, summary, shaping_stats, buffer, warmup_end = 0, 0, 0.0, {}, None, [], None
+    shaping_stats, buffer, warmup_end = None, [], None
     pool_keys = ("latents", "pooled", "prompt_idx")  # the per-rank entries of a pool (this rank's part of a batch)
-    if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
+
+    def state():  # what an AC-Flow checkpoint keeps; every rank gathers its part of the pools' samples
+        return dict(policy=policy.trainable_state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), shaping_stats=shaping_stats,
+                    buffer=[utils.gather_pool(p, pool_keys, device) for p in buffer], warmup_end=warmup_end)
+
+    ckpt = r.start(r.evaluate, state)  # --resume: the checkpoint; else the base evaluation
+    if ckpt:
         policy.load_trainable_state(ckpt["policy"])
         optimizer.load_state_dict(ckpt["optimizer"]), scheduler.load_state_dict(ckpt["scheduler"])
         critic.load_state_dict(ckpt["critic"]), critic_opt.load_state_dict(ckpt["critic_optimizer"])
         shaping_stats, warmup_end = ckpt["shaping_stats"], ckpt["warmup_end"]  # CPU statistics, as in a run
         buffer = [utils.rank_pool(p, pool_keys, rank, world, device) for p in ckpt["buffer"]]  # this rank's part
-        utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
-        start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
-        grid.load_state_dict(ckpt.get("grid"))
-    else:
-        summary["base"] = evaluate(0)
-        if rank == 0:
-            utils.log_eval(writer, summary["base"], 0)
-            print("base:", {k: round(v, 4) for k, v in summary["base"].items() if isinstance(v, float)})
 
-    def save_checkpoint(iteration):  # every rank calls it: the pools' per-rank samples are gathered
-        global_buffer = [utils.gather_pool(p, pool_keys, device) for p in buffer]
-        if rank == 0:
-            utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
-                policy=policy.trainable_state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), shaping_stats=shaping_stats,
-                buffer=global_buffer, warmup_end=warmup_end, iteration=iteration, reward_queries=reward_queries,
-                wall_time_s=wall_before + time.time() - t0, summary=summary, rng=utils.rng_state(), args=vars(args),
-                grid=grid.state_dict()))
-
-    guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
-    t0, pool_ev = time.time(), float("nan")
-    bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="acflow")
-    for it in bar:
+    pool_ev = float("nan")
+    for it in r.iterations("acflow"):
         t_iter = utils.now(device)
         epoch, j = divmod(it, args.epoch_iters)
         if j == 0 or not buffer:
-            # ---- new epoch: M minibatches of CFG-free Euler ODE rollouts of the fixed sampling copy (spec §3.9, §4
-            # step 2), scored once; noise for the global batch from (seed, epoch, batch), sliced per rank
+            # ---- new epoch (a deliberate copy of orw_cfm_w2.py's pool sampler, plus the pooled embeddings the critic
+            # reads): M minibatches of CFG-free Euler ODE rollouts of the fixed sampling copy (ORW-CFM-W2's
+            # `last_policy`), scored once; noise for the global batch from (seed, epoch, batch), sliced per rank
             pool = dict(latents=[], pooled=[], prompt_idx=[], rewards=[], parts={})
             for b in range(args.pool_batches):
-                captions, meta, prompt_idx = sampler.sample(epoch * args.pool_batches + b)
+                captions, meta, prompt_idx = r.sampler.sample(epoch * args.pool_batches + b)
                 n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
                 gen = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_009 + b)
                 noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
                 prompt_embeds, pooled = model.encode_prompt(captions)
                 with policy.old() as old:
                     x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W), paper x_1
-                reward, parts = reward_fn(model.decode(x0), captions, meta)
-                reward_queries += n * world
+                reward, parts = r.reward_fn(model.decode(x0), captions, meta)
+                r.reward_queries += n * world
                 pool["latents"].append(x0), pool["pooled"].append(pooled), pool["prompt_idx"].append(prompt_idx)
                 pool["rewards"].append(utils.all_gather_cat(reward.to(device)).cpu())  # (B_global,)
                 for k, v in parts.items():
                     pool["parts"].setdefault(k, []).append(v.float().mean().item())
-            # shaping over the whole pool (spec §3.5); prompt ids gathered so group statistics are global
+            # shaping over the whole pool; prompt ids gathered so group statistics are global
             groups = torch.cat([utils.all_gather_cat(p.to(device)).cpu() for p in pool["prompt_idx"]])
             shaped, shaping_stats = shape_rewards(torch.cat(pool["rewards"]).float(), args.shaping, groups,
                                                   shaping_stats, args.shaping_momentum, args.shaping_clamp)
             pool["shaped"] = list(shaped.view(args.pool_batches, -1))
-            # out-of-sample explained variance: the critic has not trained on this pool yet (spec §3.8 gate)
+            # out-of-sample explained variance: the critic has not trained on this pool yet (the warm-up gate)
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
             with torch.no_grad():
                 pv = [(critic(xt, s, pool["pooled"][b]), pool["shaped"][b][local].to(device)) for b in range(args.pool_batches)
                       for s, _, xt in [noised(pool["latents"][b], n, gen)]]
             pool_ev = explained_variance(*(utils.all_gather_cat(torch.cat(t)).cpu() for t in zip(*pv)))
             if warmup_end is None and it >= warmup_min and (args.warmup_ev == 0 or (args.critic and pool_ev > args.warmup_ev)):
-                warmup_end = it  # spec §3.8: the critic drives the actor once it explains fresh rollouts
+                warmup_end = it  # the critic drives the actor once it explains fresh rollouts
             pool["order"] = torch.cat([torch.randperm(args.pool_batches, generator=gen)
                                        for _ in range(-(-args.epoch_iters // args.pool_batches))])
             buffer = (buffer + [pool])[-args.critic_buffer:]  # the critic's replay buffer of recent pools
         pool = buffer[-1]
         t_sample = utils.now(device)
-        # ---- this iteration's actor minibatch from the pool and its noised points (spec §4 step 5)
+        # ---- this iteration's actor minibatch from the pool and its noised points
         b = int(pool["order"][j])
         x0, pooled, prompt_idx = pool["latents"][b], pool["pooled"][b], pool["prompt_idx"][b]
-        captions = [prompts[i] for i in prompt_idx]
+        captions = [r.prompts[i] for i in prompt_idx]
         n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
         prompt_embeds, _ = model.encode_prompt(captions)
         shaped, all_rewards = pool["shaped"][b][local].to(device), torch.cat(pool["rewards"])
@@ -422,7 +310,7 @@ if __name__ == "__main__":
                                 args.weights == "signed")  # the same weights with V = 0 (the ORW special case)
         critic_effect = ((w_all - w_v0).abs().mean() / w_v0.abs().mean().clamp_min(1e-12)).item()
         t_reward = utils.now(device)
-        # ---- actor update: critic-weighted CFM + W2 (spec §3.1-3.2, §4 step 9), one optimizer step
+        # ---- actor update: critic-weighted CFM + W2 (AC-Flow's actor loss), one optimizer step
         optimizer.zero_grad(set_to_none=True)
         losses, fms, w2s, start = [], [], [], 0
         for mb, sigma, eps, x_t in points:
@@ -438,10 +326,10 @@ if __name__ == "__main__":
         utils.sync_gradients(policy.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         lr_now = optimizer.param_groups[0]["lr"]
-        if guard.ok(loss, grad_norm, all_rewards, iteration=it):
+        if r.guard.ok(loss, grad_norm, all_rewards, iteration=it):
             optimizer.step()
             scheduler.step()
-        # ---- critic steps on minibatches of the replay buffer, fresh noised points (spec §3.4, §4 step 6)
+        # ---- critic steps on minibatches of the replay buffer, fresh noised points
         critic_losses = []
         for _ in range(args.critic_steps if args.critic else 0):
             p = buffer[int(torch.randint(len(buffer), (1,), generator=gen))]
@@ -455,60 +343,31 @@ if __name__ == "__main__":
             if torch.isfinite(critic_grad_norm):
                 critic_opt.step()
             critic_losses.append(c_loss.detach())
-        # ---- end of epoch: sampling copy <- actor (ORW's lagged last_policy, spec §3.9)
+        # ---- end of epoch: sampling copy <- actor (ORW-CFM-W2's lagged `last_policy`)
         if j == args.epoch_iters - 1:
             policy.update_old(0.0)
         all_values, all_targets = utils.all_gather_cat(values), utils.all_gather_cat(targets)  # global diagnostics
 
         t_train = utils.now(device)
         # ---- log
-        if rank == 0:
-            metrics = {
-                "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
-                "charts/images_per_sec": n * world / (time.time() - t_iter),
-                "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
-                "perf/train_s": t_train - t_reward, "charts/lr": lr_now, "charts/reward_queries": reward_queries,
-                "charts/critic_warmup": float(warm), "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
-                "losses/fm_loss": torch.stack(fms).mean().item(), "losses/w2_loss": torch.stack(w2s).mean().item(),
-                "losses/value_mean": all_values.mean().item(), "losses/critic_explained_variance": pool_ev,
-                "losses/critic_ev_minibatch": explained_variance(all_values.cpu(), all_targets.cpu()),
-                "losses/critic_weight_change": critic_effect,
-                "losses/adv_mean": adv.mean().item(), "losses/adv_std": adv.std().item(), "losses/adv_clip_frac":
-                (adv.abs() >= args.adv_clip - 1e-6).float().mean().item() if args.adv_clip > 0 else 0.0,
-                **{f"losses/weight_{k}": getattr(w_all, k)().item() for k in ("mean", "min", "max", "std")},
-                "losses/skipped_updates": guard.total,
-            }
-            metrics.update({f"charts/reward_{k}": sum(v) / len(v) for k, v in pool["parts"].items()})
-            if critic_losses:
-                metrics.update({"losses/critic_loss": torch.stack(critic_losses).mean().item()})
-            utils.log_metrics(writer, metrics, it + 1)
-            bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", loss=f"{loss.item():.4f}", ev=f"{pool_ev:.2f}")
-            if (it + 1) % args.log_images_every == 0:
-                writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], pool["rewards"][b][local][:16]),
-                                 it + 1, dataformats="HWC")
-        if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
-            res = evaluate(it + 1)
-            if rank == 0:
-                utils.log_eval(writer, res, it + 1)
-                tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict {res.get('strict_accuracy', 0):.3f}")
-        # checkpoint every --checkpoint-every iterations; Ctrl-C / SIGTERM: save whole iterations, then exit 130
-        utils.checkpoint_or_stop(it + 1, args.checkpoint_every, stop, guard, save_checkpoint, run_dir, rank)
+        metrics = {
+            "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+            "charts/images_per_sec": n * world / (time.time() - t_iter),
+            "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
+            "perf/train_s": t_train - t_reward, "charts/lr": lr_now, "charts/reward_queries": r.reward_queries,
+            "charts/critic_warmup": float(warm), "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
+            "losses/fm_loss": torch.stack(fms).mean().item(), "losses/w2_loss": torch.stack(w2s).mean().item(),
+            "losses/value_mean": all_values.mean().item(), "losses/critic_explained_variance": pool_ev,
+            "losses/critic_ev_minibatch": explained_variance(all_values.cpu(), all_targets.cpu()),
+            "losses/critic_weight_change": critic_effect,
+            "losses/adv_mean": adv.mean().item(), "losses/adv_std": adv.std().item(), "losses/adv_clip_frac":
+            (adv.abs() >= args.adv_clip - 1e-6).float().mean().item() if args.adv_clip > 0 else 0.0,
+            **{f"losses/weight_{k}": getattr(w_all, k)().item() for k in ("mean", "min", "max", "std")},
+            "losses/skipped_updates": r.guard.total,
+            **{f"charts/reward_{k}": sum(v) / len(v) for k, v in pool["parts"].items()},
+            **({"losses/critic_loss": torch.stack(critic_losses).mean().item()} if critic_losses else {}),
+        }
+        r.end_iteration(it, metrics, (x0, captions, pool["rewards"][b][local]),
+                        reward=f"{metrics['charts/reward_mean']:.3f}", loss=f"{loss.item():.4f}", ev=f"{pool_ev:.2f}")
 
-    # ---- final evaluation, model, checkpoint, summary
-    summary["final"] = evaluate(args.num_iterations)
-    save_checkpoint(args.num_iterations)
-    if rank == 0:
-        utils.log_eval(writer, summary["final"], args.num_iterations)
-        if args.save_model:
-            policy.save_pretrained(run_dir)
-        summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
-                       skipped_updates=guard.total, args=vars(args))
-        utils.write_summary(run_dir, summary)
-        grid.save(run_dir / "samples.png")  # final evaluation: base beside fine-tuned, same noise
-        b, f = summary["base"], summary["final"]
-        print(f"held-out reward {b['reward_mean']:.4f} -> {f['reward_mean']:.4f}; strict accuracy "
-              f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}; "
-              f"{summary['wall_time_s'] / 60:.1f} min; run dir {run_dir}")
-        writer.close()
-        utils.upload_to_hub(run_dir, args)  # --upload-model: lora/ (or transformer/) + model card to the Hub
-    utils.cleanup_distributed()
+    r.finish()

@@ -5,8 +5,7 @@ Epochs as in the official code: a lagged sampling copy theta_old is fixed for K 
 epoch it draws a pool of images with the CFG-free ODE sampler, each scored once and weighted w = exp(tau * r);
 every iteration the learner does weighted flow matching on a minibatch of the pool at fresh noised points x_t,
 plus alpha * ||v_theta - v_ref||^2 towards the frozen base at the same (x_t, sigma), whose time integral bounds
-the squared W2 distance to the base model (paper Thm. 3); then theta_old <- theta. Spec:
-shared/methods/orw_cfm_w2.md; docs: docs/orw_cfm_w2.md.
+the squared W2 distance to the base model (paper Thm. 3); then theta_old <- theta. Docs: docs/orw_cfm_w2.md.
 
 Default `--weights signed`: the reward term uses w / mean(w) - 1 (mean 0) instead of w, i.e. the paper's gradient
 minus its tau = 0 gradient (flow matching on the model's own samples, which alone degrades the embedded base); not
@@ -25,89 +24,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
-from common import models, rewards, sampling, utils
-from common.evaluate import evaluate_model
+from common import run, sampling, utils
+from common.run import RunArgs
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    seed: int = 0
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """cudnn.deterministic"""
-    device: str = "auto"
-    """auto (cuda if available, else cpu), cpu or cuda:N"""
-    threads: int = 0
-    """torch CPU threads per process (0 = torch default)"""
-    track: bool = False
-    """also log to Weights & Biases (TensorBoard is always on)"""
-    wandb_project_name: str = "cleanflow"
-    wandb_entity: str | None = None
-    """the wandb entity (user or team) of the project (default: your wandb default)"""
-    output_dir: str | None = None
-    """run directory (default runs/{task}__{exp_name}__{seed}__{time})"""
-    save_model: bool = True
-    """save lora/ (or transformer/) in diffusers format at the end"""
-    upload_model: bool = False
-    """upload the saved model, summary.json and a model card to the Hugging Face Hub at the end"""
-    hf_entity: str | None = None
-    """user or organisation of the Hub model repo {hf_entity}/{task}-{exp_name}-seed{seed} (default: your account)"""
-    resume: str | None = None
-    """a run directory or checkpoint.pt to continue from"""
-    checkpoint_every: int = 20
-    """iterations between resumable checkpoints"""
-    eval_every: int = 20
-    """iterations between held-out evaluations"""
-    log_images_every: int = 50
-
-    # model, prompts, reward
-    model: str = "embedded"
-    """'embedded' or a diffusers SD3 id / local path (e.g. stabilityai/stable-diffusion-3.5-medium)"""
-    resolution: int = 512
-    """SD3 image size (the embedded model is 32x32)"""
-    use_t5: bool = False
-    """SD3: also load the T5 text encoder"""
-    max_t5_length: int = 128
-    """SD3 with --use-t5: T5 prompt tokens (NFT and Flow-GRPO code: 128; diffusers' default 256)"""
-    mixed_precision: str | None = None
-    """no | bf16: frozen weights in this dtype, forward under autocast, trained weights in fp32 (default: bf16 on
-    CUDA GPUs with native bf16, compute capability >= 8.0, else no; fp16 is refused: training it needs loss scaling)"""
-    gradient_checkpointing: bool = False
-    """recompute the transformer's activations in the backward pass (less memory, ~30 % slower; SD3.5)"""
-    decode_batch_size: int = 16
-    """images the VAE decodes and a reward model scores at once"""
-    reward_device: str | None = None
-    """device of the reward models (default: the training device), e.g. cuda:1"""
-    reward_dtype: str = "fp32"
-    """fp32 | bf16 | fp16: dtype of the reward models (fp32 as the official Flow-GRPO code scores PickScore,
-    ImageReward and the aesthetic predictor; bf16 / fp16 save memory, e.g. for the 7B VLM)"""
-    eval_batch_size: int = 128
-    """images generated at once in held-out evaluation"""
-    lora_rank: int = 0
-    """0 = full fine-tuning (embedded default); SD3.5-M: 32"""
-    lora_alpha: int | None = None
-    """LoRA alpha (default 2 * rank)"""
-    reward: str = "shapes"
-    """weighted rewards, e.g. shapes=1.0,jpeg_compressibility=0.1 (choices in common/rewards.py)"""
-    reward_paths: str | None = None
-    """local weights of real rewards: name=path[|processor],... e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth"""
-    prompts_file: str | None = None
-    """training prompts, one per line (default: the shapes grammar's train split)"""
-    eval_prompts_file: str | None = None
-    """held-out prompts (default: the shapes test split)"""
-    eval_samples_per_prompt: int = 8
-    num_steps: int = 10
-    """ODE steps of the sampler"""
-    eval_num_steps: int | None = None
-    """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
-    guidance_scale: float = 1.0
-    """CFG of evaluation; ORW-CFM-W2 samples CFG-free and trains the conditional branch (spec §8.3)"""
-
-    # algorithm
     num_iterations: int = 200
     """gradient steps (official code: epochs x steps_per_epoch)"""
     prompts_per_iter: int = 32
@@ -130,12 +55,16 @@ class Args:
     """linear learning-rate warm-up over this many iterations (official code: LambdaLR min(step, 5000) / 5000); 0 = off"""
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
+    num_steps: int = 10
+    """ODE steps of the sampler"""
+    eval_num_steps: int | None = None
+    """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
+    guidance_scale: float = 1.0
+    """CFG of evaluation; ORW-CFM-W2 samples CFG-free and trains the conditional branch (paper §4)"""
     tau: float = 20.0
-    """inverse temperature of w = exp(tau * r) (code: 0.5 for a CLIP reward in [-1, 1]; paper's MNIST figure up to
-    10; 20 for partial credit in [0, 1]: 5 and 10 lost reward on the embedded world, docs)"""
+    """inverse temperature of w = exp(tau * r) (official code: 0.5 for a CLIP reward in [-1, 1])"""
     alpha: float = 3.0
-    """W2 coefficient: weight of ||v_theta - v_ref||^2 (official code 1.0, README 'alpha >= 1'; paper sweeps 0-1;
-    3 on the embedded world, docs; 0 = ORW-CFM without W2)"""
+    """W2 coefficient: weight of ||v_theta - v_ref||^2 (official code: 1.0; 0 = ORW-CFM without W2)"""
     weight_norm: Literal["pool", "prompt", "none"] = "pool"
     """w / mean(w) over the epoch's pool | over each prompt's images in the pool (the per-prompt tilt of the paper's
     target is unchanged) | none: the official code's raw exp(tau r)"""
@@ -144,7 +73,7 @@ class Args:
     gradient; needs --weight-norm pool or prompt and alpha > 0, whose W2 term keeps the objective bounded below
     (not the paper's form)"""
     max_exponent: float = 20.0
-    """clamp tau * r at this value before exp (raw weights only; guard against overflow, spec §8.1)"""
+    """clamp tau * r at this value before exp (raw weights only; a guard against overflow)"""
     offline: bool = False
     """RW-CFM, the paper's offline baseline: the pool is sampled from the base model and never refreshed"""
     timesteps_per_image: int = 1
@@ -174,10 +103,11 @@ def orw_weights(rewards_, tau, norm="none", groups=None, max_exponent=20.0, sign
 
 
 def orw_loss(v, v_ref, target, w, alpha):
-    """ORW-CFM-W2 eq. 10 (spec §3.4) per sample (B,): w * ||v - target||^2 + alpha * ||v - v_ref||^2, with
-    target = noise - x0 (diffusers; the paper's u = x1 - x0 is its negative and the sign cancels in both terms,
-    spec §2), v, v_ref the learner's and the base model's predictions at the same (x_t, sigma), and ||.||^2 the
-    mean over latent elements (official code). Same signature as acflow.acflow_loss. Returns (loss, fm, w2)."""
+    """ORW-CFM-W2 eq. 10 per sample (B,): w * ||v - target||^2 + alpha * ||v - v_ref||^2, with
+    target = noise - x0 (diffusers; the paper's u = x1 - x0 is its negative and the sign cancels in both terms),
+    v, v_ref the learner's and the base model's predictions at the same (x_t, sigma), and ||.||^2 the
+    mean over latent elements (official code). Returns (loss, fm, w2).
+    acflow.py's acflow_loss is a deliberate copy (each method file stands alone)."""
     dims = tuple(range(1, v.ndim))
     fm = ((v - target) ** 2).mean(dims)
     w2 = ((v - v_ref) ** 2).mean(dims)
@@ -186,7 +116,7 @@ def orw_loss(v, v_ref, target, w, alpha):
 
 @torch.no_grad()
 def w2_bound(policy, prompt_embeds, pooled, sigmas, noise):
-    """Paper Thm. 3 without its e^{2L} factor (spec §3.3): sum_i (sigma_i - sigma_i+1) * E||v_ft - v_ref||^2 along
+    """Paper Thm. 3 without its e^{2L} factor: sum_i (sigma_i - sigma_i+1) * E||v_ft - v_ref||^2 along
     the learner's own ODE path, and the paired-noise distance E||x_ft(z) - x_ref(z)||^2 (a coupling, so an upper
     bound on W2^2 itself). Both per latent element."""
     x, y, integral = noise, noise, 0.0
@@ -229,104 +159,58 @@ def check_method_args(a):
 if __name__ == "__main__":
     args = utils.parse_args(Args)
     check_method_args(args)
-    # all checks before any loading; held-out: --eval-prompts-file, the shapes test split or 32 --prompts-file lines
-    prompts, metadata, eval_prompts, eval_meta = utils.check_args(args, utils.world_size_from_env())
-    rank, world, device = utils.setup_distributed(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    utils.seed_everything(args.seed + rank, args.torch_deterministic)
-    run_dir = utils.run_dir_for(args, __file__)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    writer = utils.make_writer(run_dir, args, rank)
-
-    # ---- setup: model, learner / sampling ("old") / reference views, optimizer, prompts, reward
-    model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
-                              max_t5_length=args.max_t5_length, mixed_precision=args.mixed_precision,
-                              decode_batch_size=args.decode_batch_size,
-                              gradient_checkpointing=args.gradient_checkpointing)
-    policy = models.Policy(model.transformer, args.lora_rank, args.lora_alpha, with_old=True)
+    r = run.Run(args, __file__, with_old=True, eval_scalars=("w2_integral", "w2_coupling", "train_reward_mean"))
+    model, policy, rank, world, device = r.model, r.policy, r.rank, r.world, r.device  # learner / sampling copy / ref
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # linear warm-up (official code: LambdaLR(min(step, 5000) / 5000), whose first step has lr 0; ours lr / W)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_iters)))
-    reward_fn = rewards.build_reward(args.reward, args.reward_device or device, batch_size=args.decode_batch_size,
-                                     dtype=rewards.DTYPES[args.reward_dtype], paths=args.reward_paths)
-    grid = utils.SampleGrid(args.eval_samples_per_prompt)  # base beside current on the same noise
-    sampler = utils.PromptSampler(prompts, metadata, args.prompts_per_iter, args.group_size, args.seed, rank, world)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) sampling grid, shift from the scheduler config
+    pool = None
 
-    def evaluate(step):  # every rank its slice of the held-out prompts (results gathered)
-        res, images, caps, values = evaluate_model(
-            model, model.transformer, eval_meta, args.eval_samples_per_prompt, args.seed, args.guidance_scale,
-            args.eval_num_steps or args.num_steps, reward_fn, eval_prompts, grid.pick(len(eval_prompts)),
-            args.eval_batch_size, rank, world)
+    def evaluate(step):
+        res = r.evaluate(step)
         if args.w2_eval_samples:  # W2 bound to the base model on fixed held-out prompts and noise
-            w2_caps = [eval_prompts[i % len(eval_prompts)] for i in range(args.w2_eval_samples)]
+            w2_caps = [r.eval_prompts[i % len(r.eval_prompts)] for i in range(args.w2_eval_samples)]
             pe, pp = model.encode_prompt(w2_caps)
             z = torch.randn(len(w2_caps), *model.latent_shape, generator=torch.Generator().manual_seed(args.seed + 1))
             was_training = model.transformer.training
             model.transformer.eval()
             res["w2_integral"], res["w2_coupling"] = w2_bound(policy, pe, pp, sigmas, z.to(device, model.dtype))
             model.transformer.train(was_training)
-        if rank == 0:
-            grid.add(writer, step, images, caps, values, picked=True)  # TensorBoard eval/samples
         return res
 
-    def log_eval(res, step):
-        utils.log_eval(writer, res, step)
-        for k in ("w2_integral", "w2_coupling", "train_reward_mean"):
-            if k in res:
-                writer.add_scalar(f"eval/{k}", res[k], step)
+    def state():  # what an ORW-CFM-W2 checkpoint keeps; every rank gathers its part of the pool's samples
+        return dict(policy=policy.trainable_state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    pool=utils.gather_pool(pool, ("latents", "prompt_idx"), device))
 
-    start_it, reward_queries, wall_before, summary, pool = 0, 0, 0.0, {}, None
-    if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
-        policy.load_trainable_state(ckpt["policy"])
+    ckpt = r.start(evaluate, state)  # --resume: the checkpoint; else the base evaluation
+    if ckpt:
+        policy.load_trainable_state(ckpt["policy"])  # the learner and theta_old
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        # this epoch's samples and weights (theta_old is in the policy state): this rank's part, on the device
-        pool = utils.rank_pool(ckpt["pool"], ("latents", "prompt_idx"), rank, world, device)
-        utils.set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
-        start_it, reward_queries, wall_before, summary = ckpt["iteration"], ckpt["reward_queries"], ckpt["wall_time_s"], ckpt["summary"]
-        grid.load_state_dict(ckpt.get("grid"))
-    else:
-        summary["base"] = evaluate(0)
-        if rank == 0:
-            log_eval(summary["base"], 0)
-            print("base:", {k: round(v, 4) for k, v in summary["base"].items() if isinstance(v, float)})
+        pool = utils.rank_pool(ckpt["pool"], ("latents", "prompt_idx"), rank, world, device)  # this epoch's samples
 
-    def save_checkpoint(iteration):  # every rank calls it: the pool's per-rank samples are gathered
-        global_pool = utils.gather_pool(pool, ("latents", "prompt_idx"), device)
-        if rank == 0:
-            utils.save_checkpoint(run_dir / "checkpoint.pt", dict(
-                policy=policy.trainable_state(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                iteration=iteration, pool=global_pool,
-                reward_queries=reward_queries, wall_time_s=wall_before + time.time() - t0, summary=summary,
-                rng=utils.rng_state(), args=vars(args), grid=grid.state_dict()))
-
-    guard, stop = utils.NonFiniteGuard(), utils.StopSignal(device)
-    t0 = time.time()
-    bar = tqdm(range(start_it, args.num_iterations), disable=rank != 0, desc="orw_cfm_w2")
-    for it in bar:
+    for it in r.iterations("orw_cfm_w2"):
         t_iter = utils.now(device)
         epoch, j = divmod(it, args.epoch_iters)
         if j == 0 or pool is None:
             # ---- new epoch: a pool of M minibatches of CFG-free ODE samples of the fixed sampling copy theta_old,
-            # scored once (spec §3.6 / §4 steps 1-3). Noise for the global batch from (seed, epoch, batch), sliced
-            # per rank: resume is exact and 2 processes see the numbers of 1 process with the same global batch.
+            # scored once (official code: samples of `last_policy`). Noise for the global batch from (seed, epoch,
+            # batch), sliced per rank: resume is exact and 2 processes see the numbers of 1 process.
             pool = dict(epoch=epoch, latents=[], prompt_idx=[], rewards=[], parts={})
             for b in range(args.pool_batches):
-                captions, meta, prompt_idx = sampler.sample(epoch * args.pool_batches + b)
+                captions, meta, prompt_idx = r.sampler.sample(epoch * args.pool_batches + b)
                 n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
                 gen = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_009 + b)
                 noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
                 with policy.old() as old:
                     x0 = sampling.sample(old, *model.encode_prompt(captions), sigmas, noise)["latents"]  # (B, C, H, W)
-                reward, parts = reward_fn(model.decode(x0), captions, meta)
+                reward, parts = r.reward_fn(model.decode(x0), captions, meta)
                 pool["latents"].append(x0), pool["prompt_idx"].append(prompt_idx)
                 pool["rewards"].append(utils.all_gather_cat(reward.to(device)).cpu())  # (B_global,)
                 for k, v in parts.items():
                     pool["parts"].setdefault(k, []).append(v.float().mean().item())
-                reward_queries += n * world
+                r.reward_queries += n * world
             # weights w = exp(tau * r) over the whole pool, detached (eq. 10; official code); --weights signed: w - 1
             all_rewards = torch.stack(pool["rewards"])  # (M, B_global)
             groups = torch.cat([utils.all_gather_cat(p.to(device)).cpu() for p in pool["prompt_idx"]])
@@ -340,14 +224,14 @@ if __name__ == "__main__":
         # ---- this iteration's minibatch from the pool; fresh (sigma, noise) drawn from (seed, iteration)
         b = int(pool["order"][j])
         x0, prompt_idx = pool["latents"][b], pool["prompt_idx"][b]
-        captions = [prompts[i] for i in prompt_idx]
+        captions = [r.prompts[i] for i in prompt_idx]
         n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
         prompt_embeds, pooled = model.encode_prompt(captions)
         w_local = pool["weights"][b][local].to(device)
         all_rewards, weights = torch.stack(pool["rewards"]), pool["weights"]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
         t_reward = utils.now(device)
-        # ---- loss + update: one optimizer step, micro-batches x timesteps accumulated (spec §4 steps 4-7)
+        # ---- loss + update: weighted CFM + W2 (eq. 10), one optimizer step, micro-batches x timesteps accumulated
         optimizer.zero_grad(set_to_none=True)
         n_mb = n // args.train_batch_size
         stats, losses = [], []
@@ -356,7 +240,7 @@ if __name__ == "__main__":
                 sigma_all = torch.rand(n * world, generator=gen)[local]
             else:  # the base model's pretraining density (SD3: logit-normal(0, 1))
                 sigma_all = torch.sigmoid(torch.randn(n * world, generator=gen))[local]
-            # fresh independent noise, not the sampling noise and no OT re-pairing (spec §6 bug 1)
+            # fresh independent noise, not the sampling noise and no OT re-pairing (official code)
             eps_all = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
             for mb in torch.arange(n).split(args.train_batch_size):
                 sigma, eps = sigma_all[mb].to(device), eps_all[mb]
@@ -375,62 +259,32 @@ if __name__ == "__main__":
         utils.sync_gradients(policy.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         lr_now = optimizer.param_groups[0]["lr"]
-        if guard.ok(loss, grad_norm, all_rewards, iteration=it):
+        if r.guard.ok(loss, grad_norm, all_rewards, iteration=it):
             optimizer.step()
         scheduler.step()
-        # ---- end of epoch: theta_old <- theta (official `update_last_policy`, spec §3.6 / §4 step 8); offline
-        # RW-CFM keeps sampling from the base model
+        # ---- end of epoch: theta_old <- theta (official `update_last_policy`); offline RW-CFM keeps sampling from
+        # the base model
         if j == args.epoch_iters - 1 and not args.offline:
             policy.update_old(0.0)
-
         t_train = utils.now(device)
-        # ---- log
-        if rank == 0:
-            fm_mean, wfm_mean, w2_mean = torch.stack(stats).mean(0).tolist()
-            w_pos = weights + 1 if args.weights == "signed" else weights  # the positive weights exp(tau r) / mean
-            metrics = {
-                "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
-                "charts/images_per_sec": n * world / (time.time() - t_iter),
-                "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
-                "perf/train_s": t_train - t_reward,
-                "charts/lr": lr_now, "charts/reward_queries": reward_queries, "charts/epoch": epoch,
-                "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
-                "losses/fm": fm_mean, "losses/weighted_fm": wfm_mean, "losses/w2": w2_mean,
-                "losses/alpha_w2": args.alpha * w2_mean,
-                "losses/weight_mean": weights.mean().item(), "losses/weight_max": weights.max().item(),
-                "losses/weight_ess": (w_pos.sum() ** 2 / (w_pos ** 2).sum() / w_pos.numel()).item(),
-                "losses/skipped_updates": guard.total,
-            }
-            metrics.update({f"charts/reward_{k}": sum(v) / len(v) for k, v in pool["parts"].items()})
-            utils.log_metrics(writer, metrics, it + 1)
-            bar.set_postfix(reward=f"{metrics['charts/reward_mean']:.3f}", w2=f"{w2_mean:.4f}")
-            if (it + 1) % args.log_images_every == 0:
-                writer.add_image("samples", utils.image_grid(model.decode(x0[:16]), captions[:16], all_rewards[b][local][:16]),
-                                 it + 1, dataformats="HWC")
-        if (it + 1) % args.eval_every == 0 and it + 1 < args.num_iterations:
-            res = evaluate(it + 1)
-            if rank == 0:
-                log_eval(res, it + 1)
-                tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict "
-                           f"{res.get('strict_accuracy', 0):.3f} w2 {res.get('w2_integral', 0):.5f}")
-        # checkpoint every --checkpoint-every iterations; Ctrl-C / SIGTERM: save whole iterations, then exit 130
-        utils.checkpoint_or_stop(it + 1, args.checkpoint_every, stop, guard, save_checkpoint, run_dir, rank)
 
-    # ---- final evaluation, model, checkpoint, summary
-    summary["final"] = evaluate(args.num_iterations)
-    save_checkpoint(args.num_iterations)
-    if rank == 0:
-        log_eval(summary["final"], args.num_iterations)
-        if args.save_model:
-            policy.save_pretrained(run_dir)
-        summary.update(wall_time_s=wall_before + time.time() - t0, reward_queries=reward_queries,
-                       skipped_updates=guard.total, args=vars(args))
-        utils.write_summary(run_dir, summary)
-        grid.save(run_dir / "samples.png")  # final evaluation: base beside fine-tuned, same noise
-        b, f = summary["base"], summary["final"]
-        print(f"held-out reward {b['reward_mean']:.4f} -> {f['reward_mean']:.4f}; strict accuracy "
-              f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}; "
-              f"W2 bound {f.get('w2_integral', float('nan')):.5f}; {summary['wall_time_s'] / 60:.1f} min; run dir {run_dir}")
-        writer.close()
-        utils.upload_to_hub(run_dir, args)  # --upload-model: lora/ (or transformer/) + model card to the Hub
-    utils.cleanup_distributed()
+        # ---- log
+        fm_mean, wfm_mean, w2_mean = torch.stack(stats).mean(0).tolist()
+        w_pos = weights + 1 if args.weights == "signed" else weights  # the positive weights exp(tau r) / mean
+        metrics = {
+            "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+            "charts/images_per_sec": n * world / (time.time() - t_iter),
+            "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample, "perf/train_s": t_train - t_reward,
+            "charts/lr": lr_now, "charts/reward_queries": r.reward_queries, "charts/epoch": epoch,
+            "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
+            "losses/fm": fm_mean, "losses/weighted_fm": wfm_mean, "losses/w2": w2_mean,
+            "losses/alpha_w2": args.alpha * w2_mean,
+            "losses/weight_mean": weights.mean().item(), "losses/weight_max": weights.max().item(),
+            "losses/weight_ess": (w_pos.sum() ** 2 / (w_pos ** 2).sum() / w_pos.numel()).item(),
+            "losses/skipped_updates": r.guard.total,
+            **{f"charts/reward_{k}": sum(v) / len(v) for k, v in pool["parts"].items()},
+        }
+        r.end_iteration(it, metrics, (x0, captions, all_rewards[b][local]), reward=f"{metrics['charts/reward_mean']:.3f}",
+                        w2=f"{w2_mean:.4f}")
+
+    r.finish()

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import textwrap
@@ -43,6 +44,10 @@ def parse_args(cls, args=None):
         if not e.code or not msg:
             sys.stderr.write(err.getvalue())
             raise
+        text = " ".join(err.getvalue().replace("│", " ").split())  # the box unicode or ASCII, lines joined
+        choice = re.search(r"invalid choice (.+?) for argument '(--[\w-]+)'\. Expected one of \((.*?)\)\.", text)
+        if choice:  # a Literal[...] flag: the house form of the message
+            fail(f"unknown {choice[2]} {choice[1]}; choose from: {choice[3].replace(chr(39), '')}")
         forms = "; ".join(r for r in rows[rule:] if r.startswith("--"))  # the flag's helptext / close matches
         fail(msg + (f" ({'did you mean' if 'Perhaps you meant:' in rows else 'expected'} {forms})" if forms else ""))
     sys.stderr.write(err.getvalue())

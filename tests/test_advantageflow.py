@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import advantageflow as af  # noqa: E402
 from cli_check import check_flags  # noqa: E402
-from common import models, rewards, sampling  # noqa: E402
+from common import models, rewards, run, sampling  # noqa: E402
 from run_logs import first_iteration, scalars  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -290,7 +290,7 @@ def test_eval_ema_decay_and_swap():
     """DiffusionNFT's evaluation EMA: after optimizer step s, ema <- d ema + (1 - d) theta, d = min((1+s)/(10+s), 0.9);
     swapped() shows the EMA and restores the learner."""
     p = torch.nn.Parameter(torch.zeros(3))
-    ema = af.EvalEMA([p], 0.9)
+    ema = run.EMA([p], 0.9)
     with torch.no_grad():
         p.fill_(1.0)
     ema.step(1)  # d = 2/11

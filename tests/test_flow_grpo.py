@@ -20,6 +20,7 @@ import flow_grpo  # noqa: E402
 from cli_check import check_flags  # noqa: E402
 from common import models, rewards, sampling  # noqa: E402
 from run_logs import first_iteration, scalars  # noqa: E402
+from test_common import _inputs, _tiny_transformer  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["--threads", "1", "--num-iterations", "2", "--prompts-per-iter", "2", "--group-size", "2",
@@ -113,8 +114,8 @@ def test_on_policy_ratio_is_exactly_one(guidance_scale):
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(5)
     sigmas = sched.sigmas.float()
-    out = sampling.sample(transformer, pe, pooled, sigmas, latents, guidance_scale, *neg, noise_level=0.7,
-                          generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    out = flow_grpo.sde_sample(transformer, pe, pooled, sigmas, latents, guidance_scale, *neg, noise_level=0.7,
+                          generator=torch.Generator().manual_seed(0))
     traj, old = out["trajectory"], out["log_probs"]
     for j in range(5):
         lp, mean, sigma_t = flow_grpo.step_log_prob(transformer, traj[:, j], traj[:, j + 1], sigmas[j], sigmas[j + 1],
@@ -136,22 +137,22 @@ def test_cps_step_preserves_the_noise_coefficient():
     s, s_next, a = 0.8, 0.5, 0.7
     x = (1 - s) * x0 + s * x1
     std = s_next * math.sin(a * math.pi / 2)
-    nxt, lp, mean, step_std = sampling.sde_step_with_logprob(x1 - x0, s, s_next, x, a, prev_sample=None,
+    nxt, lp, mean, step_std = flow_grpo.sde_step_with_logprob(x1 - x0, s, s_next, x, a, prev_sample=None,
                                                              generator=g, sde_type="cps")
     assert step_std == pytest.approx(std)
     assert torch.allclose(mean, (1 - s_next) * x0 + math.sqrt(s_next**2 - std**2) * x1, atol=1e-5)
     noise_part = nxt - (1 - s_next) * x0
     assert noise_part.var().item() == pytest.approx(s_next**2, rel=0.05)  # 3072 values per check
     assert torch.allclose(lp, -((nxt - mean) ** 2).mean(dim=(1, 2, 3)))
-    last, lp_last, _, _ = sampling.sde_step_with_logprob(x1 - x0, s, 0.0, x, a, generator=g, sde_type="cps")
+    last, lp_last, _, _ = flow_grpo.sde_step_with_logprob(x1 - x0, s, 0.0, x, a, generator=g, sde_type="cps")
     assert torch.allclose(last, x0, atol=1e-5) and torch.equal(lp_last, torch.zeros(4))
 
 
 def test_on_policy_ratio_is_exactly_one_with_cps():
     transformer, latents, pe, pooled = _tiny()
     sigmas = models.load_model("embedded").sigmas(4)
-    out = sampling.sample(transformer, pe, pooled, sigmas, latents, noise_level=0.7, sde_type="cps",
-                          generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    out = flow_grpo.sde_sample(transformer, pe, pooled, sigmas, latents, noise_level=0.7, sde_type="cps",
+                          generator=torch.Generator().manual_seed(0))
     traj, old = out["trajectory"], out["log_probs"]
     for j in range(3):  # the last step (to sigma 0) is deterministic under CPS and never trained
         lp, _, std = flow_grpo.step_log_prob(transformer, traj[:, j], traj[:, j + 1], sigmas[j], sigmas[j + 1], pe,
@@ -167,8 +168,8 @@ def test_on_policy_ratio_is_exactly_one_under_bf16():
     transformer, latents, pe, pooled = _tiny()
     transformer, latents, pe, pooled = (t.to(torch.bfloat16) for t in (transformer, latents, pe, pooled))
     sigmas = models.load_model("embedded").sigmas(4)
-    out = sampling.sample(transformer, pe, pooled, sigmas, latents, noise_level=0.7,
-                          generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    out = flow_grpo.sde_sample(transformer, pe, pooled, sigmas, latents, noise_level=0.7,
+                          generator=torch.Generator().manual_seed(0))
     traj, old = out["trajectory"], out["log_probs"]
     assert traj.dtype == torch.float32 and old.dtype == torch.float32
     for j in range(4):
@@ -189,17 +190,22 @@ def test_cfg_gradient_only_through_conditional_branch():
     with torch.no_grad():
         v_u = sampling.predict(transformer, latents, sigmas[0], npe, npool)
     v_c = sampling.predict(transformer, latents, sigmas[0].expand(3), pe, pooled)
-    _, lp2, _, _ = sampling.sde_step_with_logprob(v_u + 3.0 * (v_c - v_u), sigmas[0], sigmas[1], latents, 0.7,
+    _, lp2, _, _ = flow_grpo.sde_step_with_logprob(v_u + 3.0 * (v_c - v_u), sigmas[0], sigmas[1], latents, 0.7,
                                                   prev_sample=nxt, sigma_max=0.6)
     g_ref = torch.autograd.grad(lp2.sum(), transformer.proj_out.weight)[0]
     assert torch.allclose(g_cfg, g_ref, rtol=1e-3, atol=1e-7)
 
 
-def test_ema_state_replaces_learner_for_saving():
-    sd = {"learner.w": torch.zeros(2), "old.w": torch.ones(2)}
-    assert torch.equal(flow_grpo.ema_as_learner(sd, 0)["learner.w"], torch.ones(2))
-    lora = {"a.lora_A.default.weight": torch.zeros(1), "a.lora_A.old.weight": torch.ones(1)}
-    assert flow_grpo.ema_as_learner(lora, 4)["a.lora_A.default.weight"].item() == 1.0
+def test_ema_swaps_in_for_evaluation_and_saving():
+    from common.run import EMA
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    ema = EMA([p], 0.9)
+    p.data.fill_(1.0)
+    ema.step(1)  # d = min(2 / 11, 0.9)
+    with ema.swapped():
+        assert torch.allclose(p.data, torch.full((2,), 9 / 11))
+    assert torch.equal(p.data, torch.ones(2))
 
 
 # ----------------------------------------------------------------------------------- the real script
@@ -254,8 +260,7 @@ def test_one_iteration_loss_is_the_mean_over_micro_batches_and_steps(tmp_path):
     sigmas, n = model.sigmas(4), 4
     noise = torch.randn(n, *model.latent_shape, generator=gen)
     sde_gens = [torch.Generator().manual_seed(x) for x in torch.randint(2**62, (n,), generator=gen).tolist()]
-    out = sampling.sample(policy.transformer, pe, pooled, sigmas, noise, noise_level=0.7, generator=sde_gens,
-                          return_trajectory=True)
+    out = flow_grpo.sde_sample(policy.transformer, pe, pooled, sigmas, noise, noise_level=0.7, generator=sde_gens)
     reward, _ = rewards.build_reward("jpeg_compressibility")(model.decode(out["latents"]), captions, meta)
     adv = flow_grpo.grpo_advantages(reward, groups)
     minibatches = torch.randperm(n, generator=gen).chunk(2)
@@ -288,3 +293,57 @@ def test_learning_beats_lr0(tmp_path):
     assert control["final"]["reward_mean"] == pytest.approx(control["base"]["reward_mean"], abs=1e-6)  # EMA rounding
     assert learned["final"]["strict_accuracy"] > control["final"]["strict_accuracy"] + 0.03, (learned["final"], control["final"])
     assert learned["final"]["reward_mean"] > control["final"]["reward_mean"] + 0.03, (learned["final"], control["final"])
+
+
+# ----------------------------------------------------------------------------------- the SDE step and sampler
+def test_sde_step_noise_level_zero_is_euler():
+    x, v, _ = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), None
+    out, lp, mean, std = flow_grpo.sde_step_with_logprob(v, 0.6, 0.4, x, noise_level=0.0)
+    assert torch.allclose(out, x + (0.4 - 0.6) * v, atol=1e-6) and torch.allclose(mean, out)
+
+
+def test_sde_logprob_matches_gaussian_density():
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    sigma, sigma_next, a = 0.7, 0.55, 0.7
+    prev, lp, mean, std = flow_grpo.sde_step_with_logprob(v, sigma, sigma_next, x, a, generator=g)
+    # independent computation of Flow-GRPO eq. 9 with torch.distributions
+    dt = sigma_next - sigma
+    std_t = math.sqrt(sigma / (1 - sigma)) * a
+    mu = x + (v + std_t**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
+    ref = torch.distributions.Normal(mu, std_t * math.sqrt(-dt)).log_prob(prev).mean(dim=(1, 2, 3))
+    assert torch.allclose(lp, ref, atol=1e-5)
+    assert torch.allclose(mean, mu, atol=1e-6)
+
+
+def test_on_policy_logprob_recomputation_ratio_is_one():
+    transformer = _tiny_transformer()
+    latents, pe, pooled = _inputs()
+    sigmas = torch.linspace(1, 0, 5)
+    out = flow_grpo.sde_sample(transformer, pe, pooled, sigmas, latents, noise_level=0.7,
+                          generator=torch.Generator().manual_seed(0))
+    traj, lps = out["trajectory"], out["log_probs"]
+    for i in range(4):
+        with torch.no_grad():
+            v = sampling.predict(transformer, traj[:, i], sigmas[i], pe, pooled)
+        _, lp, _, _ = flow_grpo.sde_step_with_logprob(v, sigmas[i], sigmas[i + 1], traj[:, i], 0.7,
+                                                     prev_sample=traj[:, i + 1], sigma_max=sigmas[1].item())
+        assert torch.equal(torch.exp(lp - lps[:, i]), torch.ones(3))
+
+
+def test_per_sample_generators_make_sde_rollouts_independent_of_batch_split():
+    """With one generator per sample, a batch of 3 equals a batch of 2 plus a batch of 1 (micro-batches, ranks);
+    different seeds give different rollouts."""
+    transformer = _tiny_transformer()
+    latents, pe, pooled = _inputs()
+    sigmas = torch.linspace(1, 0, 5)
+
+    def run(idx, seeds=(11, 12, 13)):
+        return flow_grpo.sde_sample(transformer, pe[idx], pooled[idx], sigmas, latents[idx], noise_level=0.7,
+                                    generator=[torch.Generator().manual_seed(seeds[i]) for i in idx])
+
+    whole, parts = run([0, 1, 2]), [run([0, 1]), run([2])]
+    for key in ("trajectory", "log_probs"):
+        split = torch.cat([p[key] for p in parts])
+        assert torch.allclose(whole[key], split, atol=1e-5), key
+    assert (whole["latents"][0] - run([0], seeds=(99,))["latents"][0]).abs().mean() > 0.01

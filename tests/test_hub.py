@@ -151,7 +151,8 @@ def test_every_script_has_the_flags(method):
     args = tyro.cli(importlib.import_module(method).Args, args=[])
     assert (args.upload_model, args.hf_entity, args.wandb_entity) == (False, None, None)
     src = (ROOT / f"{method}.py").read_text()
-    assert src.count("utils.upload_to_hub(run_dir, args)") == 1
+    assert src.count("r.finish(") == 1  # the run's end (common/run.py), which uploads under --upload-model
+    assert (ROOT / "common" / "run.py").read_text().count("upload_to_hub(self.dir, a)") == 1
 
 
 def test_a_real_run_ends_by_uploading(tmp_path):
