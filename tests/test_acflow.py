@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import acflow
+from tests.helpers.cli_check import check_flags
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import acflow  # noqa: E402
-sys.path.insert(0, str(ROOT / "tests"))
-from cli_check import check_flags  # noqa: E402
 
 
 def _tensors(b=5, shape=(3, 4, 4), seed=0):
@@ -180,7 +179,7 @@ def test_smoke_embedded_and_resume(tmp_path):
 
 
 def test_smoke_tiny_sd3_lora(tmp_path):
-    from tests.tiny_sd3 import build_tiny_sd3
+    from tests.helpers.tiny_sd3 import build_tiny_sd3
 
     model = build_tiny_sd3(tmp_path / "sd3")
     out = tmp_path / "run"

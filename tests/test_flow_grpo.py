@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import flow_grpo
+from common import models, rewards, sampling
+from common.world.model import build_embedded
+from tests.helpers.cli_check import check_flags
+from tests.helpers.run_logs import first_iteration, scalars
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import flow_grpo  # noqa: E402
-from cli_check import check_flags  # noqa: E402
-from common import models, rewards, sampling  # noqa: E402
-from run_logs import first_iteration, scalars  # noqa: E402
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["--threads", "1", "--num-iterations", "2", "--prompts-per-iter", "2", "--group-size", "2",
         "--train-batch-size", "2", "--num-minibatches", "2", "--eval-samples-per-prompt", "1", "--num-steps", "4",
@@ -97,7 +95,7 @@ def test_kl_matches_hand_computation():
 
 def _tiny(seed=0):
     torch.manual_seed(seed)
-    t, _ = models.build_embedded()
+    t, _ = build_embedded()
     g = torch.Generator().manual_seed(seed)
     return t.eval(), torch.randn(3, 3, 32, 32, generator=g), torch.randn(3, 10, 64, generator=g), torch.randn(3, 64, generator=g)
 
@@ -229,7 +227,7 @@ def test_smoke_embedded_with_kl_and_resume(tmp_path):
 
 
 def test_smoke_tiny_sd3_lora_cfg(tmp_path):
-    from tiny_sd3 import build_tiny_sd3
+    from tests.helpers.tiny_sd3 import build_tiny_sd3
 
     path = build_tiny_sd3(tmp_path / "sd3")
     s = run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4", "--guidance-scale", "2.0",

@@ -13,11 +13,9 @@ import pytest
 import tyro
 from huggingface_hub.utils import filter_repo_objects
 
+from common import utils
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from common import utils  # noqa: E402
-
 METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 SD35 = "stabilityai/stable-diffusion-3.5-medium"
 

@@ -12,21 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
+import orw_cfm_w2 as orw
+from common import models, sampling
+from common.world.model import build_embedded
+from tests.helpers.cli_check import check_flags
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import orw_cfm_w2 as orw  # noqa: E402
-from cli_check import check_flags  # noqa: E402
-from common import models, sampling  # noqa: E402
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 SCRIPT = str(ROOT / "orw_cfm_w2.py")
 
 
 def _tiny_transformer(seed=0):
     torch.manual_seed(seed)
-    return models.build_embedded()[0].eval()
+    return build_embedded()[0].eval()
 
 
 def _inputs(b=3, seed=0):
@@ -203,7 +201,7 @@ def test_epochs_fixed_sampler_pool_and_exact_resume(tmp_path):
 
 
 def test_smoke_tiny_sd3_lora(tmp_path):
-    from tiny_sd3 import build_tiny_sd3
+    from tests.helpers.tiny_sd3 import build_tiny_sd3
 
     path = build_tiny_sd3(tmp_path / "sd3")
     (tmp_path / "p.txt").write_text("a red circle\ntwo blue squares\n")

@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import models, rewards, utils
+from common.evaluate import evaluate_model, save_geneval_layout
+from common.tools import prompts
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from common import models, prompts, rewards, utils  # noqa: E402
-from common.evaluate import evaluate_model, save_geneval_layout  # noqa: E402
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 

@@ -18,14 +18,10 @@ import torch
 import tyro
 from safetensors.torch import load_file
 
+from common import rewards, utils
+from tests.helpers.cli_check import check_flags
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cli_check import check_flags  # noqa: E402
-from common import rewards, utils  # noqa: E402
-
 METHODS = [m for m in ("advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo") if (ROOT / f"{m}.py").is_file()]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # per method: the batch flags of a tiny run (fdfo needs pairs), and one method option with a bad value
@@ -216,7 +212,7 @@ EVAL_BAD_INPUTS = [
 @pytest.mark.parametrize("argv,expected", EVAL_BAD_INPUTS, ids=[c[1][:30] for c in EVAL_BAD_INPUTS])
 def test_evaluate_bad_input_one_clear_line(argv, expected, tmp_path, capsys):
     """`python -m common.evaluate`: the same classes of bad input, one line before any model loads."""
-    from common import evaluate
+    from common.tools import evaluate
 
     (tmp_path / "EMPTY_DIR").mkdir()
     argv = [str(tmp_path / a) if a == "EMPTY_DIR" else a for a in _placeholders(argv, tmp_path)]
@@ -228,7 +224,7 @@ def test_evaluate_bad_input_one_clear_line(argv, expected, tmp_path, capsys):
 
 def test_evaluate_takes_fp16():
     """Evaluation has no gradients to underflow: fp16 is allowed there (training refuses it)."""
-    from common import evaluate
+    from common.tools import evaluate
 
     captions, _ = evaluate.check_args(utils.parse_args(evaluate.Args, ["--mixed-precision", "fp16"]))
     assert len(captions) == 32
