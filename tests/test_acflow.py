@@ -199,7 +199,7 @@ def test_smoke_tiny_sd3_lora(tmp_path):
 # (docs/acflow.md). The test runs seed 0 at one thread; the 0.01 margins are what a broken update misses (ignored
 # weights, signed: all 0, leave only the W2 pull; inverted ones lose), not the seed spread (seed 2 is +0.004).
 @pytest.mark.slow
-def test_default_run_beats_lr0(tmp_path):
+def test_learning_beats_lr_zero(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "acflow.py"), "--threads", "1", "--eval-every", "1000", "--checkpoint-every",
            "1000", "--no-save-model", "--output-dir", str(out)]

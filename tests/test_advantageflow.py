@@ -206,7 +206,7 @@ def test_af_update_direction_and_gamma_bound(adv):
         assert far > 100
 
 
-def test_bad_arguments_fail_before_loading():
+def test_bad_flags_fail_before_loading():
     code, err = check_flags("advantageflow", ["--gamma-mode", "big"])
     assert code != 0 and err == ["error: unknown --gamma-mode 'big'; choose from: constant, one-minus-a"]
     code, err = check_flags("advantageflow", ["--eval-num-steps", "0"])

@@ -115,7 +115,7 @@ def test_two_process_resume_keeps_each_ranks_pool(method, tmp_path):
         assert [s["latents"] for s in seen[r]] == [[t[3 * r:3 * r + 3].sum().item() for t in p["latents"]]
                                                    for p in pools]
     w_ref, w_run = (load_file(d / "transformer" / "diffusion_pytorch_model.safetensors") for d in (tmp_path / "ref", run))
-    base = load_file(ROOT / "common/assets/embedded/transformer.safetensors")
+    base = load_file(ROOT / "common/world/assets/transformer.safetensors")
     dist = sum(((w_ref[k].float() - w_run[k].float()) ** 2).sum() for k in w_ref).sqrt()
     moved = sum(((w_ref[k].float() - base[k].float()) ** 2).sum() for k in w_ref).sqrt()
     assert moved > 0 and dist <= 1e-6 * moved, (dist.item(), moved.item())

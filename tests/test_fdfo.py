@@ -176,7 +176,7 @@ def _run(tmp_path, *extra, name="run", env=ENV):
                                        "each process must hold whole pairs"),
     (["--churn", "0"], "1", "error: --churn 0.0 must be > 0 (0 gives identical branches and no finite difference)"),
 ])
-def test_bad_arguments_fail_before_loading(flags, world, line):
+def test_bad_flags_fail_before_loading(flags, world, line):
     code, err = check_flags("fdfo", flags, int(world))
     assert code != 0 and err == [line]
 

@@ -25,7 +25,7 @@ TINY = ["--threads", "1", "--num-iterations", "2", "--prompts-per-iter", "2", "-
         "--timestep-fraction", "0.5"]
 
 
-def run(args, tmp_path, name="run", timeout=600):
+def _run(args, tmp_path, name="run", timeout=600):
     out = subprocess.run([sys.executable, "flow_grpo.py", *args, "--output-dir", str(tmp_path / name)],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -214,7 +214,7 @@ def test_bad_flags_fail_before_loading(flags, message):
 
 
 def test_smoke_embedded_with_kl_and_resume(tmp_path):
-    s = run([*TINY, "--beta", "0.04", "--checkpoint-every", "1"], tmp_path)
+    s = _run([*TINY, "--beta", "0.04", "--checkpoint-every", "1"], tmp_path)
     assert {"base", "final", "wall_time_s", "reward_queries"} <= set(s)
     assert s["reward_queries"] == 2 * 4 and s["skipped_updates"] == 0
     for k in ("reward_mean", "strict_accuracy", "accuracy"):
@@ -222,7 +222,7 @@ def test_smoke_embedded_with_kl_and_resume(tmp_path):
     assert (tmp_path / "run" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     # resuming a finished 2-iteration run for 3 iterations continues the counters
-    s3 = run([*TINY, "--beta", "0.04", "--num-iterations", "3", "--resume", str(tmp_path / "run")], tmp_path)
+    s3 = _run([*TINY, "--beta", "0.04", "--num-iterations", "3", "--resume", str(tmp_path / "run")], tmp_path)
     assert s3["reward_queries"] == 3 * 4 and s3["base"] == s["base"]
 
 
@@ -230,11 +230,11 @@ def test_smoke_tiny_sd3_lora_cfg(tmp_path):
     from tests.helpers.tiny_sd3 import build_tiny_sd3
 
     path = build_tiny_sd3(tmp_path / "sd3")
-    s = run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4", "--guidance-scale", "2.0",
+    s = _run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4", "--guidance-scale", "2.0",
              "--global-std", "--timestep-sampling", "first", "--beta", "0.01", "--no-ema"], tmp_path)
     assert {"base", "final", "wall_time_s", "reward_queries"} <= set(s)
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    s = run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4"], tmp_path, "ema")
+    s = _run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4"], tmp_path, "ema")
     assert (tmp_path / "ema" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -243,7 +243,7 @@ def test_one_iteration_loss_is_the_mean_over_micro_batches_and_steps(tmp_path):
     steps, accumulated) must be that of ONE mean of the clipped objective over its 4 (image, step) items."""
     flags = [*TINY, "--lr", "0", "--num-iterations", "1", "--reward", "jpeg_compressibility", "--no-save-model"]
     flags[flags.index("--train-batch-size") + 1] = "1"
-    run(flags, tmp_path)
+    _run(flags, tmp_path)
     logged = scalars(tmp_path / "run", "losses/grad_norm")[1]
 
     torch.set_num_threads(1)
@@ -273,15 +273,15 @@ def test_one_iteration_loss_is_the_mean_over_micro_batches_and_steps(tmp_path):
 
 # ----------------------------------------------------------------------------------- learning
 @pytest.mark.slow
-def test_learning_beats_lr0(tmp_path):
+def test_learning_beats_lr_zero(tmp_path):
     """`python flow_grpo.py` (100 default iterations, one thread, evaluated every 25 as in the benchmark) must raise
     held-out strict accuracy and partial credit over the identical run with --lr 0 (whose weights never move: its
     final evaluation is the base's on the same noise, asserted). Measured on the v2 base with exactly this command
     (benchmark_defaults.md, seed 0): partial 0.353 -> 0.407, strict 0.270 -> 0.328; seeds 1 / 2 gained +0.023 /
     +0.047 strict. One thread, because the thread count changes float rounding and with it the trajectory."""
     flags = ["--threads", "1", "--eval-every", "25", "--checkpoint-every", "1000", "--no-save-model"]
-    learned = run(flags, tmp_path, "learn", timeout=2400)
-    control = run([*flags, "--num-iterations", "1", "--lr", "0"], tmp_path, "lr0", timeout=1800)
+    learned = _run(flags, tmp_path, "learn", timeout=2400)
+    control = _run([*flags, "--num-iterations", "1", "--lr", "0"], tmp_path, "lr0", timeout=1800)
     assert control["base"]["reward_mean"] == learned["base"]["reward_mean"]
     assert control["final"]["reward_mean"] == pytest.approx(control["base"]["reward_mean"], abs=1e-6)  # EMA rounding
     assert learned["final"]["strict_accuracy"] > control["final"]["strict_accuracy"] + 0.03, (learned["final"], control["final"])

@@ -211,7 +211,7 @@ EVAL_BAD_INPUTS = [
 
 @pytest.mark.parametrize("argv,expected", EVAL_BAD_INPUTS, ids=[c[1][:30] for c in EVAL_BAD_INPUTS])
 def test_evaluate_bad_input_one_clear_line(argv, expected, tmp_path, capsys):
-    """`python -m common.evaluate`: the same classes of bad input, one line before any model loads."""
+    """`python -m common.tools.evaluate`: the same classes of bad input, one line before any model loads."""
     from common.tools import evaluate
 
     (tmp_path / "EMPTY_DIR").mkdir()
@@ -374,7 +374,7 @@ def test_torchrun_two_processes_match_one(method, tmp_path):
     assert abs(a["reward_mean"] - b["reward_mean"]) <= 0.05, (a, b)
     # and the trained weights agree: their distance is < 1% of how far training moved them from the base
     # (measured 1e-4 .. 4e-4 of it; a script drawing other noise per rank lands at ~1x)
-    base = load_file(ROOT / "common/assets/embedded/transformer.safetensors")
+    base = load_file(ROOT / "common/world/assets/transformer.safetensors")
     w1, w2 = (load_file(tmp_path / d / "transformer/diffusion_pytorch_model.safetensors") for d in ("one", "two"))
     dist = sum(((w1[k].float() - w2[k].float()) ** 2).sum() for k in w1).sqrt()
     moved = sum(((w1[k].float() - base[k].float()) ** 2).sum() for k in w1).sqrt()

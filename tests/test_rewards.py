@@ -101,7 +101,7 @@ def test_reward_paths(tmp_path):
     (["--reward", "aesthetic"], "reward 'aesthetic' needs its MLP head"),
     (["--reward", "remote:localhost:1"], "needs the http(s) URL of a reward server")])
 def test_bad_reward_flags_one_line_before_loading(argv, expected, capsys):
-    """Method scripts (all five: test_reliability) and common.evaluate: one line, exit 2, no model loaded."""
+    """Method scripts (all five: test_reliability) and common.tools.evaluate: one line, exit 2, no model loaded."""
     from tests.helpers import cli_check
     from common.tools import evaluate
 

@@ -290,13 +290,13 @@ def test_evaluation_returns_the_picked_samples(tiny_no_t5):
 
 @pytest.mark.slow
 def test_sharded_evaluation_matches_one_process(tiny, tmp_path):
-    """`torchrun --nproc_per_node 2 -m common.evaluate`: each rank generates its slice of the prompts (5 prompts:
+    """`torchrun --nproc_per_node 2 -m common.tools.evaluate`: each rank generates its slice of the prompts (5 prompts:
     3 + 2) on the noise one process would use; the gathered metrics equal the one-process ones, and the GenEval
     layout holds every prompt. Before issue 17, evaluation ran on rank 0 while the other ranks waited."""
     model, _ = tiny
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue dog\na green bird\na yellow car\na white house\n")
-    common = ["-m", "common.evaluate", "--model", str(model), "--resolution", "32", "--use-t5", "--prompts-file",
+    common = ["-m", "common.tools.evaluate", "--model", str(model), "--resolution", "32", "--use-t5", "--prompts-file",
               str(prompts), "--reward", "jpeg_compressibility", "--samples-per-prompt", "2", "--num-steps", "2",
               "--mixed-precision", "bf16", "--batch-size", "3"]
     for name, launcher in (("one", [sys.executable]),

@@ -1,12 +1,12 @@
 """The prompt sets the papers train and evaluate SD3.5 on, built into prompts/ as JSON-lines files.
 
-    python -m common.tools.prompts                               # every set, downloaded (needs a network)
+    python -m common.tools.prompts                         # every set, downloaded (needs a network)
     python -m common.tools.prompts --sets geneval,pickapic       # some of them
     python -m common.tools.prompts --source-dir path/to/flow_grpo/dataset --sets geneval,pickapic,ocr   # offline
 
 Each set becomes prompts/<set>_train.jsonl and/or prompts/<set>_test.jsonl, one {"prompt": ..., "tag": ...,
 <metadata>} object per line: the format `--prompts-file` / `--eval-prompts-file` of every method and
-`python -m common.evaluate --prompts-file` read (common/utils.py `load_prompts`), whose metadata reaches the reward.
+`python -m common.tools.evaluate --prompts-file` read (common/utils.py `load_prompts`), whose metadata reaches the reward.
 
     geneval        Flow-GRPO's GenEval-style train / test prompts; tag = GenEval category, plus GenEval's
                    "include" / "exclude" object lists (what a detector-based GenEval reward checks)
