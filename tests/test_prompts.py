@@ -184,5 +184,5 @@ def test_method_pages_sd35_commands_use_buildable_prompt_files():
         files = {argv[i + 1] for i, a in enumerate(argv) if a in ("--prompts-file", "--eval-prompts-file")}
         assert files and files <= buildable, (m, files)
         sets = {re.match(r"prompts/(.+)_(train|test)\.jsonl", f).group(1) for f in files}
-        build = re.search(r"python -m common\.prompts --sets ([\w,]+)", text)
+        build = re.search(r"python -m common\.tools\.prompts --sets ([\w,]+)", text)
         assert build and sets <= set(build.group(1).split(",")), (m, sets)
