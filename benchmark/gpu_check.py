@@ -19,11 +19,11 @@ names, else PickScore, else jpeg_compressibility). Checks, in order of priority 
   fp32, frozen transformer and text encoders bf16, VAE fp32, reward models in --reward-dtype); s / iteration;
   Flow-GRPO's on-policy ratio error of the first inner step (<= 1e-3);
 - resume: ORW-CFM-W2 killed (SIGKILL) after its first checkpoint, mid-epoch, then `--resume`d to the end (AC-Flow too
-  if time is left); `--gradient-checkpointing` (Flow-GRPO); a saved run evaluated by `python -m common.evaluate
+  if time is left); `--gradient-checkpointing` (Flow-GRPO); a saved run evaluated by `python -m common.tools.evaluate
   --checkpoint` (bf16, then fp16); with 2 GPUs a torchrun (nccl) Flow-GRPO run.
 
 Prints a one-screen table of PASS / FAIL / SKIPPED (with the reason) and writes OUT/summary.json. Without SD3.5-M in
-the cache (and no --model) it runs the tiny random SD3 pipeline of tests/tiny_sd3.py: code paths only, memory
+the cache (and no --model) it runs the tiny random SD3 pipeline of tests/helpers/tiny_sd3.py: code paths only, memory
 checks skipped. `exec` is the in-process runner each run goes through (runpy): it records peak GPU memory and dtypes.
 """
 
@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 SD35M = "stabilityai/stable-diffusion-3.5-medium"
-GENEVAL_PROMPTS = ROOT / "prompts" / "geneval_train.jsonl"  # python -m common.prompts --sets geneval
+GENEVAL_PROMPTS = ROOT / "prompts" / "geneval_train.jsonl"  # python -m common.tools.prompts --sets geneval
 PROMPTS = ["a photo of a red bicycle leaning against a blue wall", "two cats sleeping on a wooden bench",
            "a bowl of oranges on a kitchen table, morning light", "a lighthouse on a cliff at sunset",
            "three yellow balloons above a green field", "a dog wearing sunglasses on a beach",
@@ -91,7 +91,7 @@ def cached(repo, filename="config.json"):
 
 def reward_available(name):
     sys.path.insert(0, str(ROOT))
-    from common.rewards import REAL_DEFAULT_PATHS
+    from common.reward_models import REAL_DEFAULT_PATHS
 
     if name not in REAL_DEFAULT_PATHS:
         return True  # embedded rewards (jpeg_compressibility, ...) need nothing
@@ -356,7 +356,7 @@ def evaluate_check(ctx, precision):
              "--use-t5": True, "--resolution": ctx.a.tiny_resolution if ctx.tiny else 512}
     if ctx.a.device != "auto":
         flags["--device"] = ctx.a.device
-    cmd = [sys.executable, "-m", "common.evaluate", *to_argv(flags)]
+    cmd = [sys.executable, "-m", "common.tools.evaluate", *to_argv(flags)]
     if ctx.a.dry_run:
         return print(f"[{name}] the saved advantageflow run\n  {shlex.join(cmd)}")
     if run is None:
@@ -494,8 +494,8 @@ def main():
     if not a.model and not cached(SD35M, "model_index.json") and (a.device == "cpu" or not a.dry_run):
         ctx.tiny, ctx.model = True, str(ctx.out / "tiny_sd3")
         if not (ctx.out / "tiny_sd3" / "model_index.json").exists():
-            sys.path.insert(0, str(ROOT / "tests"))
-            from tiny_sd3 import build_tiny_sd3
+            sys.path.insert(0, str(ROOT))
+            from tests.helpers.tiny_sd3 import build_tiny_sd3
 
             build_tiny_sd3(ctx.model, t5=True, pos_embed_max_size=max(16, a.tiny_resolution // 4))
     cap = torch.cuda.get_device_capability(0) if gpus else None

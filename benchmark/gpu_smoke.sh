@@ -5,7 +5,7 @@
 # Hugging Face cache has them (else a named fallback), a few iterations each; prints peak reserved / allocated GPU
 # memory beside the estimate of benchmark/gpu_memory.py (docs/gpu.md) with a PASS / FAIL threshold (reserved <=
 # 1.15 x estimate), dtypes, s / iteration, Flow-GRPO's on-policy ratio; fp16, resume after kill -9,
-# --gradient-checkpointing, save -> `python -m common.evaluate --checkpoint`, and a 2-GPU torchrun (nccl) run when
+# --gradient-checkpointing, save -> `python -m common.tools.evaluate --checkpoint`, and a 2-GPU torchrun (nccl) run when
 # 2 GPUs are present; ends with a one-screen PASS / FAIL / SKIPPED table (exit 1 on any FAIL).
 #   bash benchmark/gpu_smoke.sh --dry-run [--estimates]     # no GPU: the planned commands (and memory estimates)
 #   MODEL=/path/to/sd3.5-medium GENEVAL_URL=http://host:port bash benchmark/gpu_smoke.sh --full-batch

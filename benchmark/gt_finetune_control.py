@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import models, shapes  # noqa: E402
+from common import models  # noqa: E402
+from common.world import shapes  # noqa: E402
 from common.evaluate import evaluate_model  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

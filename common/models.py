@@ -1,5 +1,5 @@
-"""Model loading: the embedded base (tiny SD3 transformer in pixel space + word-level text encoder)
-or any diffusers SD3 checkpoint (id or local path), behind one small interface, plus LoRA via peft.
+"""Model loading: the embedded base (common/world/model.py: tiny SD3 transformer in pixel space + word-level text
+encoder) or any diffusers SD3 checkpoint (id or local path), behind one small interface, plus LoRA via peft.
 
     model = load_model("embedded")            # or "stabilityai/stable-diffusion-3.5-medium"
     prompt_embeds, pooled_prompt_embeds = model.encode_prompt(["a red circle"])
@@ -27,51 +27,13 @@ import torch
 import torch.nn as nn
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-from common import shapes
-
 EMBEDDED = "embedded"
 SD3_PIPELINE = "StableDiffusion3Pipeline"  # the model_index.json `_class_name` every --model folder must have
-ASSETS = Path(__file__).parent / "assets" / "embedded"
-EMBEDDED_CONFIG = {
-    "transformer": dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=6,
-                        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
-                        caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=8),
-    "text_encoder": dict(dim=64, num_layers=2, num_heads=4, max_length=10),
-    "scheduler": dict(num_train_timesteps=1000, shift=1.0),
-}
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_PRECISIONS = ("no", "bf16")  # fp16 training would need a GradScaler; evaluation (no gradients) takes fp16 too
 # the 8 attention projections of every SD3 joint block (Flow-GRPO and diffusers' SD3 LoRA example)
 LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                 "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
-
-
-class TextEncoder(nn.Module):
-    """Word-level tokenizer over the shapes grammar's vocabulary + a small transformer encoder.
-    Gives SD3-shaped outputs: prompt_embeds (B, L, dim) and pooled_prompt_embeds (B, dim) (the <bos> output)."""
-
-    def __init__(self, dim=64, num_layers=2, num_heads=4, max_length=10):
-        super().__init__()
-        self.max_length = max_length
-        self.vocab = {w: i for i, w in enumerate(shapes.VOCAB)}
-        self.embed = nn.Embedding(len(self.vocab), dim)
-        self.pos = nn.Parameter(torch.randn(max_length, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, num_heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-
-    def tokenize(self, prompts):
-        ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            toks = [1] + [self.vocab.get(w, 2) for w in p.lower().split()][: self.max_length - 1]
-            ids[i, : len(toks)] = torch.tensor(toks)
-        return ids
-
-    def forward(self, prompts):
-        ids = self.tokenize(prompts).to(self.pos.device)
-        h = self.encoder(self.embed(ids) + self.pos, src_key_padding_mask=ids == 0)
-        h = self.norm(h)
-        return h, h[:, 0]
 
 
 @dataclass
@@ -126,10 +88,6 @@ class Model:
         return self.scheduler.sigmas.float().clone()
 
 
-def build_embedded(config=EMBEDDED_CONFIG):
-    return SD3Transformer2DModel(**config["transformer"]), TextEncoder(**config["text_encoder"])
-
-
 def default_dtype(device, capability=None):
     """bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0: A100, H100, RTX 30xx on), fp32 elsewhere (CPU,
     V100, T4). Not torch.cuda.is_bf16_supported(), which is also true where bf16 is only emulated. `capability`:
@@ -163,11 +121,9 @@ def autocast_forward(module, dtype):
 def check_model_available(name):
     """Fail with one line (no hub is reachable) before any loading."""
     if name == EMBEDDED:
-        for f in ("config.json", "transformer.safetensors", "text_encoder.safetensors"):
-            if not (ASSETS / f).is_file():
-                raise SystemExit(f"error: embedded base weights missing: {ASSETS / f}; "
-                                 "restore common/assets from git or run `python -m common.pretrain`")
-        return
+        from common.world.model import check_weights
+
+        return check_weights()
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "model_index.json")) and not os.path.isdir(os.path.join(name, "transformer")):
             raise SystemExit(f"error: --model {name!r} is a directory but not a diffusers SD3 pipeline "
@@ -189,26 +145,6 @@ def check_model_available(name):
         if kind != SD3_PIPELINE:
             raise SystemExit(f"error: --model {name!r} holds a {kind} pipeline; choose a {SD3_PIPELINE} "
                              "(e.g. stabilityai/stable-diffusion-3.5-medium) or 'embedded'")
-
-
-def load_embedded(device="cpu", dtype=torch.float32, path=ASSETS):
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-        transformer, text_encoder = build_embedded(config)
-        transformer.load_state_dict({k: v.float() for k, v in load_file(path / "transformer.safetensors").items()})
-        text_encoder.load_state_dict({k: v.float() for k, v in load_file(path / "text_encoder.safetensors").items()})
-    except Exception as e:  # missing file, bad header, wrong shapes ...
-        raise SystemExit(f"error: embedded base weights in {path} are missing or corrupt ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); restore them from git or run `python -m common.pretrain`")
-    text_encoder.requires_grad_(False).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
-    c = config["transformer"]
-    transformer = transformer.to(device) if dtype == torch.float32 else transformer.to(device=device, dtype=dtype)
-    return Model(EMBEDDED, transformer, [text_encoder.to(device)], [], None, scheduler,
-                 (c["in_channels"], c["sample_size"], c["sample_size"]), torch.device(device), dtype)
 
 
 def load_sd3(name, device="cpu", dtype=None, resolution=512, use_t5=False, max_t5_length=128):
@@ -262,6 +198,8 @@ def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=F
     check_model_available(name)
     dtype = dtype or weight_dtype(mixed_precision, device)
     if name == EMBEDDED:
+        from common.world.model import load_embedded
+
         model = load_embedded(device, dtype)
     else:
         model = load_sd3(name, device, dtype, resolution, use_t5, max_t5_length)
@@ -270,19 +208,6 @@ def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=F
         model.transformer.enable_gradient_checkpointing()
     autocast_forward(model.transformer, dtype)
     return model
-
-
-def save_embedded(transformer, text_encoder, path=ASSETS, config=EMBEDDED_CONFIG):
-    """Weights stored in fp16 (keeps the committed files small); loaded back in fp32."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for name, m in (("transformer", transformer), ("text_encoder", text_encoder)):
-        sd = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in m.state_dict().items()}
-        save_file(sd, path / f"{name}.safetensors.tmp")
-        os.replace(path / f"{name}.safetensors.tmp", path / f"{name}.safetensors")
-    (path / "config.json").write_text(json.dumps(config, indent=1))
 
 
 # ----------------------------------------------------------------------------------- policies

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from common import models, rewards, utils
+from common.tools import hub
 from common.evaluate import evaluate_model
 
 
@@ -208,7 +209,7 @@ class Run:
                   f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}"
                   f"{extra}; {self.summary['wall_time_s'] / 60:.1f} min; run dir {self.dir}")
             self.writer.close()
-            utils.upload_to_hub(self.dir, a)  # --upload-model: lora/ (or transformer/) + model card to the Hub
+            hub.upload_to_hub(self.dir, a)  # --upload-model: lora/ (or transformer/) + model card to the Hub
         utils.cleanup_distributed()
 
 

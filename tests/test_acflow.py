@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import acflow
+from tests.helpers.cli_check import check_flags
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import acflow  # noqa: E402
-sys.path.insert(0, str(ROOT / "tests"))
-from cli_check import check_flags  # noqa: E402
 
 
 def _tensors(b=5, shape=(3, 4, 4), seed=0):
@@ -180,7 +179,7 @@ def test_smoke_embedded_and_resume(tmp_path):
 
 
 def test_smoke_tiny_sd3_lora(tmp_path):
-    from tests.tiny_sd3 import build_tiny_sd3
+    from tests.helpers.tiny_sd3 import build_tiny_sd3
 
     model = build_tiny_sd3(tmp_path / "sd3")
     out = tmp_path / "run"
@@ -200,7 +199,7 @@ def test_smoke_tiny_sd3_lora(tmp_path):
 # (docs/acflow.md). The test runs seed 0 at one thread; the 0.01 margins are what a broken update misses (ignored
 # weights, signed: all 0, leave only the W2 pull; inverted ones lose), not the seed spread (seed 2 is +0.004).
 @pytest.mark.slow
-def test_default_run_beats_lr0(tmp_path):
+def test_learning_beats_lr_zero(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "acflow.py"), "--threads", "1", "--eval-every", "1000", "--checkpoint-every",
            "1000", "--no-save-model", "--output-dir", str(out)]
@@ -225,7 +224,7 @@ def test_critic_learns_jpeg_value_and_opens_gate(tmp_path):
            "1000", "--no-save-model", "--output-dir", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
-    from tests.run_logs import scalars
+    from tests.helpers.run_logs import scalars
 
     ev, warm = scalars(out, "losses/critic_explained_variance"), scalars(out, "charts/critic_warmup")
     change = scalars(out, "losses/critic_weight_change")

@@ -13,15 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import advantageflow as af
+from common import models, rewards, run, sampling
+from tests.helpers.cli_check import check_flags
+from tests.helpers.run_logs import first_iteration, scalars
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import advantageflow as af  # noqa: E402
-from cli_check import check_flags  # noqa: E402
-from common import models, rewards, run, sampling  # noqa: E402
-from run_logs import first_iteration, scalars  # noqa: E402
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["--threads", "1", "--prompts-per-iter", "2", "--group-size", "3", "--train-batch-size", "3",
         "--eval-samples-per-prompt", "1", "--num-steps", "3"]
@@ -209,7 +206,7 @@ def test_af_update_direction_and_gamma_bound(adv):
         assert far > 100
 
 
-def test_bad_arguments_fail_before_loading():
+def test_bad_flags_fail_before_loading():
     code, err = check_flags("advantageflow", ["--gamma-mode", "big"])
     assert code != 0 and err == ["error: unknown --gamma-mode 'big'; choose from: constant, one-minus-a"]
     code, err = check_flags("advantageflow", ["--eval-num-steps", "0"])
@@ -237,7 +234,7 @@ def test_smoke_embedded(tmp_path, flags):
 
 
 def test_smoke_tiny_sd3(tmp_path):
-    from tiny_sd3 import build_tiny_sd3
+    from tests.helpers.tiny_sd3 import build_tiny_sd3
 
     path = build_tiny_sd3(tmp_path / "sd3")
     out_dir, summary = _run(tmp_path, "--model", str(path), "--resolution", "32", "--lora-rank", "4",

@@ -13,12 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import evaluate, models, rewards, utils
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from common import evaluate, models, rewards, utils  # noqa: E402
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 METHODS = ["advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo"]
 
@@ -118,7 +115,7 @@ def test_two_process_resume_keeps_each_ranks_pool(method, tmp_path):
         assert [s["latents"] for s in seen[r]] == [[t[3 * r:3 * r + 3].sum().item() for t in p["latents"]]
                                                    for p in pools]
     w_ref, w_run = (load_file(d / "transformer" / "diffusion_pytorch_model.safetensors") for d in (tmp_path / "ref", run))
-    base = load_file(ROOT / "common/assets/embedded/transformer.safetensors")
+    base = load_file(ROOT / "common/world/assets/transformer.safetensors")
     dist = sum(((w_ref[k].float() - w_run[k].float()) ** 2).sum() for k in w_ref).sqrt()
     moved = sum(((w_ref[k].float() - base[k].float()) ** 2).sum() for k in w_ref).sqrt()
     assert moved > 0 and dist <= 1e-6 * moved, (dist.item(), moved.item())
@@ -148,12 +145,12 @@ def spy(*a, **k):  # the reward the script builds, then stop before any training
 rewards.build_reward = spy
 clip, out, seen = sys.argv[1], sys.argv[2], {}
 for name, extra in [(m, []) for m in ("advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo",
-                                        "common.evaluate")] + [("fdfo", ["--reward-dtype", "bf16"]),
-                                                               ("common.evaluate", ["--reward-dtype", "bf16"])]:
+                                        "common.tools.evaluate")] + [("fdfo", ["--reward-dtype", "bf16"]),
+                                                               ("common.tools.evaluate", ["--reward-dtype", "bf16"])]:
     sys.argv = [name, "--reward", "pickscore", "--reward-paths", f"pickscore={clip}|{clip}", "--mixed-precision",
-                "bf16", *extra, *([] if name == "common.evaluate" else ["--output-dir", out + "_" + name])]
+                "bf16", *extra, *([] if name == "common.tools.evaluate" else ["--output-dir", out + "_" + name])]
     try:
-        if name == "common.evaluate":
+        if name == "common.tools.evaluate":
             runpy.run_module(name, run_name="__main__")
         else:
             runpy.run_path(name + ".py", run_name="__main__")
@@ -165,10 +162,10 @@ with open(out, "w") as f:
 
 
 def test_reward_models_fp32_by_default_whatever_the_generator_dtype(tmp_path):
-    """Every script and common.evaluate build their reward models in fp32 under --mixed-precision bf16 (the official
+    """Every script and common.tools.evaluate build their reward models in fp32 under --mixed-precision bf16 (the official
     Flow-GRPO code scores PickScore, ImageReward and the aesthetic predictor in fp32; in bf16 PickScore's logit scale
     exp(ln 100) is 99.0), and in bf16 with --reward-dtype bf16. Before, they ran in the generator's dtype."""
-    import tiny_rewards
+    from tests.helpers import tiny_rewards
 
     clip = str(tiny_rewards.build_tiny_clip(tmp_path / "clip"))
     assert rewards.build_reward("pickscore", paths={"pickscore": f"{clip}|{clip}"}).fns["pickscore"].model.dtype == \
@@ -178,8 +175,9 @@ def test_reward_models_fp32_by_default_whatever_the_generator_dtype(tmp_path):
                          env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads((tmp_path / "seen.json").read_text())
-    assert seen == {**{m: "torch.float32" for m in [*METHODS, "common.evaluate"]},
-                    "fdfo --reward-dtype bf16": "torch.bfloat16", "common.evaluate --reward-dtype bf16": "torch.bfloat16"}
+    assert seen == {**{m: "torch.float32" for m in [*METHODS, "common.tools.evaluate"]},
+                    "fdfo --reward-dtype bf16": "torch.bfloat16",
+                    "common.tools.evaluate --reward-dtype bf16": "torch.bfloat16"}
 
 
 # ----------------------------------------------------------------------------------- CUDA settings, timers, noise
@@ -232,7 +230,7 @@ def test_evaluation_noise_is_a_slice_of_one_draw_without_drawing_it_all(shape, t
 def test_evaluation_keeps_uint8_images_and_scores_the_float_ones():
     """evaluate_model keeps the images it returns as uint8 (a quarter of fp32 host memory), and scores the float
     images batch by batch: the metrics equal those of scoring all float images at once."""
-    from common import shapes
+    from common.world import shapes
 
     model = models.load_model("embedded")
     specs = shapes.split_specs("test")[:5]

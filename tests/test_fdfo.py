@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import fdfo
+from common import models, rewards, sampling
+from tests.helpers.cli_check import check_flags
+from tests.helpers.run_logs import first_iteration, scalars
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import fdfo  # noqa: E402
-from cli_check import check_flags  # noqa: E402
-from common import models, rewards, sampling  # noqa: E402
-from run_logs import first_iteration, scalars  # noqa: E402
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["--threads", "1", "--prompts-per-iter", "2", "--train-batch-size", "4", "--num-minibatches", "2",
         "--eval-samples-per-prompt", "1", "--num-steps", "3"]
@@ -179,7 +176,7 @@ def _run(tmp_path, *extra, name="run", env=ENV):
                                        "each process must hold whole pairs"),
     (["--churn", "0"], "1", "error: --churn 0.0 must be > 0 (0 gives identical branches and no finite difference)"),
 ])
-def test_bad_arguments_fail_before_loading(flags, world, line):
+def test_bad_flags_fail_before_loading(flags, world, line):
     code, err = check_flags("fdfo", flags, int(world))
     assert code != 0 and err == [line]
 
@@ -204,7 +201,7 @@ def test_resume_continues(tmp_path):
 
 
 def test_smoke_tiny_sd3(tmp_path):
-    from tiny_sd3 import build_tiny_sd3
+    from tests.helpers.tiny_sd3 import build_tiny_sd3
 
     path = build_tiny_sd3(tmp_path / "sd3")
     out_dir, summary = _run(tmp_path, "--model", str(path), "--resolution", "32", "--lora-rank", "4",

@@ -12,23 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
+import flow_grpo
+from common import models, rewards, sampling
+from common.world.model import build_embedded
+from tests.helpers.cli_check import check_flags
+from tests.helpers.embedded import random_inputs, tiny_transformer
+from tests.helpers.run_logs import first_iteration, scalars
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import flow_grpo  # noqa: E402
-from cli_check import check_flags  # noqa: E402
-from common import models, rewards, sampling  # noqa: E402
-from run_logs import first_iteration, scalars  # noqa: E402
-from test_common import _inputs, _tiny_transformer  # noqa: E402
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["--threads", "1", "--num-iterations", "2", "--prompts-per-iter", "2", "--group-size", "2",
         "--train-batch-size", "2", "--num-minibatches", "2", "--eval-samples-per-prompt", "1", "--num-steps", "4",
         "--timestep-fraction", "0.5"]
 
 
-def run(args, tmp_path, name="run", timeout=600):
+def _run(args, tmp_path, name="run", timeout=600):
     out = subprocess.run([sys.executable, "flow_grpo.py", *args, "--output-dir", str(tmp_path / name)],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -98,7 +96,7 @@ def test_kl_matches_hand_computation():
 
 def _tiny(seed=0):
     torch.manual_seed(seed)
-    t, _ = models.build_embedded()
+    t, _ = build_embedded()
     g = torch.Generator().manual_seed(seed)
     return t.eval(), torch.randn(3, 3, 32, 32, generator=g), torch.randn(3, 10, 64, generator=g), torch.randn(3, 64, generator=g)
 
@@ -222,7 +220,7 @@ def test_bad_flags_fail_before_loading(flags, message):
 
 
 def test_smoke_embedded_with_kl_and_resume(tmp_path):
-    s = run([*TINY, "--beta", "0.04", "--checkpoint-every", "1"], tmp_path)
+    s = _run([*TINY, "--beta", "0.04", "--checkpoint-every", "1"], tmp_path)
     assert {"base", "final", "wall_time_s", "reward_queries"} <= set(s)
     assert s["reward_queries"] == 2 * 4 and s["skipped_updates"] == 0
     for k in ("reward_mean", "strict_accuracy", "accuracy"):
@@ -230,19 +228,19 @@ def test_smoke_embedded_with_kl_and_resume(tmp_path):
     assert (tmp_path / "run" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     # resuming a finished 2-iteration run for 3 iterations continues the counters
-    s3 = run([*TINY, "--beta", "0.04", "--num-iterations", "3", "--resume", str(tmp_path / "run")], tmp_path)
+    s3 = _run([*TINY, "--beta", "0.04", "--num-iterations", "3", "--resume", str(tmp_path / "run")], tmp_path)
     assert s3["reward_queries"] == 3 * 4 and s3["base"] == s["base"]
 
 
 def test_smoke_tiny_sd3_lora_cfg(tmp_path):
-    from tiny_sd3 import build_tiny_sd3
+    from tests.helpers.tiny_sd3 import build_tiny_sd3
 
     path = build_tiny_sd3(tmp_path / "sd3")
-    s = run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4", "--guidance-scale", "2.0",
+    s = _run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4", "--guidance-scale", "2.0",
              "--global-std", "--timestep-sampling", "first", "--beta", "0.01", "--no-ema"], tmp_path)
     assert {"base", "final", "wall_time_s", "reward_queries"} <= set(s)
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    s = run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4"], tmp_path, "ema")
+    s = _run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4"], tmp_path, "ema")
     assert (tmp_path / "ema" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -251,7 +249,7 @@ def test_one_iteration_loss_is_the_mean_over_micro_batches_and_steps(tmp_path):
     steps, accumulated) must be that of ONE mean of the clipped objective over its 4 (image, step) items."""
     flags = [*TINY, "--lr", "0", "--num-iterations", "1", "--reward", "jpeg_compressibility", "--no-save-model"]
     flags[flags.index("--train-batch-size") + 1] = "1"
-    run(flags, tmp_path)
+    _run(flags, tmp_path)
     logged = scalars(tmp_path / "run", "losses/grad_norm")[1]
 
     torch.set_num_threads(1)
@@ -280,15 +278,15 @@ def test_one_iteration_loss_is_the_mean_over_micro_batches_and_steps(tmp_path):
 
 # ----------------------------------------------------------------------------------- learning
 @pytest.mark.slow
-def test_learning_beats_lr0(tmp_path):
+def test_learning_beats_lr_zero(tmp_path):
     """`python flow_grpo.py` (100 default iterations, one thread, evaluated every 25 as in the benchmark) must raise
     held-out strict accuracy and partial credit over the identical run with --lr 0 (whose weights never move: its
     final evaluation is the base's on the same noise, asserted). Measured on the v2 base with exactly this command
     (benchmark_defaults.md, seed 0): partial 0.353 -> 0.407, strict 0.270 -> 0.328; seeds 1 / 2 gained +0.023 /
     +0.047 strict. One thread, because the thread count changes float rounding and with it the trajectory."""
     flags = ["--threads", "1", "--eval-every", "25", "--checkpoint-every", "1000", "--no-save-model"]
-    learned = run(flags, tmp_path, "learn", timeout=2400)
-    control = run([*flags, "--num-iterations", "1", "--lr", "0"], tmp_path, "lr0", timeout=1800)
+    learned = _run(flags, tmp_path, "learn", timeout=2400)
+    control = _run([*flags, "--num-iterations", "1", "--lr", "0"], tmp_path, "lr0", timeout=1800)
     assert control["base"]["reward_mean"] == learned["base"]["reward_mean"]
     assert control["final"]["reward_mean"] == pytest.approx(control["base"]["reward_mean"], abs=1e-6)  # EMA rounding
     assert learned["final"]["strict_accuracy"] > control["final"]["strict_accuracy"] + 0.03, (learned["final"], control["final"])
@@ -317,8 +315,8 @@ def test_sde_logprob_matches_gaussian_density():
 
 
 def test_on_policy_logprob_recomputation_ratio_is_one():
-    transformer = _tiny_transformer()
-    latents, pe, pooled = _inputs()
+    transformer = tiny_transformer()
+    latents, pe, pooled = random_inputs()
     sigmas = torch.linspace(1, 0, 5)
     out = flow_grpo.sde_sample(transformer, pe, pooled, sigmas, latents, noise_level=0.7,
                           generator=torch.Generator().manual_seed(0))
@@ -334,8 +332,8 @@ def test_on_policy_logprob_recomputation_ratio_is_one():
 def test_per_sample_generators_make_sde_rollouts_independent_of_batch_split():
     """With one generator per sample, a batch of 3 equals a batch of 2 plus a batch of 1 (micro-batches, ranks);
     different seeds give different rollouts."""
-    transformer = _tiny_transformer()
-    latents, pe, pooled = _inputs()
+    transformer = tiny_transformer()
+    latents, pe, pooled = random_inputs()
     sigmas = torch.linspace(1, 0, 5)
 
     def run(idx, seeds=(11, 12, 13)):

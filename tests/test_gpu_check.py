@@ -3,19 +3,16 @@ memory estimate (benchmark/gpu_memory.py): the autocast emulation the estimate t
 plan of runs, the reading of TensorBoard scalars and of the docs table."""
 
 import contextlib
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmark"))
+import gpu_check
+import gpu_memory
+from common import models
 
-import gpu_check  # noqa: E402
-import gpu_memory  # noqa: E402
-from common import models  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_transformer(autocast):

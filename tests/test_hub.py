@@ -13,11 +13,10 @@ import pytest
 import tyro
 from huggingface_hub.utils import filter_repo_objects
 
+from common import utils
+from common.tools import hub as hub_tools
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from common import utils  # noqa: E402
-
 METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 SD35 = "stabilityai/stable-diffusion-3.5-medium"
 
@@ -74,7 +73,7 @@ def test_upload_pushes_the_lora_summary_and_a_model_card(tmp_path, monkeypatch):
     write_summary(d, args)
     monkeypatch.setattr(sys, "argv", ["flow_grpo.py", "--model", SD35, "--reward", "pickscore", "--upload-model"])
     hub = FakeHub()
-    repo = utils.upload_to_hub(d, args, api=hub)
+    repo = hub_tools.upload_to_hub(d, args, api=hub)
     assert repo == "alice/stable-diffusion-3.5-medium-flow_grpo-seed0"
     assert hub.calls == ["whoami", ("create_repo", repo, True), ("upload_folder", repo)]
     # the run's weights, summary, grid and card; never the optimizer checkpoint or the event files
@@ -100,7 +99,7 @@ def test_upload_full_fine_tune_entity_and_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["acflow.py", "--upload-model"])
     monkeypatch.setenv("WORLD_SIZE", "2")  # the card's command is the torchrun one
     hub = FakeHub(user=None)  # --hf-entity given: whoami must not be needed
-    assert utils.upload_to_hub(d, args, api=hub) == "my-org/shapes-acflow-seed3"
+    assert hub_tools.upload_to_hub(d, args, api=hub) == "my-org/shapes-acflow-seed3"
     assert set(hub.pushed) == {"transformer/config.json", "summary.json", "samples.png", "README.md"}
     card = hub.pushed["README.md"].decode()
     assert "base_model:" not in card and "- lora\n" not in card and "torchrun --nproc_per_node 2 acflow.py" in card
@@ -108,10 +107,10 @@ def test_upload_full_fine_tune_entity_and_failure(tmp_path, monkeypatch):
     # a failing hub ends the script with one line that says the run itself is complete
     with pytest.raises(SystemExit, match=r"--upload-model failed \(ConnectionError: no route\); the run itself is "
                                          r"complete in .*run"):
-        utils.upload_to_hub(d, args, api=FakeHub(user=None, fail="no route"))
+        hub_tools.upload_to_hub(d, args, api=FakeHub(user=None, fail="no route"))
     # without --upload-model nothing happens
     quiet = FakeHub()
-    assert utils.upload_to_hub(d, tyro.cli(mod.Args, args=[]), api=quiet) is None and quiet.calls == []
+    assert hub_tools.upload_to_hub(d, tyro.cli(mod.Args, args=[]), api=quiet) is None and quiet.calls == []
 
 
 def test_upload_checks_before_any_model_loads(monkeypatch, capsys):
@@ -121,7 +120,7 @@ def test_upload_checks_before_any_model_loads(monkeypatch, capsys):
 
     def check(*argv):
         with pytest.raises(SystemExit) as e:
-            utils.check_upload(tyro.cli(mod.Args, args=["--upload-model", *argv]))
+            hub_tools.check_upload(tyro.cli(mod.Args, args=["--upload-model", *argv]))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1, err
         return err[0]
@@ -134,7 +133,7 @@ def test_upload_checks_before_any_model_loads(monkeypatch, capsys):
     assert "needs a Hugging Face token with write access" in check()
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
     assert "'bad--org/shapes-fdfo-seed0' is not a valid Hugging Face repo id" in check("--hf-entity", "bad--org")
-    utils.check_upload(tyro.cli(mod.Args, args=["--upload-model", "--hf-entity", "my-org"]))  # passes
+    hub_tools.check_upload(tyro.cli(mod.Args, args=["--upload-model", "--hf-entity", "my-org"]))  # passes
 
 
 def test_wandb_entity_reaches_wandb_init(tmp_path, monkeypatch):
@@ -152,7 +151,7 @@ def test_every_script_has_the_flags(method):
     assert (args.upload_model, args.hf_entity, args.wandb_entity) == (False, None, None)
     src = (ROOT / f"{method}.py").read_text()
     assert src.count("r.finish(") == 1  # the run's end (common/run.py), which uploads under --upload-model
-    assert (ROOT / "common" / "run.py").read_text().count("upload_to_hub(self.dir, a)") == 1
+    assert (ROOT / "common" / "run.py").read_text().count("hub.upload_to_hub(self.dir, a)") == 1
 
 
 def test_a_real_run_ends_by_uploading(tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m common.prompts` (issue 19 item 1), offline: builds every prompt set from small source files written
+"""`python -m common.tools.prompts` (issue 19 item 1), offline: builds every prompt set from small source files written
 here in the sources' own formats, from a folder (--source-dir) and over HTTP from a local server (the download
 path); the files it writes are what --prompts-file reads, with their metadata reaching the reward; every method
 page's SD3.5-M command names files it builds."""
@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import models, rewards, utils
+from common.evaluate import evaluate_model, save_geneval_layout
+from common.tools import prompts
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from common import models, prompts, rewards, utils  # noqa: E402
-from common.evaluate import evaluate_model, save_geneval_layout  # noqa: E402
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 
@@ -76,7 +75,7 @@ def read_jsonl(path):
 
 
 def run_cli(*argv):
-    return subprocess.run([sys.executable, "-m", "common.prompts", *argv], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "common.tools.prompts", *argv], capture_output=True, text=True, cwd=ROOT,
                           env=ENV, timeout=300)
 
 
@@ -174,7 +173,7 @@ def test_built_files_feed_the_scripts_with_their_metadata(source_dir, tmp_path):
 
 
 def test_method_pages_sd35_commands_use_buildable_prompt_files():
-    """Every method page's SD3.5-M command names prompts/<set>_<split>.jsonl files `python -m common.prompts`
+    """Every method page's SD3.5-M command names prompts/<set>_<split>.jsonl files `python -m common.tools.prompts`
     builds, and the page says how to build them."""
     buildable = {f"prompts/{name}_{split}.jsonl" for name, splits in prompts.SOURCES.items() for split in splits}
     for m in METHODS:
@@ -185,5 +184,5 @@ def test_method_pages_sd35_commands_use_buildable_prompt_files():
         files = {argv[i + 1] for i, a in enumerate(argv) if a in ("--prompts-file", "--eval-prompts-file")}
         assert files and files <= buildable, (m, files)
         sets = {re.match(r"prompts/(.+)_(train|test)\.jsonl", f).group(1) for f in files}
-        build = re.search(r"python -m common\.prompts --sets ([\w,]+)", text)
+        build = re.search(r"python -m common\.tools\.prompts --sets ([\w,]+)", text)
         assert build and sets <= set(build.group(1).split(",")), (m, sets)

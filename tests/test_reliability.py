@@ -18,14 +18,10 @@ import torch
 import tyro
 from safetensors.torch import load_file
 
+from common import rewards, utils
+from tests.helpers.cli_check import check_flags
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cli_check import check_flags  # noqa: E402
-from common import rewards, utils  # noqa: E402
-
 METHODS = [m for m in ("advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo") if (ROOT / f"{m}.py").is_file()]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # per method: the batch flags of a tiny run (fdfo needs pairs), and one method option with a bad value
@@ -215,8 +211,8 @@ EVAL_BAD_INPUTS = [
 
 @pytest.mark.parametrize("argv,expected", EVAL_BAD_INPUTS, ids=[c[1][:30] for c in EVAL_BAD_INPUTS])
 def test_evaluate_bad_input_one_clear_line(argv, expected, tmp_path, capsys):
-    """`python -m common.evaluate`: the same classes of bad input, one line before any model loads."""
-    from common import evaluate
+    """`python -m common.tools.evaluate`: the same classes of bad input, one line before any model loads."""
+    from common.tools import evaluate
 
     (tmp_path / "EMPTY_DIR").mkdir()
     argv = [str(tmp_path / a) if a == "EMPTY_DIR" else a for a in _placeholders(argv, tmp_path)]
@@ -228,7 +224,7 @@ def test_evaluate_bad_input_one_clear_line(argv, expected, tmp_path, capsys):
 
 def test_evaluate_takes_fp16():
     """Evaluation has no gradients to underflow: fp16 is allowed there (training refuses it)."""
-    from common import evaluate
+    from common.tools import evaluate
 
     captions, _ = evaluate.check_args(utils.parse_args(evaluate.Args, ["--mixed-precision", "fp16"]))
     assert len(captions) == 32
@@ -378,7 +374,7 @@ def test_torchrun_two_processes_match_one(method, tmp_path):
     assert abs(a["reward_mean"] - b["reward_mean"]) <= 0.05, (a, b)
     # and the trained weights agree: their distance is < 1% of how far training moved them from the base
     # (measured 1e-4 .. 4e-4 of it; a script drawing other noise per rank lands at ~1x)
-    base = load_file(ROOT / "common/assets/embedded/transformer.safetensors")
+    base = load_file(ROOT / "common/world/assets/transformer.safetensors")
     w1, w2 = (load_file(tmp_path / d / "transformer/diffusion_pytorch_model.safetensors") for d in ("one", "two"))
     dist = sum(((w1[k].float() - w2[k].float()) ** 2).sum() for k in w1).sqrt()
     moved = sum(((w1[k].float() - base[k].float()) ** 2).sum() for k in w1).sqrt()

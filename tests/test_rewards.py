@@ -1,6 +1,6 @@
-"""common/rewards.py: registry and spec errors, weighted sums, the embedded rewards, the real transformers rewards
-(PickScore, CLIPScore, HPSv2, aesthetic, ImageReward, OCR, VLM yes/no) on tiny random models built offline by
-tests/tiny_rewards.py - HPSv2 and ImageReward checked against forwards written here from the original layouts -, and
+"""common/rewards.py: registry and spec errors, weighted sums, the embedded rewards; common/reward_models/: the real
+transformers rewards (PickScore, CLIPScore, HPSv2, aesthetic, ImageReward, OCR, VLM yes/no) on tiny random models built offline by
+tests/helpers/tiny_rewards.py - HPSv2 and ImageReward checked against forwards written here from the original layouts -, and
 `remote:<url>` against a fake reward server on 127.0.0.1."""
 
 import http.server
@@ -21,11 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny_rewards  # noqa: E402
-from common import rewards, shapes  # noqa: E402
+from common import reward_models, rewards
+from common.world import shapes
+from tests.helpers import tiny_rewards
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 PROMPTS = ["a red circle", "two blue squares", "a triangle left of a circle", "three circles",
@@ -103,9 +101,9 @@ def test_reward_paths(tmp_path):
     (["--reward", "aesthetic"], "reward 'aesthetic' needs its MLP head"),
     (["--reward", "remote:localhost:1"], "needs the http(s) URL of a reward server")])
 def test_bad_reward_flags_one_line_before_loading(argv, expected, capsys):
-    """Method scripts (all five: test_reliability) and common.evaluate: one line, exit 2, no model loaded."""
-    import cli_check
-    from common import evaluate
+    """Method scripts (all five: test_reliability) and common.tools.evaluate: one line, exit 2, no model loaded."""
+    from tests.helpers import cli_check
+    from common.tools import evaluate
 
     code, err = cli_check.check_flags("flow_grpo", argv)
     assert code == 2 and len(err) == 1 and expected in err[0], err
@@ -169,8 +167,8 @@ def check_reward(fn, n=5):
 
 
 def test_pickscore_and_clipscore(clip_dir):
-    pick = rewards.PickScore("cpu", model_path=clip_dir, processor_path=clip_dir)
-    clip = rewards.CLIPScore("cpu", model_path=clip_dir, processor_path=clip_dir)
+    pick = reward_models.PickScore("cpu", model_path=clip_dir, processor_path=clip_dir)
+    clip = reward_models.CLIPScore("cpu", model_path=clip_dir, processor_path=clip_dir)
     p, c = check_reward(pick), check_reward(clip)
     assert (c.abs() <= 1 + 1e-5).all()  # a cosine
     torch.testing.assert_close(p, c * pick.model.logit_scale.exp().item())  # PickScore = exp(logit_scale) * cos
@@ -181,7 +179,7 @@ def test_pickscore_and_clipscore(clip_dir):
 
 
 def test_vlm_yes_no_llava(llava_dir):
-    vlm = rewards.VLMYesNo("cpu", model_path=llava_dir)
+    vlm = reward_models.VLMYesNo("cpu", model_path=llava_dir)
     r = check_reward(vlm)
     assert ((r >= 0) & (r <= 100)).all()
     # reward = 100 * sigmoid(logit_Yes - logit_No) of the next token after the chat template's assistant turn
@@ -201,7 +199,7 @@ def test_vlm_yes_no_llava(llava_dir):
 
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="transformers' Qwen2.5-VL processor needs torchvision")
 def test_vlm_yes_no_qwen(qwen_dir):
-    vlm = rewards.VLMYesNo("cpu", model_path=qwen_dir)
+    vlm = reward_models.VLMYesNo("cpu", model_path=qwen_dir)
     r = check_reward(vlm)
     assert ((r >= 0) & (r <= 100)).all()
 
@@ -212,7 +210,7 @@ def test_vlm_qwen_without_torchvision_says_why(qwen_dir):
 
     assert type(AutoModelForImageTextToText.from_pretrained(qwen_dir)).__name__ == "Qwen2_5_VLForConditionalGeneration"
     with pytest.raises(ImportError, match="(?i)torchvision"):
-        rewards.VLMYesNo("cpu", model_path=qwen_dir)
+        reward_models.VLMYesNo("cpu", model_path=qwen_dir)
 
 
 def test_build_reward_with_paths(clip_dir, llava_dir):
@@ -222,7 +220,7 @@ def test_build_reward_with_paths(clip_dir, llava_dir):
     total, parts = fn(x, prompts, [shapes.parse_caption(p) for p in prompts])
     assert set(parts) == {"pickscore", "vlm", "shapes"} and all(v.shape == (3,) for v in parts.values())
     torch.testing.assert_close(total, parts["pickscore"] + 0.1 * parts["vlm"] + parts["shapes"])
-    torch.testing.assert_close(parts["pickscore"], rewards.PickScore("cpu", clip_dir, clip_dir)(x, prompts))
+    torch.testing.assert_close(parts["pickscore"], reward_models.PickScore("cpu", clip_dir, clip_dir)(x, prompts))
 
 
 # ----------------------------------------------------------------------------------- HPSv2, aesthetic, ImageReward
@@ -316,7 +314,7 @@ def gelu_clip_dir(tmp_path_factory):
 
 def test_hpsv2_openclip_checkpoint_converted(gelu_clip_dir, tmp_path):
     ckpt = tiny_rewards.build_tiny_hps(tmp_path, gelu_clip_dir)
-    hps = rewards.HPSv2("cpu", str(ckpt), gelu_clip_dir)
+    hps = reward_models.HPSv2("cpu", str(ckpt), gelu_clip_dir)
     r = check_reward(hps)
     assert (r.abs() <= 1 + 1e-5).all()  # a cosine
     x, prompts = images(3), PROMPTS[:3]
@@ -331,42 +329,42 @@ def test_hpsv2_openclip_checkpoint_converted(gelu_clip_dir, tmp_path):
     ckpt.rename(tmp_path / "hub" / "HPS_v2.1_compressed.pt")
     hps.model.save_pretrained(str(tmp_path / "converted"))
     for path in ("hub", "converted"):
-        torch.testing.assert_close(rewards.HPSv2("cpu", str(tmp_path / path), gelu_clip_dir)(x, prompts), ref,
+        torch.testing.assert_close(reward_models.HPSv2("cpu", str(tmp_path / path), gelu_clip_dir)(x, prompts), ref,
                                    atol=1e-5, rtol=1e-5)
     # an OpenCLIP key that has no place in CLIPModel (e.g. a layer scale) is an error, not silently dropped
     with pytest.raises(ValueError, match="no place in a transformers CLIPModel.*ls_1.gamma"):
-        rewards.openclip_to_transformers({**sd, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(32)})
+        reward_models.openclip_to_transformers({**sd, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(32)})
 
 
 def test_aesthetic_is_the_head_on_the_normalised_clip_embedding(clip_dir, tmp_path):
     head = tiny_rewards.AestheticHead(16).eval()  # the tiny CLIP's embeddings are 16-d (ViT-L/14: 768)
     torch.save(head.state_dict(), tmp_path / "head.pth")
-    fn = rewards.Aesthetic("cpu", str(tmp_path / "head.pth"), clip_dir)
+    fn = reward_models.Aesthetic("cpu", str(tmp_path / "head.pth"), clip_dir)
     r = check_reward(fn)
     x = images(5)
     pix = fn.processor(images=list(rewards.to_uint8(x)), return_tensors="pt")["pixel_values"]
-    emb = rewards._features(fn.model.get_image_features(pixel_values=pix))
+    emb = reward_models.clip._features(fn.model.get_image_features(pixel_values=pix))
     with torch.no_grad():
         torch.testing.assert_close(r, head(emb / emb.norm(dim=-1, keepdim=True)).squeeze(-1))
     assert r.diff().abs().max() > 1e-4  # depends on the image
     with pytest.raises(ValueError, match="needs its MLP head"):
-        rewards.Aesthetic("cpu", None, clip_dir)
+        reward_models.Aesthetic("cpu", None, clip_dir)
     torch.save({"weight": torch.ones(2)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="not an MLP head"):
-        rewards.Aesthetic("cpu", str(tmp_path / "bad.pth"), clip_dir)
+        reward_models.Aesthetic("cpu", str(tmp_path / "bad.pth"), clip_dir)
 
 
 def test_pil_pixels_resize_crop_normalise():
     x = torch.zeros(2, 3, 40, 60)
     x[:, 0] = 1.0  # pure red
-    pix = rewards._pil_pixels(x, 32)
+    pix = reward_models.imagereward._pil_pixels(x, 32)
     assert pix.shape == (2, 3, 32, 32)
     torch.testing.assert_close(pix[:, :, 5, 5], torch.tensor([(1 - 0.48145466) / 0.26862954,
                                                               -0.4578275 / 0.26130258, -0.40821073 / 0.27577711]
                                                              ).expand(2, 3))
     x = torch.zeros(1, 3, 64, 128)
     x[..., 64:] = 1.0  # left half black, right half white: the centre crop of the 32x64 resize keeps columns 16-47
-    col = rewards._pil_pixels(x, 32)[0, 0, 16]
+    col = reward_models.imagereward._pil_pixels(x, 32)[0, 0, 16]
     assert (col[:14] < 0).all() and (col[18:] > 0).all()
 
 
@@ -376,13 +374,13 @@ def imagereward_dir(tmp_path_factory):
 
 
 def test_imagereward_matches_blip_reference(imagereward_dir):
-    fn = rewards.ImageReward("cpu", imagereward_dir, imagereward_dir)
+    fn = reward_models.ImageReward("cpu", imagereward_dir, imagereward_dir)
     r = check_reward(fn)
     x, prompts = images(3), PROMPTS[:3]
     sd = torch.load(Path(imagereward_dir) / "ImageReward.pt", weights_only=True)
     tok = fn.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     assert (tok["input_ids"][:, 0] == fn.tokenizer.cls_token_id).all() and tok["input_ids"].shape == (3, 35)
-    ref = imagereward_reference(sd, rewards._pil_pixels(x, 32), tok["input_ids"], tok["attention_mask"], heads=2)
+    ref = imagereward_reference(sd, reward_models.imagereward._pil_pixels(x, 32), tok["input_ids"], tok["attention_mask"], heads=2)
     torch.testing.assert_close(r[:3], ref, atol=1e-4, rtol=1e-4)
     assert fn.vision.config.num_attention_heads == fn.text.config.num_attention_heads == 2  # 128 / 64
     xs = images(1).expand(2, -1, -1, -1)
@@ -393,20 +391,20 @@ def test_imagereward_matches_blip_reference(imagereward_dir):
 def test_edit_distance_by_hand():
     for a, b, d in [("", "", 0), ("", "abc", 3), ("abc", "", 3), ("abc", "abc", 0), ("kitten", "sitting", 3),
                     ("flaw", "lawn", 2), ("intention", "execution", 5), ("ab", "ba", 2), ("a", "b", 1)]:
-        assert rewards.edit_distance(a, b) == rewards.edit_distance(b, a) == d, (a, b)
+        assert reward_models.edit_distance(a, b) == reward_models.edit_distance(b, a) == d, (a, b)
 
 
 def test_ocr_reward_by_hand():
-    assert rewards.ocr_target('A neon sign that says "Hello World" at night') == "Hello World"
-    assert rewards.ocr_target('a "x" and "y"') == "x"  # the first quoted span, as Flow-GRPO
-    assert rewards.ocr_target("no quotes", {"text": "OPEN 24h"}) == "OPEN 24h"  # a prompts file's "text" first
+    assert reward_models.ocr_target('A neon sign that says "Hello World" at night') == "Hello World"
+    assert reward_models.ocr_target('a "x" and "y"') == "x"  # the first quoted span, as Flow-GRPO
+    assert reward_models.ocr_target("no quotes", {"text": "OPEN 24h"}) == "OPEN 24h"  # a prompts file's "text" first
     with pytest.raises(ValueError, match="double quotes"):
-        rewards.ocr_target("a sign without quotes")
+        reward_models.ocr_target("a sign without quotes")
     target = "Hello World"  # compared as "helloworld", 10 characters
     for recognised, reward in [("hello world", 1.0), ("HELLOWORLD", 1.0), ("xx Hello World!! yy", 1.0),  # contained
                                ("hello wrld", 0.9), ("helo wrld", 0.8), ("jello world", 0.9), ("", 0.0),
                                ("completely unrelated text", 0.0)]:  # distance capped at 10
-        assert rewards.ocr_reward(recognised, target) == pytest.approx(reward), recognised
+        assert reward_models.ocr_reward(recognised, target) == pytest.approx(reward), recognised
 
 
 @pytest.fixture(scope="module")
@@ -415,14 +413,14 @@ def trocr_dir(tmp_path_factory):
 
 
 def test_ocr_reward_from_the_recogniser(trocr_dir):
-    fn = rewards.OCR("cpu", trocr_dir)
+    fn = reward_models.OCR("cpu", trocr_dir)
     x = images(3)
     prompts = ['a sign saying "OPEN"', 'a mug with "Hi Mom" on it', 'graffiti reading "cleanflow 2"']
     pix = fn.processor(images=list(rewards.to_uint8(x)), return_tensors="pt")["pixel_values"]
     texts = fn.processor.batch_decode(fn.model.generate(pix, do_sample=False, num_beams=1, max_new_tokens=48),
                                       skip_special_tokens=True)
     assert fn.recognise(x) == texts
-    torch.testing.assert_close(fn(x, prompts), torch.tensor([rewards.ocr_reward(t, g) for t, g in
+    torch.testing.assert_close(fn(x, prompts), torch.tensor([reward_models.ocr_reward(t, g) for t, g in
                                                              zip(texts, ["OPEN", "Hi Mom", "cleanflow 2"])]))
     fn.recognise = lambda imgs: ["0PEN", "hi mom", "cleanflow"]  # known readings -> hand values
     torch.testing.assert_close(fn(x, prompts), torch.tensor([0.75, 1.0, 0.9]))
@@ -495,7 +493,7 @@ def test_remote_reward_returns_what_the_server_computed(server):
 def test_remote_reward_outputs_key_and_one_retry():
     s = FakeRewardServer(key="outputs", fail_first=1)  # DeQA / UnifiedReward answer "outputs"
     try:
-        r = rewards.RemoteReward(s.url)(images(3), PROMPTS[:3])
+        r = reward_models.RemoteReward(s.url)(images(3), PROMPTS[:3])
         assert len(s.requests) == 2  # the failed request and its one retry
         torch.testing.assert_close(r, torch.tensor(s.scores))
     finally:
@@ -503,7 +501,7 @@ def test_remote_reward_outputs_key_and_one_retry():
     s = FakeRewardServer(fail_first=10)
     try:
         with pytest.raises(ConnectionError, match=rf"reward server {s.url} answered HTTP 500: KeyError: 'tag' \(2 tries"):
-            rewards.RemoteReward(s.url)(images(1), PROMPTS[:1])
+            reward_models.RemoteReward(s.url)(images(1), PROMPTS[:1])
         assert len(s.requests) == 2  # retried at most once
     finally:
         s.close()
@@ -512,7 +510,7 @@ def test_remote_reward_outputs_key_and_one_retry():
 def test_remote_reward_timeout():
     s = FakeRewardServer(delay=1.5)
     try:
-        fn = rewards.RemoteReward(s.url, timeout=0.3)
+        fn = reward_models.RemoteReward(s.url, timeout=0.3)
         t0 = time.time()
         with pytest.raises(ConnectionError, match=rf"reward server {s.url} is down or unreachable: .*timed out"):
             fn(images(1), PROMPTS[:1])
@@ -541,7 +539,7 @@ def test_remote_reward_server_down():
 def test_remote_reward_bad_answer(server):
     server.key = "something_else"
     with pytest.raises(ValueError, match=rf"{server.url} answered dict \['rewards', 'something_else'\]; expected"):
-        rewards.RemoteReward(server.url)(images(2), PROMPTS[:2])
+        reward_models.RemoteReward(server.url)(images(2), PROMPTS[:2])
 
 
 # ----------------------------------------------------------------------------------- --reward-paths end to end
@@ -579,7 +577,7 @@ def aesthetic_paths(clip_dir, tmp_path_factory):
                                     for m in TINY])
 def test_method_script_takes_reward_paths(method, aesthetic_paths, tmp_path):
     """`--reward-paths` reaches build_reward in every script: one iteration with the aesthetic reward logs it."""
-    from run_logs import scalars
+    from tests.helpers.run_logs import scalars
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, f"{method}.py", *TINY[method], "--reward", "shapes,aesthetic=0.1",
@@ -590,7 +588,7 @@ def test_method_script_takes_reward_paths(method, aesthetic_paths, tmp_path):
 
 
 def test_evaluate_takes_reward_paths(aesthetic_paths, tmp_path):
-    from common import evaluate
+    from common.tools import evaluate
 
     (tmp_path / "p.txt").write_text("a red circle\ntwo blue squares\n")
     evaluate.main(evaluate.Args(prompts_file=str(tmp_path / "p.txt"), samples_per_prompt=1, num_steps=2,

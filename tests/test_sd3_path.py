@@ -20,19 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import models, rewards
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from common import models, rewards  # noqa: E402
-
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tiny_sd3 import build_tiny_sd3
+    from tests.helpers.tiny_sd3 import build_tiny_sd3
 
     d = tmp_path_factory.mktemp("sd3")
     (d / "prompts.txt").write_text("a red cat\na blue dog on a bench\na green bird\na yellow car\n")
@@ -134,7 +131,7 @@ def test_documented_commands_are_all_covered():
 # ----------------------------------------------------------------------------------- precision plumbing (unit)
 @pytest.fixture(scope="module")
 def tiny_no_t5(tmp_path_factory):
-    from tiny_sd3 import build_tiny_sd3
+    from tests.helpers.tiny_sd3 import build_tiny_sd3
 
     return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "sd3")
 
@@ -190,7 +187,7 @@ def test_decode_in_chunks(tiny_no_t5):
 
 
 def test_mixed_precision_choices_fail_before_loading():
-    from cli_check import check_flags
+    from tests.helpers.cli_check import check_flags
 
     code, err = check_flags("fdfo", ["--mixed-precision", "fp8"])
     assert code == 2 and "--mixed-precision" in err[-1] and "bf16" in err[-1]
@@ -206,7 +203,7 @@ def test_mixed_precision_choices_fail_before_loading():
 def test_reward_models_load_in_the_requested_dtype(tmp_path):
     """Reward models load in the dtype asked for (the scripts' --reward-dtype: fp32 by default, bf16 / fp16 to save
     memory, ~33 GB in fp32 for the 7B VLM), scoring in chunks of batch_size."""
-    import tiny_rewards
+    from tests.helpers import tiny_rewards
 
     clip = str(tiny_rewards.build_tiny_clip(tmp_path / "clip"))
     fn = rewards.build_reward("pickscore", "cpu", paths={"pickscore": f"{clip}|{clip}"}, dtype=torch.bfloat16, batch_size=2)
@@ -293,13 +290,13 @@ def test_evaluation_returns_the_picked_samples(tiny_no_t5):
 
 @pytest.mark.slow
 def test_sharded_evaluation_matches_one_process(tiny, tmp_path):
-    """`torchrun --nproc_per_node 2 -m common.evaluate`: each rank generates its slice of the prompts (5 prompts:
+    """`torchrun --nproc_per_node 2 -m common.tools.evaluate`: each rank generates its slice of the prompts (5 prompts:
     3 + 2) on the noise one process would use; the gathered metrics equal the one-process ones, and the GenEval
     layout holds every prompt. Before issue 17, evaluation ran on rank 0 while the other ranks waited."""
     model, _ = tiny
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue dog\na green bird\na yellow car\na white house\n")
-    common = ["-m", "common.evaluate", "--model", str(model), "--resolution", "32", "--use-t5", "--prompts-file",
+    common = ["-m", "common.tools.evaluate", "--model", str(model), "--resolution", "32", "--use-t5", "--prompts-file",
               str(prompts), "--reward", "jpeg_compressibility", "--samples-per-prompt", "2", "--num-steps", "2",
               "--mixed-precision", "bf16", "--batch-size", "3"]
     for name, launcher in (("one", [sys.executable]),
@@ -322,7 +319,6 @@ def test_documented_sd35_commands_fit_80gb():
     there, must fit an 80 GB GPU under the margin rule of docs/gpu.md (`gpu_memory.fits`: 1.15 x the allocated peak
     for fragmentation + 1 GiB CUDA context < 78 GiB usable); and the traced VAE decode must be the ~0.75 GiB per
     512-px image the issue measured (the tracer counts what it should)."""
-    sys.path.insert(0, str(ROOT / "benchmark"))
     import gpu_memory
 
     sd = gpu_memory.SD35M()

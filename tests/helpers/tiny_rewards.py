@@ -1,5 +1,5 @@
 """Tiny random reward models built in code (no download): offline stand-ins for the real reward models in
-common/rewards.py. Same classes and loading code path (save_pretrained -> from_pretrained, torch.save -> the
+common/reward_models/. Same classes and loading code path (save_pretrained -> from_pretrained, torch.save -> the
 converters), toy sizes.
 
     build_tiny_clip(dir)   -> CLIPModel + CLIPProcessor     (PickScore(dev, dir, dir), CLIPScore(dev, dir, dir))

@@ -1,8 +1,8 @@
 """Pretrain the embedded base model: rectified flow on procedurally rendered shapes scenes.
 
-    python -m common.pretrain --max-steps 7000           # writes common/assets/embedded/
-    python -m common.pretrain --max-steps 7000           # run again: resumes from runs/pretrain/checkpoint.pt
-    python -m common.pretrain --init-from common/assets/embedded --max-steps 6000 --log-dir runs/pretrain_2
+    python -m common.world.pretrain --max-steps 7000     # writes common/world/assets/
+    python -m common.world.pretrain --max-steps 7000     # run again: resumes from runs/pretrain/checkpoint.pt
+    python -m common.world.pretrain --init-from common/world/assets --max-steps 6000 --log-dir runs/pretrain_2
                                                          # a second phase, warm-started from the committed base
 
 Only the *train* split's prompts are rendered, so the test split's compositions stay unseen.
@@ -28,16 +28,16 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common import models, shapes
+from common.world import model as world_model, shapes
 
 
 @dataclass
 class Args:
-    output_dir: str = str(models.ASSETS)
+    output_dir: str = str(world_model.ASSETS)
     """where the weights (fp16 safetensors) and config.json go"""
     seed: int = 0
     init_from: str | None = None
-    """start from saved weights (a directory like common/assets/embedded) instead of a random init; the EMA starts
+    """start from saved weights (a directory like common/world/assets) instead of a random init; the EMA starts
     there too (a warm start with a fresh optimizer and schedule, e.g. to continue a finished run for longer)"""
     minutes: float = 1e9
     """wall-clock budget of this invocation (a checkpoint is saved when it runs out; rerun to continue)"""
@@ -93,9 +93,9 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
-    transformer, text_encoder = models.build_embedded()
+    transformer, text_encoder = world_model.build_embedded()
     if args.init_from:
-        warm = models.load_embedded(path=args.init_from)
+        warm = world_model.load_embedded(path=args.init_from)
         transformer.load_state_dict(warm.transformer.state_dict())
         text_encoder.load_state_dict(warm.text_encoders[0].state_dict())
     ema = copy.deepcopy(transformer).requires_grad_(False)
@@ -164,19 +164,19 @@ def main(args: Args):
         writer.add_scalar("charts/lr", sched.get_last_lr()[0], step)
         if step % args.save_every == 0:
             save_checkpoint()
-            models.save_embedded(ema, ema_te, args.output_dir)
+            world_model.save_embedded(ema, ema_te, args.output_dir)
         if step % args.eval_every == 0:
             from common.evaluate import evaluate_model
 
-            models.save_embedded(ema, ema_te, Path(args.log_dir) / f"step_{step}")  # snapshots to choose from
-            model = models.load_embedded(path=Path(args.log_dir) / f"step_{step}")
+            world_model.save_embedded(ema, ema_te, Path(args.log_dir) / f"step_{step}")  # snapshots to choose from
+            model = world_model.load_embedded(path=Path(args.log_dir) / f"step_{step}")
             res = evaluate_model(model, model.transformer, shapes.split_specs("test"), samples_per_prompt=2)
             tqdm.write(f"step {step} ({(time.time() - t0) / 60:.1f} min): test partial {res['reward_mean']:.3f} "
                        f"strict {res['strict_accuracy']:.3f} {json.dumps(res['accuracy'])}")
             writer.add_scalar("eval/reward_mean", res["reward_mean"], step)
             writer.add_scalar("eval/strict_accuracy", res["strict_accuracy"], step)
     save_checkpoint()
-    models.save_embedded(ema, ema_te, args.output_dir)
+    world_model.save_embedded(ema, ema_te, args.output_dir)
     if step < args.max_steps:
         print(f"stopped at step {step} (--minutes / --stop-after); rerun the same command to continue")
         return

@@ -1,12 +1,12 @@
 """The prompt sets the papers train and evaluate SD3.5 on, built into prompts/ as JSON-lines files.
 
-    python -m common.prompts                               # every set, downloaded (needs a network)
-    python -m common.prompts --sets geneval,pickapic       # some of them
-    python -m common.prompts --source-dir path/to/flow_grpo/dataset --sets geneval,pickapic,ocr   # offline
+    python -m common.tools.prompts                         # every set, downloaded (needs a network)
+    python -m common.tools.prompts --sets geneval,pickapic       # some of them
+    python -m common.tools.prompts --source-dir path/to/flow_grpo/dataset --sets geneval,pickapic,ocr   # offline
 
 Each set becomes prompts/<set>_train.jsonl and/or prompts/<set>_test.jsonl, one {"prompt": ..., "tag": ...,
 <metadata>} object per line: the format `--prompts-file` / `--eval-prompts-file` of every method and
-`python -m common.evaluate --prompts-file` read (common/utils.py `load_prompts`), whose metadata reaches the reward.
+`python -m common.tools.evaluate --prompts-file` read (common/utils.py `load_prompts`), whose metadata reaches the reward.
 
     geneval        Flow-GRPO's GenEval-style train / test prompts; tag = GenEval category, plus GenEval's
                    "include" / "exclude" object lists (what a detector-based GenEval reward checks)
@@ -72,7 +72,7 @@ def fetch(url, timeout=30.0):
     except (urllib.error.URLError, OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "reason", None) or e
         fail(f"cannot download {url} ({reason}); without a network, download the source files elsewhere and pass "
-             "--source-dir DIR (its layout: python -m common.prompts --help)")
+             "--source-dir DIR (its layout: python -m common.tools.prompts --help)")
 
 
 def read_source(name, split, source_dir=None, timeout=30.0):

@@ -1,0 +1,20 @@
+"""pytest setup shared by every test file: the repository root goes on sys.path (the method scripts, `common`, and
+`tests.helpers` import from there) and benchmark/ at its end (tests of the benchmark scripts import them by name;
+last, so a script named like a standard module, benchmark/trace.py, does not shadow it).
+
+    tests/helpers/   what tests build or read, no tests: tiny_sd3 (a tiny random SD3 pipeline), tiny_rewards (tiny
+                     real reward models), cli_check (a method's argument checks in-process), run_logs (logged scalars,
+                     the first iteration's inputs)
+    tests/test_<method>.py                one per method script, the same sections in each
+    tests/test_<module>.py                one per common/ module (models, sampling, evaluate, utils, rewards, world,
+                                          prompts), and the cross-cutting paths (sd3_path, cuda_path, reliability, hub)
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmark") not in sys.path:
+    sys.path.append(str(ROOT / "benchmark"))

@@ -1,0 +1,207 @@
+"""common/world/: the shapes grammar, splits, renderer and mini-GenEval scorer; the embedded base model (its
+forward, its weights missing or corrupt, the committed weights drawing shapes); pretraining that resumes exactly."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import models, sampling
+from common.evaluate import evaluate_model
+from common.world import model as world_model
+from common.world import shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+# ----------------------------------------------------------------------------------- grammar, renderer, scorer
+def test_scorer_on_ground_truth_renders():
+    specs = shapes.split_specs("all") * 5
+    partial, strict, res = shapes.score(shapes.render_batch(specs, seed=123), specs)
+    assert strict.all() and (partial == 1).all()
+    assert all(r["stray"] == 0 and not r["extra"] for r in res)
+
+
+def _with_extra_object(spec, seed):
+    """A ground-truth render of `spec` plus one more object placed where it touches nothing."""
+    img = shapes.render_batch([spec], seed)[0]
+    rng = random.Random(seed)
+    for _ in range(1000):
+        shape, cx, cy = rng.choice(shapes.SHAPES), rng.uniform(6, 26), rng.uniform(6, 26)
+        m = torch.from_numpy(shapes._mask(shape, cx, cy, 5.0))
+        grown = torch.from_numpy(shapes._mask(shape, cx, cy, 8.0))
+        if not (img.max(0).values[grown] > 0).any():
+            img[:, m] = torch.tensor(shapes.COLORS[rng.choice(list(shapes.COLORS))])[:, None]
+            return img
+    raise AssertionError("no room for an extra object")
+
+
+def test_scorer_penalises_an_extra_object():
+    specs = [s for s in shapes.split_specs("all") if sum(o["count"] for o in s["objects"]) <= 2]
+    clean = shapes.render_batch(specs, seed=7)
+    extra = torch.stack([_with_extra_object(s, 7 + i) for i, s in enumerate(specs)])
+    p0, s0, _ = shapes.score(clean, specs)
+    p1, s1, res = shapes.score(extra, specs)
+    assert s0.all() and not s1.any()
+    assert all(r["extra"] for r in res)
+    assert (p1 < p0 - 0.15).all()  # F1 with one unexplained object: 2k / (2k + 1) <= 0.8
+
+
+def _adversarial_images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = {"uniform noise": torch.rand(n, 3, 32, 32, generator=g),
+           "sparse noise": torch.rand(n, 3, 32, 32, generator=g) * (torch.rand(n, 1, 32, 32, generator=g) < 0.15),
+           "all black": torch.zeros(n, 3, 32, 32),
+           "one colour": torch.stack([torch.tensor(shapes.COLORS[c]).view(3, 1, 1).expand(3, 32, 32)
+                                      for c in list(shapes.COLORS) * n][:n])}
+    # random blobs: smoothed noise thresholded into ragged regions of one colour each
+    blob = torch.nn.functional.avg_pool2d(torch.rand(n, 1, 32, 32, generator=g), 7, 1, 3) > 0.55
+    colors = torch.tensor(list(shapes.COLORS.values()))[torch.randint(0, 4, (n,), generator=g)]
+    out["random blobs"] = blob.float() * colors.view(n, 3, 1, 1)
+    # a canvas tiled with small fragments: 3x3 blocks of random colours on a 6-px grid
+    frag = torch.zeros(n, 3, 32, 32)
+    for i in range(n):
+        for y in range(1, 30, 6):
+            for x in range(1, 30, 6):
+                frag[i, :, y:y + 3, x:x + 3] = colors[torch.randint(0, n, (1,), generator=g)].view(3, 1, 1)
+    out["fragments"] = frag
+    # 4x4-pixel blocks scattered around (what the v1 base drew)
+    blocks = torch.zeros(n, 3, 32, 32)
+    for i in range(n):
+        for _ in range(8):
+            y, x = torch.randint(0, 28, (2,), generator=g).tolist()
+            blocks[i, :, y:y + 4, x:x + 4] = colors[torch.randint(0, n, (1,), generator=g)].view(3, 1, 1)
+    out["scattered blocks"] = blocks
+    return out
+
+
+@pytest.mark.parametrize("kind", ["uniform noise", "sparse noise", "all black", "one colour", "random blobs",
+                                  "fragments", "scattered blocks"])
+def test_scorer_gives_clutter_and_noise_no_credit(kind):
+    specs = shapes.split_specs("all")
+    images = _adversarial_images(len(specs), seed=3)[kind]
+    partial, strict, _ = shapes.score(images, specs)
+    assert not strict.any(), kind
+    assert partial.max() <= 0.2, (kind, partial.max())
+
+
+def test_scorer_gives_the_render_of_another_prompt_no_credit():
+    specs = shapes.split_specs("all")
+    # for each prompt, a prompt that asks for none of its shapes
+    shapes_of = [{x["shape"] for x in s["objects"]} for s in specs]
+    pairs = [(s, next(o for o, so in zip(specs[::-1], shapes_of[::-1]) if not so & ss))
+             for s, ss in zip(specs, shapes_of)]
+    partial, strict, _ = shapes.score(shapes.render_batch([o for _, o in pairs], seed=4), [s for s, _ in pairs])
+    assert not strict.any() and partial.max() <= 0.2
+
+
+def test_scorer_checks_colour_count_and_relation():
+    spec = shapes.parse_caption("two red circles")
+    blue = shapes.render_batch([shapes.parse_caption("two blue circles")], seed=0)
+    p, s, r = shapes.score(blue, [spec])
+    assert not s.item() and abs(p.item() - 0.5) < 1e-6  # right shape, wrong colour: credit 0.5 each, F1 = 2/4
+    three = shapes.render_batch([shapes.parse_caption("three red circles")], seed=0)
+    p, s, r = shapes.score(three, [spec])
+    assert not s.item() and abs(p.item() - 0.8) < 1e-6  # F1 = 2 * 2 / (2 + 3)
+    swapped = shapes.render_batch([shapes.parse_caption("a square left of a circle")], seed=0)
+    p, s, r = shapes.score(swapped, [shapes.parse_caption("a square right of a circle")])
+    assert not s.item() and not r[0]["relation"] and abs(p.item() - 0.5) < 1e-6
+
+
+def test_scorer_reads_shapes_not_blobs():
+    """Each shape is recognised in every colour, size and position; a square drawn where a circle is asked
+    gets no credit; half a shape is an unknown object."""
+    for shape in shapes.SHAPES:
+        spec = shapes.parse_caption(f"a {shape}")
+        imgs = shapes.render_batch([spec] * 40, seed=11)
+        det = shapes.detect(imgs)
+        assert all([o["shape"] for o in d["objects"]] == [shape] for d in det)
+        cut = imgs.clone()
+        cut[:, :, :16] = 0  # keep the lower half of the canvas only: shapes in the top half are cut or gone
+        for d in shapes.detect(cut):
+            assert all(o["shape"] in (shape, "unknown") for o in d["objects"])
+    square = shapes.render_batch([shapes.parse_caption("a square")], seed=2)
+    p, s, _ = shapes.score(square, [shapes.parse_caption("a circle")])
+    assert p.item() == 0 and not s.item()
+
+
+def test_grammar_round_trip_and_categories():
+    specs = shapes.all_specs()
+    assert len({s["caption"] for s in specs}) == len(specs)
+    for s in specs:
+        assert shapes.parse_caption(s["caption"]) == s
+        assert shapes.parse_caption("  " + s["caption"].upper() + " ") == s
+    assert set(s["category"] for s in specs) == set(shapes.CATEGORIES)
+    with pytest.raises(ValueError, match="cannot parse prompt 'a purple circle'"):
+        shapes.parse_caption("a purple circle")
+
+
+def test_splits_are_deterministic_and_hold_out_compositions():
+    train, test = shapes.split_specs("train"), shapes.split_specs("test")
+    assert [s["caption"] for s in train] == [s["caption"] for s in shapes.split_specs("train")]
+    shared = {s["caption"] for s in train} & {s["caption"] for s in test}
+    # only the two categories with 3 captions each are shared; every other test composition is unseen
+    assert all(shapes.parse_caption(c)["category"] in ("single_object", "two_object") for c in shared)
+    train_keys = {k for s in train for k in shapes._composition_key(s)}
+    for s in test:
+        if s["category"] not in ("single_object", "two_object"):
+            assert any(k in shapes.HELD_OUT and k not in train_keys for k in shapes._composition_key(s)), s
+    assert len(test) >= 30 and len(train) >= 80
+
+
+# ----------------------------------------------------------------------------------- the embedded base model
+def test_embedded_model_forward_shapes():
+    model = models.load_model("embedded")
+    pe, pooled = model.encode_prompt(["a red circle", "two squares", ""])
+    assert pe.shape == (3, 10, 64) and pooled.shape == (3, 64)
+    v = sampling.predict(model.transformer, torch.randn(3, *model.latent_shape), 0.5, pe, pooled)
+    assert v.shape == (3, 3, 32, 32) and model.latent_shape == (3, 32, 32)
+    assert model.decode(torch.ones(1, 3, 32, 32)).max() == 1 and model.decode(-torch.ones(1, 3, 32, 32)).min() == 0
+    sig = model.sigmas(10)
+    assert sig.shape == (11,) and sig[0] == 1 and sig[-1] == 0 and (sig[1:] < sig[:-1]).all()
+
+
+def test_committed_base_draws_shapes():
+    """The committed v2 base on the train split (1 fixed-noise sample per prompt, default sampler): measured
+    strict 0.64, extra-object rate 0.07 (4 samples per prompt: 0.51 / 0.085, issue 15's target >= 0.5); a random
+    init draws nothing the scorer accepts."""
+    torch.manual_seed(0)
+    specs = shapes.split_specs("train")
+    base = models.load_model("embedded")
+    res = evaluate_model(base, base.transformer, specs, samples_per_prompt=1)
+    assert res["strict_accuracy"] >= 0.5 and 1 - res["clean_fraction"] <= 0.15, res
+    rand = models.load_model("embedded")
+    rand.transformer = world_model.build_embedded()[0]
+    res_rand = evaluate_model(rand, rand.transformer, specs, samples_per_prompt=1)
+    assert res_rand["strict_accuracy"] == 0 and res_rand["reward_mean"] < 0.02, res_rand
+
+
+# ----------------------------------------------------------------------------------- pretraining
+def test_pretrain_resumes_exactly(tmp_path):
+    """4 steps in one go == 2 steps, stop, 2 more from the checkpoint: same EMA weights, bit for bit."""
+    def run(tag, *extra):
+        out = subprocess.run([sys.executable, "-m", "common.world.pretrain", "--max-steps", "4", "--batch-size", "4",
+                              "--warmup-steps", "2", "--save-every", "2", "--output-dir", str(tmp_path / tag / "w"),
+                              "--log-dir", str(tmp_path / tag / "log"), "--threads", "1", *extra],
+                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    run("a")
+    assert "stopped at step 2" in run("b", "--stop-after", "2")
+    assert "resumed from" in run("b")
+    a, b = (world_model.load_embedded(path=tmp_path / t / "w") for t in "ab")
+    for (n, p), q in zip(a.transformer.state_dict().items(), b.transformer.state_dict().values()):
+        assert torch.equal(p, q), n
+    assert json.loads((tmp_path / "b" / "w" / "pretrain_info.json").read_text())["steps"] == 4
+    assert a.transformer.config.patch_size == world_model.EMBEDDED_CONFIG["transformer"]["patch_size"]
+    bad = subprocess.run([sys.executable, "-m", "common.world.pretrain", "--max-steps", "5", "--batch-size", "4",
+                          "--log-dir", str(tmp_path / "b" / "log"), "--output-dir", str(tmp_path / "c")],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "was written with other arguments" in bad.stderr
