@@ -36,9 +36,10 @@ def batch_size(method):
 
 
 def code_hash(method):
-    """sha256 of everything a run's result depends on: the method file, common/ and the committed base model."""
+    """sha256 of everything a run's result depends on: the method file (None: no method, the base model's
+    evaluation), common/ and the committed base model."""
     h = hashlib.sha256()
-    for f in [ROOT / f"{method}.py", *sorted((ROOT / "common").rglob("*")), ROOT / "benchmark" / "trace.py"]:
+    for f in [*([ROOT / f"{method}.py"] if method else []), *sorted((ROOT / "common").rglob("*")), ROOT / "benchmark" / "trace.py"]:
         if f.is_file() and "__pycache__" not in f.parts:
             h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
     return h.hexdigest()[:16]
@@ -79,6 +80,7 @@ def run_one(method, seed, budget, out, eval_points, reuse=()):
     run_dir = out / method / f"seed{seed}"
     key = dict(code=code_hash(method), args=run_cmd(method, seed, budget, eval_points))
     if stored(run_dir, key):
+        train_eval(out, run_dir, seed)
         return run_dir
     if run_dir.exists():  # another code state or other arguments: start over
         shutil.rmtree(run_dir)
@@ -97,7 +99,26 @@ def run_one(method, seed, budget, out, eval_points, reuse=()):
     print(f"{method} seed {seed}: exit {rc} after {time.time() - t:.0f} s", flush=True)
     if rc == 0:
         (run_dir / "run_key.json").write_text(json.dumps(key))
+        train_eval(out, run_dir, seed)
     return run_dir
+
+
+def train_eval(out, run_dir, seed, samples_per_prompt=4):
+    """Strict accuracy on the train prompts (the 85 the methods optimise, 4 samples each, the seed's noise) of the
+    base and of a finished run's saved model, by `python -m common.tools.evaluate --split train`: what a run
+    learns, beside the held-out numbers (how far it generalises). Cached next to the run (and the base per seed
+    and code state)."""
+    def evaluate(json_path, *extra):
+        if not json_path.is_file():
+            cmd = [sys.executable, "-m", "common.tools.evaluate", "--split", "train", "--samples-per-prompt",
+                   str(samples_per_prompt), "--seed", str(seed), "--json", str(json_path), *extra]
+            subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(json_path.read_text())
+
+    base_dir = out / "base_train" / code_hash(None)[:8]  # the base depends only on common/
+    base_dir.mkdir(parents=True, exist_ok=True)
+    return (evaluate(base_dir / f"seed{seed}.json"),
+            evaluate(run_dir / "train_eval.json", "--checkpoint", str(run_dir)))
 
 
 # ----------------------------------------------------------------------------------- cost breakdown and scaling
@@ -215,7 +236,9 @@ def collect(out, methods, seeds, budget, eval_points):
                     for k in ("sample", "reward", "train")}
             rec = d / "record.json"
             rss = json.loads(rec.read_text())["peak_rss_mb"] if rec.is_file() else None
-            runs.append(dict(summary=summ, curve=curve, perf=perf, peak_rss_mb=rss))
+            train_base, train_final = train_eval(out, d, s)
+            runs.append(dict(summary=summ, curve=curve, perf=perf, peak_rss_mb=rss, train_base=train_base,
+                             train_final=train_final))
         res[m] = runs
     return res
 
@@ -259,10 +282,11 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8,
     img.mkdir(parents=True, exist_ok=True)
     grpo = [r["summary"]["final"]["reward_mean"] for r in res.get("flow_grpo", [])]
     target = statistics.mean(grpo) if grpo else None
-    rows = ["| method | seeds | reward queries | strict accuracy: base -> final (gain, per seed) | partial credit: base -> "
-            "final | best partial credit (queries) | extra-object rate: base -> final | diversity | queries to "
-            "Flow-GRPO's final | wall time (min) | s/iter: sample / reward / train | peak RSS (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | seeds | reward queries | strict accuracy: base -> final (gain, per seed) | train prompts' strict "
+            "accuracy: base -> final (gain, per seed) | partial credit: base -> final | best partial credit (queries) "
+            "| extra-object rate: base -> final | diversity | queries to Flow-GRPO's final | wall time (min) | "
+            "s/iter: sample / reward / train | peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     for m, runs in res.items():
         if not runs:
@@ -271,6 +295,8 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8,
         base = [r["summary"]["base"] for r in runs]  # evaluation noise depends on the seed
         ms = lambda xs: f"{mean_std(xs)[0]:.3f} ± {mean_std(xs)[1]:.3f}"  # noqa: E731
         gains = [f["strict_accuracy"] - b["strict_accuracy"] for f, b in zip(fin, base)]
+        tb, tf = [r["train_base"]["strict_accuracy"] for r in runs], [r["train_final"]["strict_accuracy"] for r in runs]
+        tgains = [f - b for f, b in zip(tf, tb)]
         extra = lambda d: 1 - d["clean_fraction"]  # noqa: E731
         wt = [r["summary"]["wall_time_s"] / 60 for r in runs]
         reach = [queries_to_reach(r["curve"], target) for r in runs] if target is not None else []
@@ -282,7 +308,9 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8,
         rss = [r["peak_rss_mb"] for r in runs if r["peak_rss_mb"]]
         rows.append(f"| {m} | {len(runs)} | {runs[0]['curve'][-1][0]:.0f} | {mean_std([b['strict_accuracy'] for b in base])[0]:.3f} -> "
                     f"{ms([f['strict_accuracy'] for f in fin])} (**{mean_std(gains)[0]:+.3f}**; "
-                    f"{', '.join(f'{g:+.3f}' for g in gains)}) | {mean_std([b['reward_mean'] for b in base])[0]:.3f} -> "
+                    f"{', '.join(f'{g:+.3f}' for g in gains)}) | {mean_std(tb)[0]:.3f} -> {ms(tf)} "
+                    f"(**{mean_std(tgains)[0]:+.3f}**; {', '.join(f'{g:+.3f}' for g in tgains)}) | "
+                    f"{mean_std([b['reward_mean'] for b in base])[0]:.3f} -> "
                     f"{ms([f['reward_mean'] for f in fin])} | {best_s} | {mean_std([extra(b) for b in base])[0]:.3f} -> "
                     f"{mean_std([extra(f) for f in fin])[0]:.3f} | {mean_std([f['diversity'] for f in fin])[0]:.3f} | "
                     f"{reach_s} | {mean_std(wt)[0]:.1f} | {p['sample']:.2f} / {p['reward']:.2f} / {p['train']:.2f} | "
@@ -315,7 +343,9 @@ Every run is keyed by the hash of its code and its resolved arguments; a stored 
 ![curves](img/{page}.png)
 
 Strict accuracy = exact scenes (every object, count, colour and position right); the gain is final minus the
-same seed's base (the base is evaluated on the run's own noise). Extra-object rate = the fraction of images with
+same seed's base (the base is evaluated on the run's own noise). The train prompts' column evaluates the saved
+model on the 85 prompts the methods train on (4 samples each, the seed's noise; `python -m common.tools.evaluate
+--split train`): what a method learns, where the held-out column shows how far it generalises. Extra-object rate = the fraction of images with
 an object the prompt did not ask for (clutter, the reward-hacking signature of world v1). "Best partial credit"
 is the mean over seeds of each run's highest held-out evaluation (base included), with the mean number of reward
 queries at which it came. "Queries to Flow-GRPO's final" is the first evaluation at which a run's held-out
