@@ -1,5 +1,5 @@
 """Per-step gradient communication of SD3.5-M LoRA r32 (the 382 LoRA tensors of the 24 joint blocks' attention
-projections, 18.8 M parameters): one all-reduce per tensor in bf16 (cleanflow before issue 17) against
+projections, 18.8 M parameters): one all-reduce per tensor in bf16 (cleanflow's earlier sync) against
 `utils.sync_gradients` (fp32 buckets of 25 MB, DDP's default size). Both results are checked against each other.
 
     torchrun --nproc_per_node 2 benchmark/grad_sync.py            # gloo on CPU; nccl when run on GPUs
@@ -19,7 +19,7 @@ INNER, LAYERS, RANK = 1536, 24, 32  # SD3.5-M: 24 heads x 64, 24 joint blocks; L
 
 
 def per_tensor(params):
-    """cleanflow before issue 17: one all-reduce per parameter, in the parameters' dtype."""
+    """cleanflow's earlier sync: one all-reduce per parameter, in the parameters' dtype."""
     for p in params:
         dist.all_reduce(p.grad)
         p.grad /= dist.get_world_size()

@@ -23,7 +23,7 @@ def _tensors(b=5, shape=(3, 4, 4), seed=0):
 
 
 def _orw_by_hand(v, v_ref, x0, eps, r, tau, alpha):
-    """ORW-CFM-W2 (spec orw_cfm_w2 §4): mean_i[exp(tau r_i) mean_d(v - (eps - x0))^2 + alpha mean_d(v - v_ref)^2]."""
+    """ORW-CFM-W2 (the official ORW-CFM-W2 trainer's loss): mean_i[exp(tau r_i) mean_d(v - (eps - x0))^2 + alpha mean_d(v - v_ref)^2]."""
     total = 0.0
     for i in range(len(r)):
         d = v[i].numel()

@@ -55,7 +55,7 @@ def test_evaluate_cli(tmp_path):
 
 
 def test_evaluate_prints_one_row_per_reward(tmp_path):
-    """`--reward a,b,c` (issue 19 item 3): a row of mean and std per named reward and their weighted sum, the same
+    """`--reward a,b,c`: a row of mean and std per named reward and their weighted sum, the same
     numbers in the JSON; on shapes prompts the `shapes` row is the partial credit and `shapes_strict` the strict
     accuracy, so a gold reward sits beside the trained one."""
     out = subprocess.run([sys.executable, "-m", "common.tools.evaluate", "--reward",

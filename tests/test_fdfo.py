@@ -23,7 +23,7 @@ TINY = ["--threads", "1", "--prompts-per-iter", "2", "--train-batch-size", "4", 
         "--eval-samples-per-prompt", "1", "--num-steps", "3"]
 
 
-# ----------------------------------------------------------------------------------- churned sampler (spec §3.1)
+# ----------------------------------------------------------------------------------- churned sampler (paper §3: paired trajectories)
 @pytest.mark.parametrize("gamma", [0.0025, 0.5])
 @pytest.mark.parametrize("sigma,s", [(1.0, 0.9), (0.6, 0.35), (0.2, 0.05)])
 def test_churn_step_lands_on_noise_level_s(gamma, sigma, s):
@@ -41,7 +41,7 @@ def test_churn_step_lands_on_noise_level_s(gamma, sigma, s):
     r = s / (1 + gamma * (1 - s))
     fresh = z - fdfo.churn_step(x, eps - x0, sigma, s, gamma, torch.zeros_like(xi))
     assert fresh.std().item() == pytest.approx(r * math.sqrt((1 + gamma) ** 2 - 1) / (1 + gamma * r), rel=1e-2)
-    if gamma == 0.0025:  # ~7% of the current noise level (spec §3.1)
+    if gamma == 0.0025:  # ~7% of the current noise level (the paper's churn)
         assert fresh.std().item() / s == pytest.approx(0.0708, abs=2e-3)
 
 
@@ -96,7 +96,7 @@ def test_final_latents_stay_fp32_under_bf16():
     assert not torch.equal(d, x0[0].to(torch.bfloat16).float() - x0[1].to(torch.bfloat16).float())
 
 
-# ----------------------------------------------------------------------------------- finite difference (spec §3.2)
+# ----------------------------------------------------------------------------------- finite difference (paper §3)
 def test_finite_difference_hand_computed():
     rewards = torch.tensor([0.75, 0.25, 0.5, 0.5])  # pair 0: A better by 0.5; pair 1: a tie
     z = torch.tensor([[1.0, 3.0], [0.0, 1.0], [2.0, 2.0], [2.0, 0.0]]).view(4, 1, 1, 2)
@@ -114,7 +114,7 @@ def test_finite_difference_hand_computed():
                                                                atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------- SPO loss (spec §3.3)
+# ----------------------------------------------------------------------------------- SPO loss (paper §3, official train loop)
 def test_spo_loss_hand_computed():
     v = torch.tensor([[0.30, -0.20], [1.00, 0.50], [0.0, 0.0]]).view(3, 1, 1, 2)
     v_old = torch.tensor([[0.25, -0.10], [1.00, 0.55], [0.0, 0.0]]).view(3, 1, 1, 2)
@@ -213,7 +213,7 @@ def test_smoke_tiny_sd3(tmp_path):
 def test_one_iteration_chunk_loss_is_the_mean_over_the_chunk(tmp_path):
     """--lr 0, 2 pairs x 3 steps = 12 (image, step) items in 2 shuffled chunks: the logged pre-clip gradient norm of
     the last chunk (its active items in micro-batches of 4, tied pairs skipped) must be that of ONE mean of the SPO
-    loss over all 6 items of the chunk (spec §4)."""
+    loss over all 6 items of the chunk (the official train loop)."""
     out_dir, _ = _run(tmp_path, "--num-iterations", "1", *TINY, "--lr", "0", "--reward", "jpeg_compressibility",
                       "--no-save-model")
     logged = scalars(out_dir, "losses/grad_norm")[1]

@@ -1,4 +1,4 @@
-"""--upload-model / --hf-entity / --wandb-entity (issue 19 item 4), offline: the upload goes to a stand-in for
+"""--upload-model / --hf-entity / --wandb-entity, offline: the upload goes to a stand-in for
 huggingface_hub.HfApi that resolves `allow_patterns` with huggingface_hub's own filter; nothing is pushed."""
 
 import importlib

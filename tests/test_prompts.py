@@ -1,4 +1,4 @@
-"""`python -m common.tools.prompts` (issue 19 item 1), offline: builds every prompt set from small source files written
+"""`python -m common.tools.prompts`, offline: builds every prompt set from small source files written
 here in the sources' own formats, from a folder (--source-dir) and over HTTP from a local server (the download
 path); the files it writes are what --prompts-file reads, with their metadata reaching the reward; every method
 page's SD3.5-M command names files it builds."""

@@ -1,4 +1,4 @@
-"""The SD3.5 path as a GPU user meets it (issue 17), tested without a GPU: every method page's SD3.5-M command line,
+"""The SD3.5 path as a GPU user meets it, tested without a GPU: every method page's SD3.5-M command line,
 sizes swapped for tiny ones, on the tiny random SD3 pipeline with T5, with `--mixed-precision bf16` on CPU; trainable
 weights must stay fp32; plus unit tests of the precision and memory plumbing in common/.
 
@@ -101,7 +101,7 @@ CASES = [(m, []) for m in METHODS] + [("advantageflow", ["--nft"]), ("flow_grpo"
 def test_documented_sd35_command_runs_in_bf16(tiny, tmp_path, method, extra):
     """Each method page's SD3.5-M command (tiny sizes, T5, LoRA, CFG where documented) + --mixed-precision bf16
     --gradient-checkpointing runs 2 iterations with a mid-run evaluation; trainable weights and AdamW state are fp32.
-    Before issue 17, advantageflow (and --nft) crashed at the first update: 'Input type (float) and bias type
+    Before this was fixed, advantageflow (and --nft) crashed at the first update: 'Input type (float) and bias type
     (c10::BFloat16) should be the same'."""
     model, prompts = tiny
     argv = tiny_sizes(documented_command(method), method, model, prompts)
@@ -292,7 +292,7 @@ def test_evaluation_returns_the_picked_samples(tiny_no_t5):
 def test_sharded_evaluation_matches_one_process(tiny, tmp_path):
     """`torchrun --nproc_per_node 2 -m common.tools.evaluate`: each rank generates its slice of the prompts (5 prompts:
     3 + 2) on the noise one process would use; the gathered metrics equal the one-process ones, and the GenEval
-    layout holds every prompt. Before issue 17, evaluation ran on rank 0 while the other ranks waited."""
+    layout holds every prompt. Earlier, evaluation ran on rank 0 while the other ranks waited."""
     model, _ = tiny
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue dog\na green bird\na yellow car\na white house\n")
@@ -318,7 +318,7 @@ def test_documented_sd35_commands_fit_80gb():
     """benchmark/gpu_memory.py (meta-device trace of SD3.5-M, no weights): every method page's command, as written
     there, must fit an 80 GB GPU under the margin rule of docs/gpu.md (`gpu_memory.fits`: 1.15 x the allocated peak
     for fragmentation + 1 GiB CUDA context < 78 GiB usable); and the traced VAE decode must be the ~0.75 GiB per
-    512-px image the issue measured (the tracer counts what it should)."""
+    512-px image measured (the tracer counts what it should)."""
     import gpu_memory
 
     sd = gpu_memory.SD35M()

@@ -169,7 +169,7 @@ def test_embedded_model_forward_shapes():
 
 def test_committed_base_draws_shapes():
     """The committed v2 base on the train split (1 fixed-noise sample per prompt, default sampler): measured
-    strict 0.64, extra-object rate 0.07 (4 samples per prompt: 0.51 / 0.085, issue 15's target >= 0.5); a random
+    strict 0.64, extra-object rate 0.07 (4 samples per prompt: 0.51 / 0.085, the world's target >= 0.5); a random
     init draws nothing the scorer accepts."""
     torch.manual_seed(0)
     specs = shapes.split_specs("train")
