@@ -3,9 +3,7 @@ for shapes prompts, a reward function for any other); the method scripts call it
 the end. The command line around it: `python -m common.tools.evaluate` (common/tools/evaluate.py).
 """
 
-import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -158,23 +156,3 @@ def _gather(local, world):
     out = [None] * world
     dist.all_gather_object(out, local)
     return {key: [x for part in out for x in part[key]] for key in local}
-
-
-def save_geneval_layout(out_dir, images, captions, specs, samples_per_prompt, start=0):
-    """GenEval's layout: <out_dir>/<5-digit prompt index>/metadata.jsonl (one JSON line: prompt, tag (the
-    category) and, for shapes prompts, the spec's fields; a prompts file's own JSON line as it was) and
-    <index>/samples/<4-digit sample>.png at the model's resolution. `images` holds samples_per_prompt consecutive
-    samples per caption; the first caption is prompt `start` (a rank's slice)."""
-    from PIL import Image
-
-    out_dir = Path(out_dir)
-    for k, (caption, spec) in enumerate(zip(captions, specs)):
-        d = out_dir / f"{k + start:05d}"
-        (d / "samples").mkdir(parents=True, exist_ok=True)
-        if shapes.is_spec(spec):
-            meta = {"prompt": caption, "tag": spec["category"], **{f: spec[f] for f in ("objects", "relation")}}
-        else:
-            meta = spec or {"prompt": caption, "tag": None}
-        (d / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
-        for j, img in enumerate(rewards.to_uint8(images[k * samples_per_prompt:(k + 1) * samples_per_prompt])):
-            Image.fromarray(img).save(d / "samples" / f"{j:04d}.png")

@@ -334,30 +334,3 @@ class Policy:
                                                        transformer_lora_adapter_metadata=self.lora_config.to_dict())
         else:
             self.transformer.save_pretrained(os.path.join(run_dir, "transformer"))
-
-
-def finetuned_weights(checkpoint):
-    """("lora" | "transformer", directory) of a method's output: a LoRA dir, a full `transformer/` dir, or a run dir
-    holding either; None if there is neither."""
-    path = Path(checkpoint)
-    for cand in (path, path / "lora", path / "transformer"):
-        if (cand / "pytorch_lora_weights.safetensors").is_file():
-            return "lora", cand
-        if (cand / "config.json").is_file() and (cand / "diffusion_pytorch_model.safetensors").is_file():
-            return "transformer", cand
-    return None
-
-
-def load_finetuned(model, checkpoint):
-    """Apply a method's output (see `finetuned_weights`) to a loaded Model. Returns the transformer to sample with."""
-    kind, cand = finetuned_weights(checkpoint) or (None, None)
-    if kind == "lora":
-        model.transformer.load_lora_adapter(str(cand), prefix="transformer", adapter_name="default",
-                                            weight_name="pytorch_lora_weights.safetensors")
-        return model.transformer
-    if kind == "transformer":
-        t = SD3Transformer2DModel.from_pretrained(str(cand), torch_dtype=model.dtype).to(model.device)
-        model.transformer = autocast_forward(t, model.dtype)
-        return t
-    raise SystemExit(f"error: --checkpoint {checkpoint!r} holds no LoRA (pytorch_lora_weights.safetensors) and no "
-                     "transformer/ weights; pass a run directory, its lora/ or its transformer/ directory")

@@ -8,6 +8,7 @@ import torch
 
 from common import models, sampling
 from common.world import model as world_model
+from common.tools.evaluate import load_finetuned
 from common.world import shapes
 from tests.helpers.embedded import random_inputs, tiny_transformer
 
@@ -79,7 +80,7 @@ def test_tiny_sd3_samples_scores_saves_and_reloads_lora(tmp_path):
     policy.save_pretrained(tmp_path / "run")
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     fresh = models.load_model(str(path), "cpu", resolution=32)
-    t = models.load_finetuned(fresh, tmp_path / "run")
+    t = load_finetuned(fresh, tmp_path / "run")
     again = fresh.decode(sampling.sample(t, pe, pooled, sigmas, noise)["latents"])
     assert torch.allclose(images, again, atol=1e-5)
     pipe.load_lora_weights(str(tmp_path / "run" / "lora"))  # diffusers reads it

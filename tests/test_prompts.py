@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from common import models, rewards, utils
-from common.evaluate import evaluate_model, save_geneval_layout
+from common.evaluate import evaluate_model
+from common.tools.evaluate import save_geneval_layout
 from common.tools import prompts
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,9 +18,58 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import rewards
-from common.evaluate import evaluate_model, save_geneval_layout
+from common import models, rewards
+from common.evaluate import evaluate_model
 from common.world import shapes
+
+
+def finetuned_weights(checkpoint):
+    """("lora" | "transformer", directory) of a method's output: a LoRA dir, a full `transformer/` dir, or a run dir
+    holding either; None if there is neither."""
+    path = Path(checkpoint)
+    for cand in (path, path / "lora", path / "transformer"):
+        if (cand / "pytorch_lora_weights.safetensors").is_file():
+            return "lora", cand
+        if (cand / "config.json").is_file() and (cand / "diffusion_pytorch_model.safetensors").is_file():
+            return "transformer", cand
+    return None
+
+
+def load_finetuned(model, checkpoint):
+    """Apply a method's output (see `finetuned_weights`) to a loaded Model. Returns the transformer to sample with."""
+    kind, cand = finetuned_weights(checkpoint) or (None, None)
+    if kind == "lora":
+        model.transformer.load_lora_adapter(str(cand), prefix="transformer", adapter_name="default",
+                                            weight_name="pytorch_lora_weights.safetensors")
+        return model.transformer
+    if kind == "transformer":
+        from diffusers import SD3Transformer2DModel
+
+        t = SD3Transformer2DModel.from_pretrained(str(cand), torch_dtype=model.dtype).to(model.device)
+        model.transformer = models.autocast_forward(t, model.dtype)
+        return t
+    raise SystemExit(f"error: --checkpoint {checkpoint!r} holds no LoRA (pytorch_lora_weights.safetensors) and no "
+                     "transformer/ weights; pass a run directory, its lora/ or its transformer/ directory")
+
+
+def save_geneval_layout(out_dir, images, captions, specs, samples_per_prompt, start=0):
+    """GenEval's layout: <out_dir>/<5-digit prompt index>/metadata.jsonl (one JSON line: prompt, tag (the
+    category) and, for shapes prompts, the spec's fields; a prompts file's own JSON line as it was) and
+    <index>/samples/<4-digit sample>.png at the model's resolution. `images` holds samples_per_prompt consecutive
+    samples per caption; the first caption is prompt `start` (a rank's slice)."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    for k, (caption, spec) in enumerate(zip(captions, specs)):
+        d = out_dir / f"{k + start:05d}"
+        (d / "samples").mkdir(parents=True, exist_ok=True)
+        if shapes.is_spec(spec):
+            meta = {"prompt": caption, "tag": spec["category"], **{f: spec[f] for f in ("objects", "relation")}}
+        else:
+            meta = spec or {"prompt": caption, "tag": None}
+        (d / "metadata.jsonl").write_text(json.dumps(meta) + "\n")
+        for j, img in enumerate(rewards.to_uint8(images[k * samples_per_prompt:(k + 1) * samples_per_prompt])):
+            Image.fromarray(img).save(d / "samples" / f"{j:04d}.png")
 
 
 def format_table(res):
@@ -109,7 +158,7 @@ def check_args(a):
         utils.check_reward_servers(a.reward)
     if a.checkpoint and not os.path.exists(a.checkpoint):
         utils.fail(f"--checkpoint {a.checkpoint!r} does not exist")
-    if a.checkpoint and models.finetuned_weights(a.checkpoint) is None:
+    if a.checkpoint and finetuned_weights(a.checkpoint) is None:
         utils.fail(f"--checkpoint {a.checkpoint!r} holds no LoRA (pytorch_lora_weights.safetensors) and no "
                    "transformer/ weights; pass a run directory, its lora/ or its transformer/ directory")
     for flag, path in (("--json", a.json), ("--grid", a.grid)):
@@ -137,7 +186,7 @@ def main(args: Args):
     model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
                               max_t5_length=args.max_t5_length, mixed_precision=args.mixed_precision,
                               decode_batch_size=args.decode_batch_size)
-    transformer = models.load_finetuned(model, args.checkpoint) if args.checkpoint else model.transformer
+    transformer = load_finetuned(model, args.checkpoint) if args.checkpoint else model.transformer
     reward_fn = None if not args.reward else rewards.build_reward(
         args.reward, args.reward_device or device, args.reward_paths, rewards.DTYPES[args.reward_dtype],
         args.decode_batch_size)
