@@ -7,7 +7,8 @@ sigma) gets its own advantage A = r~ - V. The actor minimises  w ||v - (eps - x0
 w = exp(beta clip(A, +-c_A)) / mean, with V treated as 0 until the critic explains fresh rollouts (warm-up).
 Default `--weights signed` trains with w - 1 (mean 0) instead of w: the paper's update without its unweighted
 self-training part, which alone degrades the model on the embedded world (docs); `--weights paper` is the paper's.
-Docs: docs/acflow.md.
+Only AC-Flow's abstract could be read: the weight function, shaping, critic and warm-up gate are reconstructed from
+it and from ORW-CFM-W2's code (what is whose: docs/acflow.md).
 
     python acflow.py                             # embedded shapes world, 2 CPU cores
     python acflow.py --weights paper             # the paper's positive weights
@@ -59,9 +60,9 @@ class Args(RunArgs):
     guidance_scale: float = 1.0
     """CFG of evaluation; rollouts are CFG-free"""
     alpha: float = 3.0
-    """W2 coefficient: alpha ||v - v_ref||^2 (AC-Flow paper: 1; ORW-CFM-W2 README: alpha >= 1)"""
+    """W2 coefficient: alpha ||v - v_ref||^2 (AC-Flow's value is not public; ORW-CFM-W2 code: 1.0; 3 is ours)"""
     beta: float = 3.0
-    """weight temperature: w = exp(beta * A^) (AC-Flow paper: 1; ORW-CFM-W2's tau)"""
+    """weight temperature: w = exp(beta * A^) (reconstructed from ORW-CFM-W2's exp(tau r); 3 is ours)"""
     adv_clip: float = 1.0
     """c_A: A^ = clip(A, -c_A, c_A) in shaped-reward units (AC-Flow's advantage clipping); 0 = no clipping"""
     weight_norm: bool = True
@@ -78,7 +79,7 @@ class Args(RunArgs):
     critic: bool = True
     """use the critic; --no-critic gives V = 0, i.e. ORW-CFM-W2 on shaped rewards"""
     critic_lr: float = 1e-3
-    """critic AdamW learning rate (SD3: 1e-4)"""
+    """critic AdamW learning rate (not public; ours, SD3 commands: 1e-4)"""
     critic_weight_decay: float = 1e-4
     critic_width: int = 32
     """base channels c of the critic (conv c, 2c, 4c, 4c; MLP 8c); SD3: 64"""
@@ -86,7 +87,7 @@ class Args(RunArgs):
     """zero-initialise the critic's last layer (V = 0 at the start, AC-Flow starts as ORW-CFM-W2); default: PyTorch
     init, a naive critic that predicts noise until it has trained"""
     critic_steps: int = 8
-    """critic minibatch steps per iteration on the buffer (AC-Flow's n_V)"""
+    """critic minibatch steps per iteration on the buffer (AC-Flow's value is not public; ours)"""
     critic_buffer: int = 2
     """epochs' pools kept for the critic (the current one and the previous ones): a small replay buffer"""
     critic_loss: Literal["mse", "huber"] = "mse"
@@ -94,8 +95,8 @@ class Args(RunArgs):
     critic_warmup: int = -1
     """K_warm: minimum iterations in which the critic trains but does not drive the actor; -1 = 10%"""
     warmup_ev: float = 0.3
-    """the warm-up ends only at an epoch start whose fresh pool the critic explains with EV > this; 0 = end after
-    --critic-warmup iterations"""
+    """the warm-up ends only at an epoch start whose fresh pool the critic explains with EV > this (reconstructed
+    gate); 0 = end after --critic-warmup iterations"""
     timesteps_per_image: int = 1
     """M noised points per image per iteration"""
 

@@ -60,7 +60,7 @@ class Args(RunArgs):
     eval_num_steps: int | None = None
     """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
     guidance_scale: float = 1.0
-    """CFG of evaluation; ORW-CFM-W2 samples CFG-free and trains the conditional branch (paper §4)"""
+    """CFG of evaluation; rollouts are CFG-free (the paper does not state its SD3 CFG)"""
     tau: float = 20.0
     """inverse temperature of w = exp(tau * r) (official code: 0.5 for a CLIP reward in [-1, 1])"""
     alpha: float = 3.0
