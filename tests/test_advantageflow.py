@@ -303,11 +303,13 @@ def test_eval_ema_decay_and_swap():
 def test_learning_beats_lr_zero(tmp_path):
     """80 default iterations must raise held-out strict accuracy and partial credit over the identical run with
     --lr 0. With lr 0 the weights never move, so its final evaluation is the base's on the same noise (asserted) and
-    one iteration of it suffices. Measured on the v2 base (8 samples per prompt): partial 0.353 -> 0.438, strict
-    0.270 -> 0.332 after 80 iterations."""
-    flags = ["--threads", "2", "--eval-every", "1000", "--eval-samples-per-prompt", "4", "--no-save-model"]
+    one iteration of it suffices. One thread pins the trajectory (the thread count changes float rounding; two
+    threads beside another pytest worker also ran 5x slower). Measured with these flags (4 samples per prompt),
+    strict / partial gain: seed 0 (the test) +0.055 / +0.066, seed 1 +0.016 / +0.023, seed 2 +0.086 / +0.060; the
+    0.03 margins catch a broken update (no gain, or a loss), they are not below every seed's gain."""
+    flags = ["--threads", "1", "--eval-every", "1000", "--eval-samples-per-prompt", "4", "--no-save-model"]
     _, learn = _run(tmp_path, *flags, "--num-iterations", "80", name="learn")
     _, frozen = _run(tmp_path, *flags, "--num-iterations", "1", "--lr", "0", name="frozen")
     assert frozen["final"]["reward_mean"] == frozen["base"]["reward_mean"] == learn["base"]["reward_mean"]
-    assert learn["final"]["strict_accuracy"] > frozen["final"]["strict_accuracy"] + 0.04, (learn["final"], frozen["final"])
-    assert learn["final"]["reward_mean"] > frozen["final"]["reward_mean"] + 0.04, (learn["final"], frozen["final"])
+    assert learn["final"]["strict_accuracy"] > frozen["final"]["strict_accuracy"] + 0.03, (learn["final"], frozen["final"])
+    assert learn["final"]["reward_mean"] > frozen["final"]["reward_mean"] + 0.03, (learn["final"], frozen["final"])
