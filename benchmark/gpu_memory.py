@@ -294,13 +294,13 @@ def estimate(sd, method, checkpointing=False, flags=None, autocast=True, extra=N
     rewards = [p.split("=")[0] for p in str(f.get("--reward", "")).split(",")]
     reward_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[f.get("--reward-dtype", "fp32")]
     ema = f.get("--ema", True) is not False and "--no-ema" not in f  # flow_grpo: on by default
-    with_old = method != "fdfo" and (method != "flow_grpo" or ema)
+    with_old = method != "fdfo" and (method != "flow_grpo" or ema)  # flow_grpo: run.EMA's fp32 shadow, same size
     beta = float(f.get("--beta", 0.5)) if method == "flow_grpo" else 0.0
     lat = 16 * (res // 8) ** 2  # latent elements per image
     img = 3 * res * res * 4  # a decoded fp32 image
     weights = (sd.n_transformer + sd.n_clip + (nparams(sd.t5) if t5 else 0)) * 2 + nparams(sd.vae) * 4
     weights += sum(REWARD_PARAMS.get(r, 0) * reward_bytes for r in rewards)
-    trainable = sd.n_lora * 4 * (4 + with_old)  # fp32 params, grads, 2 AdamW moments (+ old adapter)
+    trainable = sd.n_lora * 4 * (4 + with_old)  # fp32 params, grads, 2 AdamW moments (+ old adapter or EMA shadow)
     text = n * (77 + 128) * 4096 * 2 + n * 2048 * 2  # prompt_embeds + pooled, bf16
     pool = int(f.get("--pool-batches", 5)) * n * (lat * 2 + 2048 * 2)  # ORW / AC-Flow: bf16 latents (+ pooled)
     stored = {"flow_grpo": n * (steps + 1) * lat * 4,  # fp32 SDE trajectory
