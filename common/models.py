@@ -1,5 +1,6 @@
 """Model loading: the embedded base (common/world/model.py: tiny SD3 transformer in pixel space + word-level text
-encoder) or any diffusers SD3 checkpoint (id or local path), behind one small interface, plus LoRA via peft.
+encoder) or a diffusers pipeline (id or local path) of a family in common/pipelines/ (SD3), behind one small
+interface, plus LoRA via peft.
 
     model = load_model("embedded")            # or "stabilityai/stable-diffusion-3.5-medium"
     prompt_embeds, pooled_prompt_embeds = model.encode_prompt(["a red circle"])
@@ -17,21 +18,25 @@ decodes `decode_batch_size` latents at a time.
 """
 
 import contextlib
+import importlib
 import json
 import os
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from common.pipelines import PIPELINES
 
 EMBEDDED = "embedded"
-SD3_PIPELINE = "StableDiffusion3Pipeline"  # the model_index.json `_class_name` every --model folder must have
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_PRECISIONS = ("no", "bf16")  # fp16 training would need a GradScaler; evaluation (no gradients) takes fp16 too
-# the 8 attention projections of every SD3 joint block (Flow-GRPO and diffusers' SD3 LoRA example)
+# the 8 attention projections of every SD3 joint block (Flow-GRPO and diffusers' SD3 LoRA example; the embedded
+# transformer is an SD3 one too)
 LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                 "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
 
@@ -51,6 +56,8 @@ class Model:
     dtype: torch.dtype
     max_t5_length: int = 128  # T5 prompt tokens (SD3 with T5); NFT and Flow-GRPO code use 128, diffusers 256
     decode_batch_size: int = 16  # latents the VAE decodes at once (~0.75 GB of fp32 activations per 512-px image)
+    encode_fn: Callable | None = None  # a pipeline's (model, prompts) -> (prompt_embeds, pooled_prompt_embeds)
+    lora_targets: tuple = LORA_TARGETS  # the modules peft wraps
 
     @property
     def is_embedded(self):
@@ -61,8 +68,7 @@ class Model:
         if self.is_embedded:
             pe, pooled = self.text_encoders[0](list(prompts))
             return pe.to(self.dtype), pooled.to(self.dtype)
-        return encode_sd3_prompt(self.text_encoders, self.tokenizers, list(prompts), self.device, self.dtype,
-                                 self.transformer.config.joint_attention_dim, self.max_t5_length)
+        return self.encode_fn(self, list(prompts))
 
     @torch.no_grad()
     def decode(self, latents):
@@ -119,14 +125,15 @@ def autocast_forward(module, dtype):
 
 
 def check_model_available(name):
-    """Fail with one line (no hub is reachable) before any loading."""
+    """Fail with one line (no hub is reachable) before any loading. Returns the pipeline's model_index.json
+    `_class_name` (a key of common.pipelines.PIPELINES; SD3 for a folder without model_index.json)."""
     if name == EMBEDDED:
         from common.world.model import check_weights
 
         return check_weights()
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "model_index.json")) and not os.path.isdir(os.path.join(name, "transformer")):
-            raise SystemExit(f"error: --model {name!r} is a directory but not a diffusers SD3 pipeline "
+            raise SystemExit(f"error: --model {name!r} is a directory but not a diffusers pipeline "
                              "(no model_index.json / transformer/)")
         index = os.path.join(name, "model_index.json")
     else:
@@ -137,72 +144,29 @@ def check_model_available(name):
             raise SystemExit(f"error: --model {name!r} is neither 'embedded', a local directory, nor in the local "
                              "Hugging Face cache, and no network/hub is reachable; download it elsewhere and pass "
                              "its local path (e.g. --model /path/to/stable-diffusion-3.5-medium)")
-    if os.path.isfile(index):  # another pipeline's folder would fail deep inside from_pretrained
-        try:
-            kind = json.loads(Path(index).read_text()).get("_class_name")
-        except (OSError, ValueError, AttributeError) as e:
-            raise SystemExit(f"error: --model {name!r}: unreadable model_index.json ({type(e).__name__})")
-        if kind != SD3_PIPELINE:
-            raise SystemExit(f"error: --model {name!r} holds a {kind} pipeline; choose a {SD3_PIPELINE} "
-                             "(e.g. stabilityai/stable-diffusion-3.5-medium) or 'embedded'")
-
-
-def load_sd3(name, device="cpu", dtype=None, resolution=512, use_t5=False, max_t5_length=128):
-    """Any diffusers SD3 pipeline (hub id in the local cache, or a local directory)."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-    dtype = dtype or default_dtype(device)
-    kw = dict(torch_dtype=dtype)
-    transformer = SD3Transformer2DModel.from_pretrained(name, subfolder="transformer", **kw)
-    vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=torch.float32)  # decode in fp32
-    encoders = [CLIPTextModelWithProjection.from_pretrained(name, subfolder=s, **kw) for s in ("text_encoder", "text_encoder_2")]
-    tokenizers = [CLIPTokenizer.from_pretrained(name, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
-    if use_t5:  # diffusers documents dropping T5 (text_encoder_3=None) as a memory/quality trade-off
-        encoders.append(T5EncoderModel.from_pretrained(name, subfolder="text_encoder_3", **kw))
-        tokenizers.append(T5TokenizerFast.from_pretrained(name, subfolder="tokenizer_3"))
-    for m in [vae, *encoders]:
-        m.requires_grad_(False).eval().to(device)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (transformer.config.in_channels, resolution // factor, resolution // factor)
-    return Model(name, transformer.to(device), encoders, tokenizers, vae, scheduler, shape, torch.device(device), dtype,
-                 max_t5_length)
-
-
-def encode_sd3_prompt(encoders, tokenizers, prompts, device, dtype, joint_dim=4096, max_t5_length=256):
-    """SD3 prompt encoding as in diffusers' StableDiffusion3Pipeline: penultimate hidden states of CLIP-L and
-    CLIP-G concatenated on the feature axis and zero-padded to the T5 width, then T5 tokens (or zeros when T5
-    is dropped) appended on the sequence axis; pooled = both CLIP projections concatenated."""
-    clip_embeds, pooled = [], []
-    for enc, tok in zip(encoders[:2], tokenizers[:2]):
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)
-        out = enc(ids, output_hidden_states=True)
-        clip_embeds.append(out.hidden_states[-2])
-        pooled.append(out.text_embeds)
-    clip = torch.cat(clip_embeds, -1)
-    clip = nn.functional.pad(clip, (0, joint_dim - clip.shape[-1]))
-    if len(encoders) > 2:
-        ids = tokenizers[2](prompts, padding="max_length", max_length=max_t5_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
-        t5 = encoders[2](ids)[0]
-    else:
-        t5 = torch.zeros(len(prompts), max_t5_length, joint_dim, device=device)
-    return torch.cat([clip, t5.to(clip.dtype)], -2).to(dtype), torch.cat(pooled, -1).to(dtype)
+    if not os.path.isfile(index):
+        return next(iter(PIPELINES))
+    try:  # another pipeline's folder would fail deep inside from_pretrained
+        kind = json.loads(Path(index).read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SystemExit(f"error: --model {name!r}: unreadable model_index.json ({type(e).__name__})")
+    if kind not in PIPELINES:
+        raise SystemExit(f"error: --model {name!r} holds a {kind} pipeline; choose a {' or '.join(PIPELINES)} "
+                         "(e.g. stabilityai/stable-diffusion-3.5-medium) or 'embedded'")
+    return kind
 
 
 def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=False, max_t5_length=128,
                mixed_precision=None, decode_batch_size=16, gradient_checkpointing=False):
     """`dtype` (the frozen weights' dtype) overrides `mixed_precision` (no|bf16|fp16, None = per device)."""
-    check_model_available(name)
+    kind = check_model_available(name)
     dtype = dtype or weight_dtype(mixed_precision, device)
     if name == EMBEDDED:
         from common.world.model import load_embedded
 
         model = load_embedded(device, dtype)
     else:
-        model = load_sd3(name, device, dtype, resolution, use_t5, max_t5_length)
+        model = importlib.import_module(PIPELINES[kind]).load(name, device, dtype, resolution, use_t5, max_t5_length)
     model.decode_batch_size = decode_batch_size
     if gradient_checkpointing:  # recompute each block's activations in the backward pass (diffusers' helper)
         model.transformer.enable_gradient_checkpointing()

@@ -107,7 +107,8 @@ class Run:
                                        max_t5_length=a.max_t5_length, mixed_precision=a.mixed_precision,
                                        decode_batch_size=a.decode_batch_size,
                                        gradient_checkpointing=a.gradient_checkpointing)
-        self.policy = models.Policy(self.model.transformer, a.lora_rank, a.lora_alpha, with_old=with_old)
+        self.policy = models.Policy(self.model.transformer, a.lora_rank, a.lora_alpha, self.model.lora_targets,
+                                    with_old=with_old)
         self.reward_fn = rewards.build_reward(a.reward, a.reward_device or self.device, batch_size=a.decode_batch_size,
                                               dtype=rewards.DTYPES[a.reward_dtype], paths=a.reward_paths)
         self.grid = utils.SampleGrid(a.eval_samples_per_prompt)  # base beside current on the same noise
