@@ -247,6 +247,13 @@ def mean_std(xs):
     return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
 
 
+def base_to_final(base, final, key):
+    """"base -> final" of a held-out metric, each the mean over seeds; "n/a" when a run's results lack it (a run
+    stored before the metric existed)."""
+    b, f = [d.get(key) for d in base], [d.get(key) for d in final]
+    return "n/a" if None in b + f else f"{mean_std(b)[0]:.3f} -> {mean_std(f)[0]:.3f}"
+
+
 def queries_to_reach(curve, target):
     return next((q for q, _, v in curve if v >= target), None)
 
@@ -284,9 +291,9 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8,
     target = statistics.mean(grpo) if grpo else None
     rows = ["| method | seeds | reward queries | strict accuracy: base -> final (gain, per seed) | train prompts' strict "
             "accuracy: base -> final (gain, per seed) | partial credit: base -> final | best partial credit (queries) "
-            "| extra-object rate: base -> final | diversity | queries to Flow-GRPO's final | wall time (min) | "
-            "s/iter: sample / reward / train | peak RSS (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| extra-object rate: base -> final | texture: base -> final | diversity | queries to Flow-GRPO's final | "
+            "wall time (min) | s/iter: sample / reward / train | peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     for m, runs in res.items():
         if not runs:
@@ -312,7 +319,8 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8,
                     f"(**{mean_std(tgains)[0]:+.3f}**; {', '.join(f'{g:+.3f}' for g in tgains)}) | "
                     f"{mean_std([b['reward_mean'] for b in base])[0]:.3f} -> "
                     f"{ms([f['reward_mean'] for f in fin])} | {best_s} | {mean_std([extra(b) for b in base])[0]:.3f} -> "
-                    f"{mean_std([extra(f) for f in fin])[0]:.3f} | {mean_std([f['diversity'] for f in fin])[0]:.3f} | "
+                    f"{mean_std([extra(f) for f in fin])[0]:.3f} | {base_to_final(base, fin, 'texture')} | "
+                    f"{mean_std([f['diversity'] for f in fin])[0]:.3f} | "
                     f"{reach_s} | {mean_std(wt)[0]:.1f} | {p['sample']:.2f} / {p['reward']:.2f} / {p['train']:.2f} | "
                     f"{max(rss) if rss else float('nan'):.0f} |")
         for i, r in enumerate(runs):
@@ -346,7 +354,10 @@ Strict accuracy = exact scenes (every object, count, colour and position right);
 same seed's base (the base is evaluated on the run's own noise). The train prompts' column evaluates the saved
 model on the 85 prompts the methods train on (4 samples each, the seed's noise; `python -m common.tools.evaluate
 --split train`): what a method learns, where the held-out column shows how far it generalises. Extra-object rate = the fraction of images with
-an object the prompt did not ask for (clutter, the reward-hacking signature of world v1). "Best partial credit"
+an object the prompt did not ask for (clutter, the reward-hacking signature of world v1). Texture = the fraction of
+pixels that are speckle (more than 0.02 outside the range of their 4 neighbours in some channel,
+`common.world.shapes.texture`; measured: renders 0, the base ~0.001, Flow-GRPO's visible speckle at 3,200 queries
+0.07-0.12); "n/a" for runs stored before it was measured. "Best partial credit"
 is the mean over seeds of each run's highest held-out evaluation (base included), with the mean number of reward
 queries at which it came. "Queries to Flow-GRPO's final" is the first evaluation at which a run's held-out
 partial credit reaches the mean final value of the flow_grpo runs (evaluations are spaced ~1/{eval_points} of

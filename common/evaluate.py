@@ -69,8 +69,10 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
                    reward_fn=None, captions=None, return_images=False, batch_size=128, rank=0, world=1):
     """Generate `samples_per_prompt` samples per prompt. Shapes specs are scored with the mini-GenEval scorer
     (reward_mean = partial credit); prompts without a spec (None or other metadata) need `reward_fn`, whose mean is
-    then `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well. A weighted
-    reward (common.rewards.RewardFn) also reports each of its rewards: `rewards` = {name: {weight, mean, std}}.
+    then `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well. Shapes specs also
+    give strict accuracy and partial credit (overall, per category), `clean_fraction` (images with no extra object)
+    and `texture` (the mean fraction of speckled pixels, `shapes.texture`). A weighted reward
+    (common.rewards.RewardFn) also reports each of its rewards: `rewards` = {name: {weight, mean, std}}.
 
     Sharded (world > 1, every rank calls it): each rank generates and scores its contiguous slice of the prompts on
     the noise one process would use, the per-sample results are gathered, and every rank returns the metrics of the
@@ -83,7 +85,7 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
     lo, hi = min(rank * per, n_prompts), min((rank + 1) * per, n_prompts)  # this rank's prompts
     rep = [i for i in range(lo, hi) for _ in range(k)]
     rep_caps, rep_specs = [captions[i] for i in rep], [specs[i] for i in rep]
-    local = dict(div=[], values=[], train=[], strict=[], extra=[], cat=[])
+    local = dict(div=[], values=[], train=[], strict=[], extra=[], texture=[], cat=[])
     weights = getattr(reward_fn, "weights", {})  # a RewardFn's named rewards: {name: weight}
     local.update({f"reward/{name}": [] for name in weights})
     images = torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
@@ -108,6 +110,7 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
                 local["values"] += values.tolist()
                 local["strict"] += strict.float().tolist()
                 local["extra"] += [c["extra"] for c in checks]
+                local["texture"] += shapes.texture(batch).tolist()
                 local["cat"] += [s["category"] for s in specs_]
             carry = torch.cat([carry, batch])  # diversity: the k float samples of each prompt
             whole = len(carry) // k * k
@@ -133,6 +136,7 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
         cats = [c for c in shapes.CATEGORIES if c in cat]
         mask = {c: torch.tensor([x == c for x in cat]) for c in cats}
         res.update(strict_accuracy=float(strict.mean()), clean_fraction=sum(not e for e in gathered["extra"]) / len(cat),
+                   texture=float(torch.tensor(gathered["texture"]).mean()),
                    accuracy={c: float(strict[m].mean()) for c, m in mask.items()},
                    partial={c: float(values[m].mean()) for c, m in mask.items()})
     res["reward_mean"] = float(values.mean())

@@ -357,6 +357,8 @@ def log_eval(writer, res, step, prefix="eval/"):
     writer.add_scalar(prefix + "diversity", res["diversity"], step)
     if "clean_fraction" in res:
         writer.add_scalar(prefix + "clean_fraction", res["clean_fraction"], step)
+    if "texture" in res:  # speckled-pixel fraction (shapes.texture)
+        writer.add_scalar(prefix + "texture", res["texture"], step)
     for c, v in res.get("accuracy", {}).items():
         writer.add_scalar(prefix + f"accuracy_{c}", v, step)
 

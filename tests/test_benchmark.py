@@ -1,4 +1,4 @@
-"""benchmark/run.py: which stored runs it may reuse."""
+"""benchmark/run.py: which stored runs it may reuse; the table it writes."""
 
 import json
 
@@ -30,3 +30,32 @@ def test_benchmark_never_reuses_runs_of_other_code_or_arguments(tmp_path):
     (d / "run_key.json").write_text(json.dumps(key))
     (d / "summary.json").unlink()
     assert not bench.stored(d, key)  # unfinished
+
+
+def _fake_run(texture=None, seed=0):
+    """What `collect` returns for one run, with made-up numbers; texture=None: a run stored before the metric."""
+    def ev(strict, texture):
+        d = dict(strict_accuracy=strict, reward_mean=strict + 0.1, clean_fraction=0.9, diversity=0.25)
+        return d if texture is None else dict(d, texture=texture)
+
+    base, final = (None, None) if texture is None else texture
+    return dict(summary=dict(base=ev(0.25, base), final=ev(0.3 + 0.01 * seed, final), wall_time_s=300.0),
+                curve=[(0, 0.0, 0.35), (1600, 150.0, 0.38), (3200, 300.0, 0.4)],
+                perf=dict(sample=1.0, reward=0.2, train=0.5), peak_rss_mb=900, train_base=dict(strict_accuracy=0.5),
+                train_final=dict(strict_accuracy=0.55))
+
+
+def test_benchmark_table_has_a_texture_column(tmp_path):
+    """The table's texture column is base -> final, each the mean over seeds, of the runs' held-out `texture`;
+    a run stored before the metric existed shows n/a (no crash)."""
+    import run as bench
+
+    res = {"flow_grpo": [_fake_run((0.001, 0.1), 0), _fake_run((0.002, 0.06), 1)], "advantageflow": [_fake_run()]}
+    bench.report(res, tmp_path, 3200, [0, 1], tmp_path / "docs", page="benchmark_fake")
+    lines = (tmp_path / "docs" / "benchmark_fake.md").read_text().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[head:head + 4]]
+    assert len({len(c) for c in cells}) == 1  # header, separator and both rows: the same number of columns
+    col = cells[0].index("texture: base -> final")
+    rows = {c[0]: c[col] for c in cells[2:]}
+    assert rows == {"flow_grpo": "0.002 -> 0.080", "advantageflow": "n/a"}, rows

@@ -25,7 +25,9 @@ def test_evaluate_cli(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "colors" in out.stdout and "overall" in out.stdout
     res = json.loads((tmp_path / "r.json").read_text())
-    assert {"reward_mean", "strict_accuracy", "accuracy", "diversity", "n"} <= set(res) and res["n"] == 4
+    assert {"reward_mean", "strict_accuracy", "accuracy", "diversity", "clean_fraction", "texture", "n"} <= set(res)
+    assert res["n"] == 4 and 0 <= res["texture"] < 0.05  # speckled-pixel fraction (the base: ~0.001)
+    assert f"clean scenes {res['clean_fraction']:.3f}   texture {res['texture']:.4f}   n = 4" in out.stdout, out.stdout
     assert (tmp_path / "g.png").stat().st_size > 100
     # GenEval JSON-lines prompts in, GenEval's folder layout out; the saved PNGs score as the run reported
     f = tmp_path / "m.jsonl"

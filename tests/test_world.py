@@ -131,6 +131,53 @@ def test_scorer_reads_shapes_not_blobs():
     assert p.item() == 0 and not s.item()
 
 
+def _speckle(images, fraction, seed):
+    """About `fraction` of the pixels replaced by random colours."""
+    g = torch.Generator().manual_seed(seed)
+    hit = torch.rand(images.shape[0], 1, *images.shape[2:], generator=g) < fraction
+    return torch.where(hit, torch.rand(images.shape, generator=g), images)
+
+
+def _noise_inside_shapes(images, amplitude, seed):
+    g = torch.Generator().manual_seed(seed)
+    inside = images.max(1, keepdim=True).values > 0
+    return (images + amplitude * torch.randn(images.shape, generator=g) * inside).clamp(0, 1)
+
+
+def _blur(images, sigma):
+    """Separable 5-tap Gaussian blur: the soft edges of a few-step sampler, no texture."""
+    k = torch.exp(-torch.arange(-2, 3.0) ** 2 / (2 * sigma**2))
+    k = (k / k.sum()).repeat(3, 1, 1, 1)  # (3, 1, 1, 5): one per channel
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad(images, (2, 2, 0, 0), mode="replicate"), k, groups=3)
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, 2, 2), mode="replicate"),
+                                      k.transpose(2, 3), groups=3)
+
+
+def test_texture_counts_speckle_not_edges():
+    """shapes.texture (the fraction of pixels outside their 4 neighbours' range) is exactly 0 on renders and on
+    blurred renders (edges are not texture), follows the share of pixels replaced by random colours, and grows with
+    the amplitude of noise inside the shapes. Measured on these 333 renders: speckle 0.5 / 1 / 2 / 5 % ->
+    0.0051 / 0.0102 / 0.0201 / 0.0488; noise inside shapes of std 0.02 / 0.05 / 0.1 -> 0.033 / 0.069 / 0.079; a
+    +-0.05 checkerboard inside shapes -> 0.112 (of 0.139 shape pixels; >= 0.70 of them in every image). The
+    committed base: 0.001 (test_committed_base_draws_shapes); Flow-GRPO samples with visible speckle: 0.07-0.37
+    (docs/embedded_world.md)."""
+    specs = shapes.split_specs("all") * 3
+    clean = shapes.render_batch(specs, seed=5)
+    assert (shapes.texture(clean) == 0).all()
+    for sigma in (0.5, 0.7):
+        assert shapes.texture(_blur(clean, sigma)).max() == 0, sigma
+    assert shapes.texture(_blur(clean, 1.0)).mean() < 1e-4  # heavier blur: 1 pixel in 333 images (a narrow gap)
+    fractions = (0.005, 0.01, 0.02, 0.05)
+    speckled = [float(shapes.texture(_speckle(clean, f, 0)).mean()) for f in fractions]
+    assert all(0.85 * f <= t <= 1.1 * f for f, t in zip(fractions, speckled)), speckled
+    noisy = [float(shapes.texture(_noise_inside_shapes(clean, a, 0)).mean()) for a in (0.02, 0.05, 0.1)]
+    assert 0.02 < noisy[0] < noisy[1] < noisy[2], noisy
+    inside = clean.max(1, keepdim=True).values > 0
+    checker = (torch.arange(32).view(-1, 1) + torch.arange(32)) % 2 * 0.1 - 0.05  # (32, 32), +-0.05
+    t = shapes.texture((clean + checker * inside).clamp(0, 1))
+    assert (t >= 0.5 * inside.flatten(1).float().mean(1)).all()
+
+
 def test_grammar_round_trip_and_categories():
     specs = shapes.all_specs()
     assert len({s["caption"] for s in specs}) == len(specs)
@@ -169,17 +216,17 @@ def test_embedded_model_forward_shapes():
 
 def test_committed_base_draws_shapes():
     """The committed v2 base on the train split (1 fixed-noise sample per prompt, default sampler): measured
-    strict 0.64, extra-object rate 0.07 (4 samples per prompt: 0.51 / 0.085, the world's target >= 0.5); a random
-    init draws nothing the scorer accepts."""
+    strict 0.64, extra-object rate 0.07 (4 samples per prompt: 0.51 / 0.085, the world's target >= 0.5), texture 0.0011
+    (renders 0, 1 % of pixels speckled ~0.01); a random init draws nothing the scorer accepts (texture 0.66)."""
     torch.manual_seed(0)
     specs = shapes.split_specs("train")
     base = models.load_model("embedded")
     res = evaluate_model(base, base.transformer, specs, samples_per_prompt=1)
-    assert res["strict_accuracy"] >= 0.5 and 1 - res["clean_fraction"] <= 0.15, res
+    assert res["strict_accuracy"] >= 0.5 and 1 - res["clean_fraction"] <= 0.15 and res["texture"] <= 0.004, res
     rand = models.load_model("embedded")
     rand.transformer = world_model.build_embedded()[0]
     res_rand = evaluate_model(rand, rand.transformer, specs, samples_per_prompt=1)
-    assert res_rand["strict_accuracy"] == 0 and res_rand["reward_mean"] < 0.02, res_rand
+    assert res_rand["strict_accuracy"] == 0 and res_rand["reward_mean"] < 0.02 and res_rand["texture"] > 0.3, res_rand
 
 
 # ----------------------------------------------------------------------------------- pretraining

@@ -9,8 +9,9 @@
 
 Prints a per-category table and, with --reward, one row (mean, std) per named reward, so a held-out "gold" reward
 beside the trained one shows reward hacking; --json writes {reward_mean, strict_accuracy, accuracy (per category),
-partial (per category), diversity, n, rewards ({name: {weight, mean, std}})}; --grid saves a PNG of samples with
-their prompts.
+partial (per category), clean_fraction (images with no extra object), texture (fraction of speckled pixels,
+common.world.shapes.texture), diversity, n, rewards ({name: {weight, mean, std}})}; --grid saves a PNG of samples
+with their prompts.
 """
 
 import json
@@ -78,7 +79,7 @@ def format_table(res):
         lines.append(f"{c:<15}{res['accuracy'][c]:>12.3f}{res['partial'][c]:>10.3f}")
     lines.append(f"{'overall':<15}{res.get('strict_accuracy', float('nan')):>12.3f}{res['reward_mean']:>10.3f}")
     lines.append(f"diversity {res['diversity']:.4f}   clean scenes {res.get('clean_fraction', float('nan')):.3f}   "
-                 f"n = {res['n']}")
+                 f"texture {res.get('texture', float('nan')):.4f}   n = {res['n']}")
     return "\n".join(lines)
 
 

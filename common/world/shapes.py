@@ -205,6 +205,7 @@ def render_batch(specs, seed):
 #  8. Strict (`shapes_strict`, the exact scene): every requested instance matched in the right colour, no other object
 #     (known or unknown), the relation holds, and at most MAX_STRAY (10) stray pixels.
 # Ground-truth renders are 100% strict; noise, blobs, fragments, one-colour canvases score near 0 (tests).
+# Reported beside the reward, not part of it: `texture` (speckle, below) and `clean_fraction` (no extra object).
 FG_THRESHOLD, COLOR_TOLERANCE, MIN_AREA, SHAPE_IOU, SHAPE_MARGIN, MAX_STRAY = 0.4, 0.35, 12, 0.8, 0.03, 10
 SIZE_RANGE, FULL_IOU = (0.7, 1.4), 0.94
 _PROTO = torch.tensor(list(COLORS.values()))
@@ -304,6 +305,31 @@ def check(spec, det):
 def clean_fraction(images, specs):
     """Fraction of images holding no more objects (recognised or unknown) than their prompt asks for."""
     return sum(not check(s, d)["extra"] for s, d in zip(specs, detect(images))) / len(specs)
+
+
+TEXTURE_TOLERANCE = 0.02  # ~5 of 255 grey levels
+
+
+def texture(images):
+    """Speckle: per image, the fraction of its pixels (0 to 1) that lie more than TEXTURE_TOLERANCE outside the
+    range [min, max] of their 4 neighbours (up, down, left, right; those on the canvas) in some channel, on
+    [0, 1] pixel values (larger images: on the scorer's 32x32 area-downsampled copy). A render is flat fills with
+    hard edges in which every pixel has a 4-neighbour of its own colour, so it scores exactly 0, and a blurred
+    edge is a monotone ramp between its neighbours, so it scores 0 too; an isolated off-colour pixel, a
+    1-pixel checkerboard, noise inside a shape or on the background counts, dim pixels too (below FG_THRESHOLD,
+    where the reward does not look). Not counted: a flat blotch 2 px wide or more, a uniform 1-px stripe. Not part
+    of any reward. Returns (N,)."""
+    x = images.detach().float().clamp(0, 1).cpu()
+    if x.shape[-1] != SIZE or x.shape[-2] != SIZE:
+        x = F.interpolate(x, size=(SIZE, SIZE), mode="area")
+
+    def neighbours(fill):  # (4, N, 3, 32, 32); `fill` off the canvas, so that it never sets the min / max
+        p = F.pad(x, (1, 1, 1, 1), value=fill)
+        return torch.stack([p[..., 1 + dy:SIZE + 1 + dy, 1 + dx:SIZE + 1 + dx]
+                            for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))])
+
+    outside = (x - neighbours(-math.inf).amax(0)).clamp_min(0) + (neighbours(math.inf).amin(0) - x).clamp_min(0)
+    return (outside.amax(1) > TEXTURE_TOLERANCE).flatten(1).float().mean(1)
 
 
 def score(images, specs):
