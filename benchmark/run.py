@@ -121,6 +121,39 @@ def train_eval(out, run_dir, seed, samples_per_prompt=4):
             evaluate(run_dir / "train_eval.json", "--checkpoint", str(run_dir)))
 
 
+def with_texture(out, run_dir, seed, summary):
+    """summary.json with the held-out texture of base and final filled in for a run stored before the metric
+    existed (a run carried over by benchmark/rekey.py): the saved model re-evaluated on the same held-out prompts
+    and noise by `python -m common.tools.evaluate` (which reproduces the run's own final evaluation), cached."""
+    if "texture" in summary["final"]:
+        return summary
+    n = summary["final"]["n"] // len(load_test_specs())
+
+    def evaluate(json_path, *extra):
+        if not json_path.is_file():
+            cmd = [sys.executable, "-m", "common.tools.evaluate", "--split", "test", "--samples-per-prompt", str(n),
+                   "--seed", str(seed), "--json", str(json_path), *extra]
+            subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(json_path.read_text())
+
+    base_dir = out / "base_heldout" / code_hash(None)[:8]
+    base_dir.mkdir(parents=True, exist_ok=True)
+    base, final = evaluate(base_dir / f"seed{seed}_n{n}.json"), evaluate(run_dir / "heldout_eval.json", "--checkpoint",
+                                                                         str(run_dir))
+    for name, stored_, again in (("base", summary["base"], base), ("final", summary["final"], final)):
+        if abs(again["strict_accuracy"] - stored_["strict_accuracy"]) > 1e-9:
+            raise RuntimeError(f"{run_dir}: re-evaluating the {name} model gives strict accuracy "
+                               f"{again['strict_accuracy']}, the run's own evaluation {stored_['strict_accuracy']}")
+    return {**summary, "base": {**summary["base"], "texture": base["texture"]},
+            "final": {**summary["final"], "texture": final["texture"]}}
+
+
+def load_test_specs():
+    from common.world import shapes
+
+    return shapes.split_specs("test")
+
+
 # ----------------------------------------------------------------------------------- cost breakdown and scaling
 NO_EVAL = ["--eval-every", "100000", "--checkpoint-every", "100000", "--eval-samples-per-prompt", "1", "--threads", "1"]
 
@@ -228,7 +261,7 @@ def collect(out, methods, seeds, budget, eval_points):
             if not stored(d, dict(code=code_hash(m), args=run_cmd(m, s, budget, eval_points))):
                 print(f"{m} seed {s}: no run of this code state and budget in {d}; left out", flush=True)
                 continue
-            summ = json.loads((d / "summary.json").read_text())
+            summ = with_texture(out, d, s, json.loads((d / "summary.json").read_text()))
             ev = scalars(d, "eval/reward_mean")
             start = min((w for _, w, _ in scalars(d, "charts/reward_mean")), default=0)
             curve = [(0, 0.0, summ["base"]["reward_mean"])] + [(st * bs, w - start, v) for st, w, v in ev]
