@@ -50,8 +50,8 @@ def model_card(summary, repo_id, weights, command):
     front += ["tags:", *[f"- {t}" for t in ("cleanflow", method, "reinforcement-learning", "flow-matching",
                                             "text-to-image", *(["lora"] if weights == "lora" else []))], "---", ""]
     b, f = summary.get("base", {}), summary.get("final", {})
-    rows = [k for k in ("reward_mean", "train_reward_mean", "strict_accuracy", "clean_fraction", "diversity", "n")
-            if k in f]
+    rows = [k for k in ("reward_mean", "train_reward_mean", "strict_accuracy", "clean_fraction", "texture",
+                        "diversity", "n") if k in f]
     table = ["| held-out metric | base | final |", "|---|---|---|"]
     table += [f"| {k} | {_cell(b.get(k, ''), 4)} | {_cell(f[k], 4)} |" for k in rows]
     table += [f"| accuracy {c} | {_cell(b.get('accuracy', {}).get(c, ''), 4)} | {_cell(v, 4)} |"
