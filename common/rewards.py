@@ -7,11 +7,16 @@ world: the prompt's shapes spec) or None.
     reward_fn = build_reward("shapes=1.0,jpeg_compressibility=0.1", device)
     rewards, parts = reward_fn(images, prompts, metadata)      # parts: {name: (N,)} for logging
 
-Embedded (no weights): shapes, shapes_strict, jpeg_compressibility, jpeg_incompressibility.
+Embedded (no weights): shapes, shapes_strict, jpeg_compressibility (DDPO's scale), jpeg_compressibility_flowgrpo
+(Flow-GRPO's: DDPO's / 500), jpeg_incompressibility.
 Real (common/reward_models/, imported when a reward is built; transformers; a hub id in the local cache by default,
-or local weights via `paths` / --reward-paths name=path[|processor],...): pickscore, clipscore, hpsv2 (HPS v2.1),
-imagereward, aesthetic (LAION predictor v2: needs its head file), ocr (TrOCR), vlm (yes/no judge). Remote:
-`remote:<url>`, a Flow-GRPO reward server (GenEval, DeQA, UnifiedReward) spoken to over HTTP.
+or local weights via `paths` / --reward-paths name=path[|processor],...): pickscore (raw, ~20-23),
+pickscore_flowgrpo (raw / 26, Flow-GRPO's scale), clipscore = clipscore_cosine (cos), clipscore_torchmetrics
+(100 max(cos, 0)), clipscore_hessel (2.5 max(cos, 0), CLIP-S), hpsv2 (HPS v2.1), imagereward, aesthetic (LAION
+predictor v2: needs its head file), ocr (TrOCR), vlm (yes/no judge); each class's docstring says whose scale it is.
+A variant loads the weights (and --reward-paths entry) of the reward it rescales: SAME_WEIGHTS. Remote:
+`remote:<url>`, a Flow-GRPO reward server (GenEval, DeQA, UnifiedReward) spoken to over HTTP; options in the URL's
+query, e.g. `remote:http://127.0.0.1:18085?retries=5&timeout=60` (`remote_server`).
 """
 
 import importlib
@@ -64,11 +69,19 @@ def jpeg_size_kb(images, quality=95):
 
 
 def jpeg_compressibility(images, prompts=None, metadata=None):
-    """-(JPEG size in kB at quality 95), as in DDPO / Flow-GRPO's compression task."""
+    """-(JPEG size in kB at quality 95): DDPO's scale (kvablack/ddpo-pytorch rewards.py `jpeg_compressibility`).
+    Flow-GRPO's `jpeg_compressibility` divides this by 500: `jpeg_compressibility_flowgrpo`."""
     return -jpeg_size_kb(images)
 
 
+def jpeg_compressibility_flowgrpo(images, prompts=None, metadata=None):
+    """-(JPEG size in kB at quality 95) / 500: Flow-GRPO's scale (yifan123/flow_grpo rewards.py
+    `jpeg_compressibility`)."""
+    return -jpeg_size_kb(images) / 500
+
+
 def jpeg_incompressibility(images, prompts=None, metadata=None):
+    """+(JPEG size in kB at quality 95): DDPO's and Flow-GRPO's `jpeg_incompressibility` (the same scale in both)."""
     return jpeg_size_kb(images)
 
 
@@ -82,32 +95,77 @@ def check_server(url, timeout=10.0):
 
 
 EMBEDDED_REWARDS = {"shapes": shapes_partial, "shapes_strict": shapes_strict,
-                    "jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility}
+                    "jpeg_compressibility": jpeg_compressibility,
+                    "jpeg_compressibility_flowgrpo": jpeg_compressibility_flowgrpo,
+                    "jpeg_incompressibility": jpeg_incompressibility}
 # name -> "module.Class" in common/reward_models/, imported by `real_reward` when the reward is built
-REAL_REWARDS = {"pickscore": "clip.PickScore", "clipscore": "clip.CLIPScore", "hpsv2": "clip.HPSv2",
-                "imagereward": "imagereward.ImageReward", "aesthetic": "clip.Aesthetic", "ocr": "ocr.OCR",
-                "vlm": "vlm.VLMYesNo"}
+REAL_REWARDS = {"pickscore": "clip.PickScore", "pickscore_flowgrpo": "clip.PickScoreFlowGRPO",
+                "clipscore": "clip.CLIPScore", "clipscore_cosine": "clip.CLIPScore",
+                "clipscore_torchmetrics": "clip.CLIPScoreTorchmetrics", "clipscore_hessel": "clip.CLIPScoreHessel",
+                "hpsv2": "clip.HPSv2", "imagereward": "imagereward.ImageReward", "aesthetic": "clip.Aesthetic",
+                "ocr": "ocr.OCR", "vlm": "vlm.VLMYesNo"}
+# a rescaled variant -> the reward whose model it runs: the same default weights, and that reward's --reward-paths
+# entry when the variant has none of its own
+SAME_WEIGHTS = {"pickscore_flowgrpo": "pickscore", "clipscore_cosine": "clipscore",
+                "clipscore_torchmetrics": "clipscore", "clipscore_hessel": "clipscore"}
 REWARDS = sorted([*EMBEDDED_REWARDS, *REAL_REWARDS])
 CHOICES = ", ".join([*REWARDS, "remote:<url>"])
 AESTHETIC_HINT = ("--reward-paths aesthetic=sac+logos+ava1-l14-linearMSE.pth "
                   "(christophschuhmann/improved-aesthetic-predictor)")
 
 
+# a reward server URL's query options (`remote_server`) -> their type; the RemoteReward arguments they set
+REMOTE_OPTIONS = {"retries": int, "timeout": float, "backoff": float}
+
+
+def remote_server(name, where=None):
+    """'remote:http://host:port/path?retries=5&timeout=60&backoff=2' (or the URL alone) -> (the URL requests go to,
+    without the query; {option: value} for common.reward_models.RemoteReward: retries (more tries after a failed
+    one), timeout (seconds a request waits), backoff (seconds before the first retry, doubling at each)). ValueError
+    (one line, starting with `where`, default "reward '<name>'") naming a bad URL, an unknown option or a bad value."""
+    where = where or f"reward {name!r}"
+    try:
+        u = urllib.parse.urlsplit(name.removeprefix("remote:"))
+        ok = u.scheme in ("http", "https") and u.hostname and (u.port or True)
+    except ValueError:  # e.g. a port that is not a number
+        ok = False
+    if not ok:
+        raise ValueError(f"{where} needs the http(s) URL of a reward server, e.g. "
+                         f"{'remote:' * name.startswith('remote:')}http://127.0.0.1:18085")
+    options = {}
+    for key, value in urllib.parse.parse_qsl(u.query, keep_blank_values=True):
+        if key not in REMOTE_OPTIONS:
+            raise ValueError(f"{where}: unknown option {key!r}; choose from: {', '.join(REMOTE_OPTIONS)}")
+        try:
+            v = options[key] = REMOTE_OPTIONS[key](value)
+        except ValueError:
+            v = float("nan")
+        if not np.isfinite(v) or v < 0 or (key == "timeout" and v == 0):
+            kind = {"retries": "a whole number >= 0", "timeout": "a number > 0"}.get(key, "a number >= 0")
+            raise ValueError(f"{where}: option {key}={value!r} must be {kind}")
+    return urllib.parse.urlunsplit(u._replace(query="")), options
+
+
+def _name_and_weight(part):
+    """'name=w' -> (name, w). A reward server URL keeps its query options; its weight follows the last option's
+    value: 'remote:http://h:18085?retries=5&timeout=60=0.5' -> ('remote:http://h:18085?retries=5&timeout=60', '0.5')."""
+    if not (part.startswith("remote:") and "?" in part):
+        name, _, w = part.partition("=")
+        return name.strip(), w
+    head, _, query = part.partition("?")
+    *options, last = query.split("&")
+    key, eq, rest = last.partition("=")
+    value, _, w = rest.partition("=")
+    return "?".join([head, "&".join([*options, key + eq + value])]).strip(), w
+
+
 def parse_reward_spec(spec):
     """'shapes=1.0,jpeg_compressibility=0.1' (or 'shapes') -> {'shapes': 1.0, ...}. Raises ValueError with one line."""
     weights = {}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        name, _, w = part.partition("=")
-        name = name.strip()
+        name, w = _name_and_weight(part)
         if name.startswith("remote:"):
-            try:
-                u = urllib.parse.urlsplit(name.removeprefix("remote:"))
-                ok = u.scheme in ("http", "https") and u.hostname and (u.port or True)
-            except ValueError:  # e.g. a port that is not a number
-                ok = False
-            if not ok:
-                raise ValueError(f"reward {name!r} needs the http(s) URL of a reward server, "
-                                 "e.g. remote:http://127.0.0.1:18085")
+            remote_server(name)
         elif name not in REWARDS:
             raise ValueError(f"unknown reward {name!r}; choose from: {CHOICES}")
         try:
@@ -168,12 +226,13 @@ class RewardFn:
         self.fns = {}
         for name in self.weights:
             kw = {"batch_size": batch_size} if batch_size else {}
-            m, _, p = paths.get(name, "").partition("|")
+            m, _, p = paths.get(name, paths.get(SAME_WEIGHTS.get(name), "")).partition("|")
             try:
                 if name in EMBEDDED_REWARDS:
                     self.fns[name] = EMBEDDED_REWARDS[name]
                 elif name.startswith("remote:"):
-                    self.fns[name] = real_reward("remote")(name.removeprefix("remote:"), **kw)
+                    url, options = remote_server(name)
+                    self.fns[name] = real_reward("remote")(url, **options, **kw)
                 else:
                     self.fns[name] = real_reward(name)(device, m or None, p or None, dtype=dtype, **kw)
             except Exception as e:

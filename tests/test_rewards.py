@@ -1,18 +1,17 @@
 """common/rewards.py: registry and spec errors, weighted sums, the embedded rewards; common/reward_models/: the real
 transformers rewards (PickScore, CLIPScore, HPSv2, aesthetic, ImageReward, OCR, VLM yes/no) on tiny random models built offline by
 tests/helpers/tiny_rewards.py - HPSv2 and ImageReward checked against forwards written here from the original layouts -, and
-`remote:<url>` against a fake reward server on 127.0.0.1."""
+`remote:<url>` (batches, retries with backoff, URL options) against a fake reward server on 127.0.0.1
+(tests/helpers/reward_server.py); each scale variant (pickscore_flowgrpo, clipscore_*, jpeg_compressibility_flowgrpo)
+against the formula computed here."""
 
-import http.server
 import importlib.util
 import io
 import json
 import os
-import pickle
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,8 +21,10 @@ import torch
 from PIL import Image
 
 from common import reward_models, rewards
+from common.reward_models import remote
 from common.world import shapes
 from tests.helpers import tiny_rewards
+from tests.helpers.reward_server import FakeRewardServer
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 PROMPTS = ["a red circle", "two blue squares", "a triangle left of a circle", "three circles",
@@ -54,8 +55,10 @@ def test_unknown_reward_lists_choices():
     with pytest.raises(ValueError, match="unknown reward 'nope'") as e:
         rewards.build_reward("shapes=1.0,nope=2")
     assert all(name in str(e.value) for name in rewards.REWARDS) and "remote:<url>" in str(e.value)
-    assert set(rewards.REWARDS) == {"shapes", "shapes_strict", "jpeg_compressibility", "jpeg_incompressibility",
-                                    "pickscore", "clipscore", "hpsv2", "imagereward", "aesthetic", "ocr", "vlm"}
+    assert set(rewards.REWARDS) == {"shapes", "shapes_strict", "jpeg_compressibility", "jpeg_compressibility_flowgrpo",
+                                    "jpeg_incompressibility", "pickscore", "pickscore_flowgrpo", "clipscore",
+                                    "clipscore_cosine", "clipscore_torchmetrics", "clipscore_hessel", "hpsv2",
+                                    "imagereward", "aesthetic", "ocr", "vlm"}
 
 
 @pytest.mark.parametrize("spec,msg", [("shapes=abc", "malformed reward weight 'abc'"), ("shapes=1=2", "malformed"),
@@ -64,7 +67,15 @@ def test_unknown_reward_lists_choices():
                                       ("remote:127.0.0.1:18085", "needs the http"),
                                       ("remote:ftp://host/x", "needs the http"),
                                       ("remote:http://host:port", "needs the http"),
-                                      ("remote:http://h:1=x", "malformed reward weight 'x'")])
+                                      ("remote:http://h:1=x", "malformed reward weight 'x'"),
+                                      ("remote:http://h:1?retry=3", "unknown option 'retry'; choose from: "
+                                                                    "retries, timeout, backoff"),
+                                      ("remote:http://h:1?retries=-1", "retries='-1' must be a whole number >= 0"),
+                                      ("remote:http://h:1?retries=1.5", "retries='1.5' must be a whole number >= 0"),
+                                      ("remote:http://h:1?timeout=0", "timeout='0' must be a number > 0"),
+                                      ("remote:http://h:1?backoff=x", "backoff='x' must be a number >= 0"),
+                                      ("remote:http://h:1?timeout=inf", "timeout='inf' must be a number > 0"),
+                                      ("remote:http://h:1?retries=2=x", "malformed reward weight 'x'")])
 def test_malformed_specs(spec, msg):
     with pytest.raises(ValueError, match=msg):
         rewards.parse_reward_spec(spec)
@@ -76,6 +87,13 @@ def test_parse_defaults_and_spaces():
                                                                                      "jpeg_compressibility": -0.5}
     assert rewards.parse_reward_spec("remote:http://10.0.0.1:18085/x=0.5,remote:https://h") == {
         "remote:http://10.0.0.1:18085/x": 0.5, "remote:https://h": 1.0}
+    # a server URL's query options stay in its name; the weight follows the last option's value
+    assert rewards.parse_reward_spec("remote:http://h:1/x?retries=3&backoff=0.5=2,shapes,remote:http://h:2?timeout=9"
+                                     ) == {"remote:http://h:1/x?retries=3&backoff=0.5": 2.0, "shapes": 1.0,
+                                           "remote:http://h:2?timeout=9": 1.0}
+    assert rewards.remote_server("remote:http://h:1/x?retries=3&timeout=60&backoff=0") == (
+        "http://h:1/x", {"retries": 3, "timeout": 60.0, "backoff": 0.0})
+    assert rewards.remote_server("https://h") == ("https://h", {})
 
 
 def test_reward_paths(tmp_path):
@@ -155,6 +173,24 @@ def test_jpeg_flat_is_more_compressible_than_noise():
     assert rewards.jpeg_size_kb(flat).dtype == torch.float32
 
 
+def test_jpeg_scales_ddpo_and_flowgrpo():
+    """jpeg_compressibility = -kB (DDPO), jpeg_compressibility_flowgrpo = -kB / 500 (Flow-GRPO), kB of a quality-95
+    JPEG of the rounded uint8 image, computed here with PIL."""
+    x = images(3, size=64)
+    x[0] = 0.5  # flat: small file
+    kb = []
+    for img in x:
+        buf = io.BytesIO()
+        Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=95)
+        kb.append(len(buf.getvalue()) / 1000)
+    kb = torch.tensor(kb)
+    assert kb[0] < kb[1] / 3
+    torch.testing.assert_close(rewards.jpeg_compressibility(x), -kb)
+    torch.testing.assert_close(rewards.jpeg_compressibility_flowgrpo(x), -kb / 500)
+    total, parts = rewards.build_reward("jpeg_compressibility_flowgrpo=2,jpeg_compressibility")(x, ["a red circle"] * 3)
+    torch.testing.assert_close(total, -kb - 2 * kb / 500)
+
+
 # ----------------------------------------------------------------------------------- real rewards, tiny models
 def check_reward(fn, n=5):
     """shape (N,), float32, finite; a batch size smaller than N gives the same values as one batch."""
@@ -176,6 +212,49 @@ def test_pickscore_and_clipscore(clip_dir):
     x = images(1).expand(2, -1, -1, -1)
     assert (pick(x, ["a red circle", "three blue squares"]).diff().abs() > 1e-4).all()
     assert (pick(images(2, seed=3), ["a red circle"] * 2).diff().abs() > 1e-4).all()
+
+
+@pytest.fixture(scope="module")
+def mixed_clip_dir(tmp_path_factory):
+    """The tiny CLIP with a random text projection: its cosines have both signs (the plain tiny CLIP's are ~0.35)."""
+    from transformers import CLIPModel
+
+    d = tiny_rewards.build_tiny_clip(tmp_path_factory.mktemp("clip_mixed"))
+    model = CLIPModel.from_pretrained(str(d))
+    with torch.no_grad():
+        model.text_projection.weight.copy_(torch.randn(model.text_projection.weight.shape,
+                                                       generator=torch.Generator().manual_seed(1)))
+    model.save_pretrained(str(d))
+    return str(d)
+
+
+def test_pickscore_and_clipscore_scales(mixed_clip_dir):
+    """Every PickScore / CLIPScore name against its formula on the cosine computed here (CLIPModel's forward, its
+    normalised image_embeds . text_embeds): pickscore exp(logit_scale) cos, pickscore_flowgrpo that / 26, clipscore
+    and clipscore_cosine cos, clipscore_torchmetrics 100 max(cos, 0), clipscore_hessel 2.5 max(cos, 0). The variants
+    load the weights given for the reward they rescale (--reward-paths pickscore=..., clipscore=...)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    d = mixed_clip_dir
+    names = ["pickscore", "pickscore_flowgrpo", "clipscore", "clipscore_cosine", "clipscore_torchmetrics",
+             "clipscore_hessel"]
+    fn = rewards.build_reward(",".join(names), paths=f"pickscore={d}|{d},clipscore={d}|{d}", batch_size=2)
+    x, prompts = images(5), PROMPTS
+    total, parts = fn(x, prompts)
+    model, processor = CLIPModel.from_pretrained(d), CLIPProcessor.from_pretrained(d)
+    with torch.no_grad():
+        out = model(**processor(text=prompts, images=list(rewards.to_uint8(x)), return_tensors="pt", padding=True))
+    cos, scale = (out.image_embeds * out.text_embeds).sum(-1), model.logit_scale.exp().item()
+    assert (cos > 0.01).any() and (cos < -0.01).any() and abs(scale - 26) > 1  # the clamps and scales matter
+    expected = {"pickscore": scale * cos, "pickscore_flowgrpo": scale * cos / 26, "clipscore": cos,
+                "clipscore_cosine": cos, "clipscore_torchmetrics": 100 * cos.clamp(min=0),
+                "clipscore_hessel": 2.5 * cos.clamp(min=0)}
+    for name in names:
+        torch.testing.assert_close(parts[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(total, sum(expected.values()), atol=1e-4, rtol=1e-4)
+    assert type(fn.fns["clipscore_hessel"]) is reward_models.CLIPScoreHessel
+    assert all(reward_models.REAL_DEFAULT_PATHS[v] == reward_models.REAL_DEFAULT_PATHS[b]
+               for v, b in rewards.SAME_WEIGHTS.items())  # the same default weights too
 
 
 def test_vlm_yes_no_llava(llava_dir):
@@ -429,44 +508,6 @@ def test_ocr_reward_from_the_recogniser(trocr_dir):
 
 
 # ----------------------------------------------------------------------------------- remote reward server
-class FakeRewardServer:
-    """A Flow-GRPO-protocol reward server on 127.0.0.1: unpickles {"images": [JPEG], "prompts", "meta_datas", ...},
-    scores each image as mean pixel value / 255 + len(prompt), and answers {key: scores} pickled. `fail_first`
-    requests answer HTTP 500 with a traceback-like body; `delay` seconds before answering."""
-
-    def __init__(self, key="scores", fail_first=0, delay=0.0):
-        self.requests, self.scores, self.fail_first, self.delay, self.key = [], [], fail_first, delay, key
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                data = pickle.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(data)
-                time.sleep(server.delay)
-                if len(server.requests) <= server.fail_first:
-                    body, code = b"Traceback (most recent call last):\nKeyError: 'tag'\n", 500
-                else:
-                    scores = [float(np.asarray(Image.open(io.BytesIO(j))).mean() / 255 + len(p))
-                              for j, p in zip(data["images"], data["prompts"])]
-                    server.scores += scores
-                    body, code = pickle.dumps({server.key: scores, "rewards": [0.0] * len(scores)}), 200
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
     s = FakeRewardServer()
@@ -490,11 +531,13 @@ def test_remote_reward_returns_what_the_server_computed(server):
     assert jpeg.shape == (32, 32, 3) and abs(jpeg.mean() / 255 - x[0].mean().item()) < 0.02
 
 
-def test_remote_reward_outputs_key_and_one_retry():
+def test_remote_reward_outputs_key_and_one_retry(monkeypatch):
+    slept = []
+    monkeypatch.setattr(remote, "sleep", slept.append)
     s = FakeRewardServer(key="outputs", fail_first=1)  # DeQA / UnifiedReward answer "outputs"
     try:
         r = reward_models.RemoteReward(s.url)(images(3), PROMPTS[:3])
-        assert len(s.requests) == 2  # the failed request and its one retry
+        assert len(s.requests) == 2 and slept == [1.0]  # the failed request and, 1 s later, its one retry
         torch.testing.assert_close(r, torch.tensor(s.scores))
     finally:
         s.close()
@@ -503,6 +546,60 @@ def test_remote_reward_outputs_key_and_one_retry():
         with pytest.raises(ConnectionError, match=rf"reward server {s.url} answered HTTP 500: KeyError: 'tag' \(2 tries"):
             reward_models.RemoteReward(s.url)(images(1), PROMPTS[:1])
         assert len(s.requests) == 2  # retried at most once
+    finally:
+        s.close()
+
+
+def test_remote_reward_retries_5xx_with_exponential_backoff(monkeypatch):
+    """A 5xx answer is tried again after backoff, 2 x backoff, 4 x backoff, ... seconds (at most 120); when `retries`
+    more tries have failed, one line says so; a 4xx answer is not retried."""
+    slept = []
+    monkeypatch.setattr(remote, "sleep", slept.append)
+    s = FakeRewardServer(fail_first=3, fail_code=503)
+    try:
+        r = reward_models.RemoteReward(s.url, retries=3, backoff=0.5)(images(2), PROMPTS[:2])
+        assert len(s.requests) == 4 and slept == [0.5, 1.0, 2.0]
+        assert len(s.scores) == 2  # only the 4th try was answered
+        torch.testing.assert_close(r, torch.tensor(s.scores))
+    finally:
+        s.close()
+    slept.clear()
+    s = FakeRewardServer(fail_first=100)
+    try:
+        with pytest.raises(ConnectionError) as e:
+            reward_models.RemoteReward(s.url, retries=4, backoff=30, timeout=5)(images(1), PROMPTS[:1])
+        assert str(e.value) == (f"reward server {s.url} answered HTTP 500: KeyError: 'tag' (5 tries, backoff 30 s "
+                                "doubling, timeout 5 s)")
+        assert len(s.requests) == 5 and slept == [30, 60, 120, 120]  # doubling, capped at 120 s
+    finally:
+        s.close()
+    slept.clear()
+    s = FakeRewardServer(fail_first=100, fail_code=400)
+    try:
+        with pytest.raises(ConnectionError) as e:
+            reward_models.RemoteReward(s.url, retries=4)(images(1), PROMPTS[:1])
+        assert str(e.value) == f"reward server {s.url} answered HTTP 400: KeyError: 'tag' (not retried: a client error)"
+        assert len(s.requests) == 1 and slept == []
+    finally:
+        s.close()
+
+
+def test_remote_reward_url_options(monkeypatch):
+    """`remote:<url>?retries=..&timeout=..&backoff=..=weight` reaches RemoteReward; requests go to the URL without
+    the query."""
+    slept = []
+    monkeypatch.setattr(remote, "sleep", slept.append)
+    s = FakeRewardServer(fail_first=2)
+    try:
+        name = f"remote:{s.url}/score?retries=2&timeout=7.5&backoff=0.25"
+        fn = rewards.build_reward(f"{name}=3,shapes", batch_size=4)
+        r = fn.fns[name]
+        assert (r.url, r.retries, r.timeout, r.backoff, r.batch_size) == (f"{s.url}/score", 2, 7.5, 0.25, 4)
+        x = images(3)
+        total, parts = fn(x, PROMPTS[:3])
+        assert s.paths == ["/score"] * 3 and slept == [0.25, 0.5]
+        torch.testing.assert_close(parts[name], torch.tensor(s.scores))
+        torch.testing.assert_close(total, 3 * torch.tensor(s.scores) + rewards.shapes_partial(x, PROMPTS[:3]))
     finally:
         s.close()
 

@@ -1,4 +1,5 @@
-"""CLIP-based rewards: PickScore, CLIPScore, HPS v2.1 (an OpenCLIP checkpoint converted to a transformers
+"""CLIP-based rewards: PickScore (raw and Flow-GRPO's scale), CLIPScore (cosine, torchmetrics' and Hessel et al.'s
+scales), HPS v2.1 (an OpenCLIP checkpoint converted to a transformers
 CLIPModel) and the LAION aesthetic predictor (an MLP head on the CLIP image embedding).
 """
 
@@ -11,7 +12,9 @@ from common.rewards import AESTHETIC_HINT, to_uint8
 
 
 class PickScore:
-    """PickScore (Kirstain et al. 2023): logit_scale * cos(image, text) of a CLIP-H model fine-tuned on Pick-a-Pic."""
+    """PickScore (Kirstain et al. 2023) on its own, raw scale: exp(logit_scale) * cos(image, text) of a CLIP-H model
+    fine-tuned on Pick-a-Pic (exp(logit_scale) = 100), ~20-23 for SD images, as the PickScore authors' example
+    (yuvalkirstain/PickScore README) computes it. Flow-GRPO's scale: `PickScoreFlowGRPO`."""
 
     name = "pickscore"
 
@@ -48,13 +51,42 @@ def _features(x):
     return x if torch.is_tensor(x) else x.pooler_output
 
 
+class PickScoreFlowGRPO(PickScore):
+    """PickScore / 26: Flow-GRPO's scale (yifan123/flow_grpo pickscore_scorer.py `PickScoreScorer`, used by its
+    `pickscore_score` reward; "norm to 0-1"), ~0.77-0.88; the same model and weights as `PickScore`."""
+
+    def __call__(self, images, prompts, metadata=None):
+        return super().__call__(images, prompts, metadata) / 26
+
+
 class CLIPScore(PickScore):
-    """Cosine similarity of CLIP image and text embeddings (ViT-L/14 by default), in [-1, 1]."""
+    """The plain cosine similarity of CLIP image and text embeddings (ViT-L/14 by default), in [-1, 1], no rescaling
+    (`--reward clipscore_cosine`; `clipscore` is the same, its name before the variants below)."""
 
     name = "clipscore"
 
     def __call__(self, images, prompts, metadata=None):
         return super().__call__(images, prompts, metadata) / self.model.logit_scale.exp().float().cpu()
+
+
+class CLIPScoreTorchmetrics(CLIPScore):
+    """100 x max(cos, 0), in [0, 100]: torchmetrics' CLIPScore (torchmetrics.functional.multimodal `clip_score`, whose
+    documented formula this is) of each image with its prompt alone. torchmetrics clamps the mean over a batch
+    instead, so its number for a batch is this reward's mean only when no cosine is negative; its default model is
+    ViT-L/14 too, its text is not truncated at 77 tokens."""
+
+    def __call__(self, images, prompts, metadata=None):
+        return 100 * super().__call__(images, prompts, metadata).clamp(min=0)
+
+
+class CLIPScoreHessel(CLIPScore):
+    """2.5 x max(cos, 0), in [0, 2.5]: CLIP-S of Hessel et al. 2021 (CLIPScore, EMNLP; jmhessel/clipscore
+    `get_clip_score`, w = 2.5). Their code scores with ViT-B/32 (`--reward-paths clipscore_hessel=
+    openai/clip-vit-base-patch32`) and prefixes each caption with "A photo depicts "; here the prompt is scored as
+    is."""
+
+    def __call__(self, images, prompts, metadata=None):
+        return 2.5 * super().__call__(images, prompts, metadata).clamp(min=0)
 
 
 def openclip_to_transformers(sd):
@@ -92,7 +124,8 @@ def openclip_to_transformers(sd):
 
 class HPSv2(CLIPScore):
     """HPS v2.1 (Wu et al. 2023): cos(image, text) of an OpenCLIP ViT-H-14 fine-tuned on human preferences (HPD v2),
-    ~0.2-0.35. HPS_v2.1_compressed.pt (hub repo xswu/HPSv2, OpenCLIP layout; or v2.0's HPS_v2_compressed.pt) is
+    ~0.2-0.35, the hpsv2 package's scale (its `score`: image_features @ text_features.T, no logit scale).
+    HPS_v2.1_compressed.pt (hub repo xswu/HPSv2, OpenCLIP layout; or v2.0's HPS_v2_compressed.pt) is
     converted on load into a transformers CLIPModel with the config and processor of `processor_path` (default
     laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the model it was fine-tuned from); a converted CLIPModel directory (with
     config.json) loads as is. HPSv2 resizes a tensor, the CLIP processor a PIL image: pixels differ by rounding."""

@@ -25,9 +25,10 @@ def _pil_pixels(images, size, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.2
 class ImageReward:
     """ImageReward v1.0 (Xu et al. 2023): BLIP's ViT-L/16 encodes the image (224 px); a BERT-base text encoder reads
     the prompt (35 tokens) cross-attending to the image patches; its [CLS] feature -> MLP head (768-1024-128-64-16-1)
-    -> standardised with the training mean and std. Runs on transformers' BlipVisionModel + BlipTextModel, whose
-    layers match BLIP's one to one: ImageReward.pt (hub repo THUDM/ImageReward, BLIP layout) is converted on load and
-    every size is read from its tensor shapes (heads: 64 channels each, as in BLIP). Tokenizer: bert-base-uncased."""
+    -> standardised with the training mean and std: the ImageReward package's `score` scale, which Flow-GRPO's
+    `imagereward_score` reports as is. Runs on transformers' BlipVisionModel + BlipTextModel, whose layers match
+    BLIP's one to one: ImageReward.pt (hub repo THUDM/ImageReward, BLIP layout) is converted on load and every size is
+    read from its tensor shapes (heads: 64 channels each, as in BLIP). Tokenizer: bert-base-uncased."""
 
     mean, std = 0.16717362830052426, 1.0333394966054072  # of the head's outputs on ImageReward's training set
     vision_keys = [("cls_token", "embeddings.class_embedding"), ("pos_embed", "embeddings.position_embedding"),

@@ -2,9 +2,9 @@
 
 import io
 import pickle
-import time
 import urllib.error
 import urllib.request
+from time import sleep
 
 import torch
 from PIL import Image
@@ -15,14 +15,19 @@ from common.rewards import check_server, to_uint8
 class RemoteReward:
     """A Flow-GRPO reward server (yifan123/reward-server: GenEval, DeQA; UnifiedReward behind the same protocol):
     one HTTP POST per `batch_size` images of a pickled dict {"images": [JPEG bytes], "prompts": [str],
-    "meta_datas": [dict], "only_strict": True}; the answer is a pickled dict whose "scores" (GenEval: partial credit)
+    "meta_datas": [dict], "only_strict": bool}; the answer is a pickled dict whose "scores" (GenEval: partial credit)
     or "outputs" (DeQA, UnifiedReward) hold one number per image. Metadata a prompt lacks is sent as {"prompt": ...};
-    GenEval needs its own (a GenEval prompts file's JSON lines). Each request waits `timeout` seconds and is tried
-    `retries` more time(s); a server not listening fails at construction. The answer is unpickled: trusted servers
-    only (as in Flow-GRPO)."""
+    GenEval needs its own (a GenEval prompts file's JSON lines). `only_strict` True (training, as Flow-GRPO's
+    training loop) lets the GenEval server skip GenEval's own `correct` check ("rewards" all 0); the evaluation
+    (common.tools.geneval) sends False. Each request waits `timeout` seconds; a refused, reset or timed-out request
+    and an HTTP 5xx answer are tried `retries` more time(s), `backoff` seconds after the first failure, doubling after
+    each (at most 120 s, urllib3's cap; Flow-GRPO's client retries HTTP 500 up to 1000 times, factor 1 s); an HTTP 4xx
+    answer is not retried. A server not listening fails at construction. The answer is unpickled: trusted servers only
+    (as in Flow-GRPO)."""
 
-    def __init__(self, url, batch_size=64, timeout=120.0, retries=1):
+    def __init__(self, url, batch_size=64, timeout=120.0, retries=1, backoff=1.0, only_strict=True):
         self.url, self.batch_size, self.timeout, self.retries = url, batch_size, timeout, retries
+        self.backoff, self.only_strict = backoff, only_strict
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # servers sit next to the GPUs
         check_server(url, min(timeout, 10))
 
@@ -34,14 +39,18 @@ class RemoteReward:
                     return response.read()
             except urllib.error.HTTPError as e:  # the server's traceback: its last line says what went wrong
                 err = f"answered HTTP {e.code}: {(e.read().decode(errors='replace').strip().splitlines() or [''])[-1]}"
+                if e.code < 500:  # the request itself is wrong: sending it again cannot help
+                    raise ConnectionError(f"reward server {self.url} {err} (not retried: a client error)") from None
             except OSError as e:  # refused, reset, timed out (URLError is an OSError)
                 err = f"is down or unreachable: {getattr(e, 'reason', e)}"
             if attempt < self.retries:
-                time.sleep(1)
-        raise ConnectionError(f"reward server {self.url} {err} ({self.retries + 1} tries, timeout {self.timeout:g} s)")
+                sleep(min(self.backoff * 2 ** attempt, 120.0))
+        raise ConnectionError(f"reward server {self.url} {err} ({self.retries + 1} tries, backoff {self.backoff:g} s "
+                              f"doubling, timeout {self.timeout:g} s)")
 
-    def __call__(self, images, prompts, metadata=None):
-        prompts, scores = list(prompts), []
+    def answers(self, images, prompts, metadata=None):
+        """Yields (number of images, the server's unpickled answer) for each batch of `batch_size` images, in order."""
+        prompts = list(prompts)
         metadata = [m if m is not None else {"prompt": p} for p, m in zip(prompts, metadata or [None] * len(prompts))]
         arrays = to_uint8(images)
         for i in range(0, len(prompts), self.batch_size):
@@ -50,14 +59,18 @@ class RemoteReward:
                 buf = io.BytesIO()
                 Image.fromarray(a).save(buf, format="JPEG")  # PIL's default quality 75, as Flow-GRPO's client
                 jpegs.append(buf.getvalue())
-            answer = pickle.loads(self.post(pickle.dumps({"images": jpegs, "prompts": prompts[i:i + self.batch_size],
-                                                          "meta_datas": metadata[i:i + self.batch_size],
-                                                          "only_strict": True})))
+            yield len(jpegs), pickle.loads(self.post(pickle.dumps({
+                "images": jpegs, "prompts": prompts[i:i + self.batch_size],
+                "meta_datas": metadata[i:i + self.batch_size], "only_strict": self.only_strict})))
+
+    def __call__(self, images, prompts, metadata=None):
+        scores = []
+        for n, answer in self.answers(images, prompts, metadata):
             values = next((answer[k] for k in ("scores", "outputs") if k in answer), None) \
                 if isinstance(answer, dict) else None
-            if values is None or len(values) != len(jpegs):
+            if values is None or len(values) != n:
                 raise ValueError(f"reward server {self.url} answered {type(answer).__name__} "
                                  f"{sorted(answer) if isinstance(answer, dict) else ''}; expected a dict with 'scores' "
-                                 f"or 'outputs' holding {len(jpegs)} numbers")
+                                 f"or 'outputs' holding {n} numbers")
             scores += [float(v) for v in values]
         return torch.tensor(scores, dtype=torch.float32)

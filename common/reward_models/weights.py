@@ -2,6 +2,8 @@
 
 import os
 
+from common.rewards import SAME_WEIGHTS
+
 REAL_DEFAULT_PATHS = {
     "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),  # (model, processor)
     "clipscore": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
@@ -11,6 +13,8 @@ REAL_DEFAULT_PATHS = {
     "aesthetic": (None, "openai/clip-vit-large-patch14"),  # (head .pth: not on the hub, CLIP)
     "ocr": ("microsoft/trocr-base-printed", "microsoft/trocr-base-printed"),
 }
+# the rescaled variants (pickscore_flowgrpo, clipscore_*) run the weights of the reward they rescale
+REAL_DEFAULT_PATHS.update({variant: REAL_DEFAULT_PATHS[base] for variant, base in SAME_WEIGHTS.items()})
 
 
 def hub_file(path, filename):
