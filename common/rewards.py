@@ -16,14 +16,12 @@ pickscore_flowgrpo (raw / 26, Flow-GRPO's scale), clipscore = clipscore_cosine (
 predictor v2: needs its head file), ocr (TrOCR), vlm (yes/no judge); each class's docstring says whose scale it is.
 A variant loads the weights (and --reward-paths entry) of the reward it rescales: SAME_WEIGHTS. Remote:
 `remote:<url>`, a Flow-GRPO reward server (GenEval, DeQA, UnifiedReward) spoken to over HTTP; options in the URL's
-query, e.g. `remote:http://127.0.0.1:18085?retries=5&timeout=60` (`remote_server`).
+query, e.g. `remote:http://127.0.0.1:18085?retries=5&timeout=60` (`reward_models.remote.remote_server`).
 """
 
 import importlib
 import io
 import os
-import socket
-import urllib.parse
 
 import numpy as np
 import torch
@@ -85,15 +83,6 @@ def jpeg_incompressibility(images, prompts=None, metadata=None):
     return jpeg_size_kb(images)
 
 
-def check_server(url, timeout=10.0):
-    """ConnectionError (one line) unless something listens at the reward server's host and port."""
-    u = urllib.parse.urlsplit(url)
-    try:
-        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
-    except OSError as e:
-        raise ConnectionError(f"reward server {url} is down or unreachable: {e}") from None
-
-
 EMBEDDED_REWARDS = {"shapes": shapes_partial, "shapes_strict": shapes_strict,
                     "jpeg_compressibility": jpeg_compressibility,
                     "jpeg_compressibility_flowgrpo": jpeg_compressibility_flowgrpo,
@@ -112,38 +101,6 @@ REWARDS = sorted([*EMBEDDED_REWARDS, *REAL_REWARDS])
 CHOICES = ", ".join([*REWARDS, "remote:<url>"])
 AESTHETIC_HINT = ("--reward-paths aesthetic=sac+logos+ava1-l14-linearMSE.pth "
                   "(christophschuhmann/improved-aesthetic-predictor)")
-
-
-# a reward server URL's query options (`remote_server`) -> their type; the RemoteReward arguments they set
-REMOTE_OPTIONS = {"retries": int, "timeout": float, "backoff": float}
-
-
-def remote_server(name, where=None):
-    """'remote:http://host:port/path?retries=5&timeout=60&backoff=2' (or the URL alone) -> (the URL requests go to,
-    without the query; {option: value} for common.reward_models.RemoteReward: retries (more tries after a failed
-    one), timeout (seconds a request waits), backoff (seconds before the first retry, doubling at each)). ValueError
-    (one line, starting with `where`, default "reward '<name>'") naming a bad URL, an unknown option or a bad value."""
-    where = where or f"reward {name!r}"
-    try:
-        u = urllib.parse.urlsplit(name.removeprefix("remote:"))
-        ok = u.scheme in ("http", "https") and u.hostname and (u.port or True)
-    except ValueError:  # e.g. a port that is not a number
-        ok = False
-    if not ok:
-        raise ValueError(f"{where} needs the http(s) URL of a reward server, e.g. "
-                         f"{'remote:' * name.startswith('remote:')}http://127.0.0.1:18085")
-    options = {}
-    for key, value in urllib.parse.parse_qsl(u.query, keep_blank_values=True):
-        if key not in REMOTE_OPTIONS:
-            raise ValueError(f"{where}: unknown option {key!r}; choose from: {', '.join(REMOTE_OPTIONS)}")
-        try:
-            v = options[key] = REMOTE_OPTIONS[key](value)
-        except ValueError:
-            v = float("nan")
-        if not np.isfinite(v) or v < 0 or (key == "timeout" and v == 0):
-            kind = {"retries": "a whole number >= 0", "timeout": "a number > 0"}.get(key, "a number >= 0")
-            raise ValueError(f"{where}: option {key}={value!r} must be {kind}")
-    return urllib.parse.urlunsplit(u._replace(query="")), options
 
 
 def _name_and_weight(part):
@@ -165,6 +122,8 @@ def parse_reward_spec(spec):
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, w = _name_and_weight(part)
         if name.startswith("remote:"):
+            from common.reward_models.remote import remote_server
+
             remote_server(name)
         elif name not in REWARDS:
             raise ValueError(f"unknown reward {name!r}; choose from: {CHOICES}")
@@ -231,6 +190,8 @@ class RewardFn:
                 if name in EMBEDDED_REWARDS:
                     self.fns[name] = EMBEDDED_REWARDS[name]
                 elif name.startswith("remote:"):
+                    from common.reward_models.remote import remote_server
+
                     url, options = remote_server(name)
                     self.fns[name] = real_reward("remote")(url, **options, **kw)
                 else:

@@ -84,10 +84,12 @@ def check_device(flag, value):
 
 def check_reward_servers(spec):
     """Every `remote:<url>` reward must answer a connection now, not after the models have loaded."""
+    from common.reward_models import remote
+
     for name in rewards.parse_reward_spec(spec) if spec else []:
         if name.startswith("remote:"):
             try:
-                rewards.check_server(name.removeprefix("remote:"))
+                remote.check_server(name.removeprefix("remote:"))
             except ConnectionError as e:
                 fail(f"--reward {name}: {e}; start the server or pick another reward")
 

@@ -91,9 +91,9 @@ def test_parse_defaults_and_spaces():
     assert rewards.parse_reward_spec("remote:http://h:1/x?retries=3&backoff=0.5=2,shapes,remote:http://h:2?timeout=9"
                                      ) == {"remote:http://h:1/x?retries=3&backoff=0.5": 2.0, "shapes": 1.0,
                                            "remote:http://h:2?timeout=9": 1.0}
-    assert rewards.remote_server("remote:http://h:1/x?retries=3&timeout=60&backoff=0") == (
+    assert remote.remote_server("remote:http://h:1/x?retries=3&timeout=60&backoff=0") == (
         "http://h:1/x", {"retries": 3, "timeout": 60.0, "backoff": 0.0})
-    assert rewards.remote_server("https://h") == ("https://h", {})
+    assert remote.remote_server("https://h") == ("https://h", {})
 
 
 def test_reward_paths(tmp_path):

@@ -12,14 +12,20 @@ from here (`rewards.real_reward`). Each is a callable `(images, prompts, metadat
     weights.py      default hub ids (REAL_DEFAULT_PATHS), one checkpoint file from a path or hub repo
 """
 
-from common.reward_models.clip import (Aesthetic, CLIPScore, CLIPScoreHessel, CLIPScoreTorchmetrics, HPSv2, PickScore,
-                                      PickScoreFlowGRPO, openclip_to_transformers)
-from common.reward_models.imagereward import ImageReward
-from common.reward_models.ocr import OCR, edit_distance, ocr_reward, ocr_target
-from common.reward_models.remote import RemoteReward
-from common.reward_models.vlm import VLMYesNo
-from common.reward_models.weights import REAL_DEFAULT_PATHS, hub_file
+import importlib
 
-__all__ = ["OCR", "REAL_DEFAULT_PATHS", "Aesthetic", "CLIPScore", "CLIPScoreHessel", "CLIPScoreTorchmetrics", "HPSv2",
-           "ImageReward", "PickScore", "PickScoreFlowGRPO", "RemoteReward", "VLMYesNo", "edit_distance", "hub_file",
-           "ocr_reward", "ocr_target", "openclip_to_transformers"]
+# name -> module; imported on first use (PEP 562), so that `common.reward_models.remote` (URL checks before any
+# model loads) does not import transformers
+_WHERE = {**dict.fromkeys(["Aesthetic", "CLIPScore", "CLIPScoreHessel", "CLIPScoreTorchmetrics", "HPSv2", "PickScore",
+                           "PickScoreFlowGRPO", "openclip_to_transformers"], "clip"),
+          "ImageReward": "imagereward", **dict.fromkeys(["OCR", "edit_distance", "ocr_reward", "ocr_target"], "ocr"),
+          "RemoteReward": "remote", "VLMYesNo": "vlm", "REAL_DEFAULT_PATHS": "weights", "hub_file": "weights"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE.values():  # a submodule, e.g. common.reward_models.clip
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

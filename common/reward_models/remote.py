@@ -2,14 +2,58 @@
 
 import io
 import pickle
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from time import sleep
 
+import numpy as np
 import torch
 from PIL import Image
 
-from common.rewards import check_server, to_uint8
+from common.rewards import to_uint8
+
+
+def check_server(url, timeout=10.0):
+    """ConnectionError (one line) unless something listens at the reward server's host and port."""
+    u = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"reward server {url} is down or unreachable: {e}") from None
+
+
+# a reward server URL's query options (`remote_server`) -> their type; the RemoteReward arguments they set
+REMOTE_OPTIONS = {"retries": int, "timeout": float, "backoff": float}
+
+
+def remote_server(name, where=None):
+    """'remote:http://host:port/path?retries=5&timeout=60&backoff=2' (or the URL alone) -> (the URL requests go to,
+    without the query; {option: value} for common.reward_models.RemoteReward: retries (more tries after a failed
+    one), timeout (seconds a request waits), backoff (seconds before the first retry, doubling at each)). ValueError
+    (one line, starting with `where`, default "reward '<name>'") naming a bad URL, an unknown option or a bad value."""
+    where = where or f"reward {name!r}"
+    try:
+        u = urllib.parse.urlsplit(name.removeprefix("remote:"))
+        ok = u.scheme in ("http", "https") and u.hostname and (u.port or True)
+    except ValueError:  # e.g. a port that is not a number
+        ok = False
+    if not ok:
+        raise ValueError(f"{where} needs the http(s) URL of a reward server, e.g. "
+                         f"{'remote:' * name.startswith('remote:')}http://127.0.0.1:18085")
+    options = {}
+    for key, value in urllib.parse.parse_qsl(u.query, keep_blank_values=True):
+        if key not in REMOTE_OPTIONS:
+            raise ValueError(f"{where}: unknown option {key!r}; choose from: {', '.join(REMOTE_OPTIONS)}")
+        try:
+            v = options[key] = REMOTE_OPTIONS[key](value)
+        except ValueError:
+            v = float("nan")
+        if not np.isfinite(v) or v < 0 or (key == "timeout" and v == 0):
+            kind = {"retries": "a whole number >= 0", "timeout": "a number > 0"}.get(key, "a number >= 0")
+            raise ValueError(f"{where}: option {key}={value!r} must be {kind}")
+    return urllib.parse.urlunsplit(u._replace(query="")), options
 
 
 class RemoteReward:

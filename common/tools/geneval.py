@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from common import rewards
+from common.reward_models import remote
 from common.tools import evaluate
 
 # GenEval's tags: gen_eval.py `compute_geneval`'s required_keys, the group fields' keys
@@ -120,13 +120,13 @@ def check_args(a):
     from common import utils
 
     try:
-        url, options = rewards.remote_server(a.server, f"--server {a.server!r}")
+        url, options = remote.remote_server(a.server, f"--server {a.server!r}")
     except ValueError as e:
         utils.fail(str(e))
     captions, records = read_prompts(a.prompts)
     evaluate.check_args(evaluate.Args(**{f: getattr(a, f) for f in SHARED}))
     try:
-        rewards.check_server(url)
+        remote.check_server(url)
     except ConnectionError as e:
         utils.fail(f"--server: {e}; start GenEval's reward server (yifan123/reward-server) or pass its URL")
     return captions, records, url, options
