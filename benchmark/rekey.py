@@ -14,7 +14,9 @@ equal are the stored runs keyed to the old code (run_key.json under <out>/<metho
 evaluations under <out>/base_train) re-keyed to the new one; every other run is left for benchmark/run.py to
 redo. What this cannot see: a difference that first appears after N iterations (choose N past the first epoch
 of ORW-CFM-W2 / AC-Flow, 20 iterations, as the default does) or only on another thread count. Cost and scaling
-runs (timings) are never carried over.
+runs (timings) are never carried over. `--old-args` checks a change of a method's defaults instead (the old code
+run with the new defaults spelled out against the new code's defaults) and re-keys nothing: runs made with those
+flags are the new defaults' runs only once the check passes.
 """
 
 import argparse
@@ -68,6 +70,9 @@ def main():
     p.add_argument("--old", required=True, help="the commit whose stored runs to carry over")
     p.add_argument("--methods", nargs="+", default=["advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo"])
     p.add_argument("--iterations", type=int, default=24, help="length of the comparison runs")
+    p.add_argument("--old-args", nargs=argparse.REMAINDER, default=[],
+                   help="flags for the old code's runs (last on the line): a change of defaults, spelled out in the "
+                        "old code, e.g. --old-args --num-iterations 200 (then give --methods the one method)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results"))
     a = p.parse_args()
     out = Path(a.out)
@@ -85,9 +90,9 @@ def main():
                                "--json", str(dest)]
                     else:
                         dest = tmp / f"{method}_{name}"
-                        cmd = [f"{method}.py", "--seed", "0", "--num-iterations", str(a.iterations), "--eval-every",
-                               str(a.iterations), "--threads", "1", "--eval-samples-per-prompt", "2",
-                               "--output-dir", str(dest)]
+                        cmd = [f"{method}.py", "--seed", "0", *(a.old_args if name == "old" else []),
+                               "--num-iterations", str(a.iterations), "--eval-every", str(a.iterations), "--threads",
+                               "1", "--eval-samples-per-prompt", "2", "--output-dir", str(dest)]
                     prints.append(fingerprint(tree, cmd, dest))
                 old, new = code_hash(old_tree, method), code_hash(ROOT, method)
                 label = method or "base evaluation"
@@ -98,15 +103,16 @@ def main():
                     print(f"{label}: the old and new code compute different numbers; its runs stay keyed to {old}")
                     continue
                 if method is None:
-                    src, dst = out / "base_train" / old[:8], out / "base_train" / new[:8]
-                    if src.is_dir() and src != dst:
-                        shutil.copytree(src, dst, dirs_exist_ok=True)
+                    for cache in ("base_train", "base_heldout"):  # benchmark/run.py's cached base evaluations
+                        src, dst = out / cache / old[:8], out / cache / new[:8]
+                        if src.is_dir() and src != dst:
+                            shutil.copytree(src, dst, dirs_exist_ok=True)
                     print(f"base evaluation: identical{note}; cached base evaluations {old[:8]} -> {new[:8]}")
                     continue
                 moved = 0
                 for f in sorted((out / method).glob("seed*/run_key.json")):
                     key = json.loads(f.read_text())
-                    if key.get("code") == old:
+                    if key.get("code") == old and not a.old_args:
                         f.write_text(json.dumps({**key, "code": new}))
                         moved += 1
                 print(f"{method}: identical after {a.iterations} iterations (summary and weights){note}; "
