@@ -308,3 +308,21 @@ def test_documented_flux_command_runs_in_bf16_and_evaluates_back(tiny, tmp_path,
     assert res["n"] == 4
     assert res["reward_mean"] == pytest.approx(summary["final"]["reward_mean"], rel=1e-6, abs=1e-6)
     assert res["reward_mean"] != pytest.approx(summary["base"]["reward_mean"], rel=1e-9, abs=1e-9)
+
+
+def test_documented_flux_commands_fit_80gb():
+    """benchmark/gpu_memory.py's meta-device FLUX.1-dev (the scripts' FluxTransformer, no weights): its size is the
+    released model's (11.9 B transformer parameters; LoRA r 32 on diffusers' FLUX example targets = 2,801,664 x 32,
+    counted by hand: 19 double blocks x (8 attention projections 3072 -> 3072 + 4 feed-forward layers 3072 <-> 12288)
+    + 38 single blocks x q / k / v), and every method page's FLUX.1-dev command, as written there, fits an 80 GB GPU
+    under the margin rule of docs/gpu.md (1.15 x the allocated peak + 1 GiB < 78 GiB)."""
+    import gpu_memory
+
+    fx = gpu_memory.FluxDev()
+    assert round(fx.n_transformer / 1e9, 2) == 11.90
+    per_rank = 19 * (8 * (3072 + 3072) + 4 * (3072 + 12288)) + 38 * 3 * (3072 + 3072)
+    assert per_rank == 2_801_664 and fx.n_lora == 32 * per_rank
+    for m in METHODS:
+        e = gpu_memory.estimate(fx, m)
+        assert gpu_memory.fits(e["total"]), (m, e["total"] / 2**30, (e["reserved"] + gpu_memory.CONTEXT) / 2**30,
+                                             e["worst"])
