@@ -53,7 +53,7 @@ class RunArgs:
     """'embedded' or a diffusers SD3 / FLUX.1 id or local path (e.g. stabilityai/stable-diffusion-3.5-medium,
     black-forest-labs/FLUX.1-dev)"""
     resolution: int = 512
-    """SD3 image size (the embedded model is 32x32)"""
+    """SD3 / FLUX image size (the embedded model is 32x32)"""
     use_t5: bool = False
     """SD3: also load the T5 text encoder (FLUX always loads it: its only sequence encoder)"""
     max_t5_length: int = 128
