@@ -1,4 +1,5 @@
-"""GPU acceptance test of the SD3.5-M path, run by `bash benchmark/gpu_smoke.sh` (which sets HF_HUB_OFFLINE=1).
+"""GPU acceptance test of the SD3.5-M and FLUX.1-dev paths, run by `bash benchmark/gpu_smoke.sh` (which sets
+HF_HUB_OFFLINE=1).
 
     bash benchmark/gpu_smoke.sh                      # ~10 min on one H100; more checks with 2 GPUs
     bash benchmark/gpu_smoke.sh --dry-run            # no GPU needed: what it would run
@@ -22,9 +23,15 @@ names, else PickScore, else jpeg_compressibility). Checks, in order of priority 
   if time is left); `--gradient-checkpointing` (Flow-GRPO); a saved run evaluated by `python -m common.tools.evaluate
   --checkpoint` (bf16, then fp16); with 2 GPUs a torchrun (nccl) Flow-GRPO run.
 
+FLUX.1-dev (after the SD3.5-M checks, within `--budget` + `--flux-budget`, 900 s more): when
+black-forest-labs/FLUX.1-dev is in the local Hugging Face cache (or `--flux-model` / FLUX_MODEL names a local copy),
+each page's FLUX.1-dev command runs the same way (`flux_<method>`: run, memory against the FLUX.1-dev estimate, dtypes,
+s / iteration, Flow-GRPO's ratio), and the saved AdvantageFlow LoRA is evaluated back (`flux_evaluate_bf16`);
+otherwise one SKIPPED line says so. `--only flux` runs the FLUX checks alone.
+
 Prints a one-screen table of PASS / FAIL / SKIPPED (with the reason) and writes OUT/summary.json. Without SD3.5-M in
 the cache (and no --model) it runs the tiny random SD3 pipeline of tests/helpers/tiny_sd3.py: code paths only, memory
-checks skipped. `exec` is the in-process runner each run goes through (runpy): it records peak GPU memory and dtypes.
+checks skipped; with `--device cpu` the FLUX checks likewise run tests/helpers/tiny_flux.py's tiny FLUX.1-dev. `exec` is the in-process runner each run goes through (runpy): it records peak GPU memory and dtypes.
 """
 
 import argparse
@@ -41,6 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 SD35M = "stabilityai/stable-diffusion-3.5-medium"
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+MARKERS = {False: "stable-diffusion-3.5-medium", True: "FLUX.1-dev"}  # how a page's command names its --model
 GENEVAL_PROMPTS = ROOT / "prompts" / "geneval_train.jsonl"  # python -m common.tools.prompts --sets geneval
 PROMPTS = ["a photo of a red bicycle leaning against a blue wall", "two cats sleeping on a wooden bench",
            "a bowl of oranges on a kitchen table, morning light", "a lighthouse on a cliff at sunset",
@@ -76,11 +85,11 @@ def to_argv(flags):
             for x in ([k] if v is True else [k, str(v)])]
 
 
-def documented(method):
+def documented(method, flux=False):
     sys.path.insert(0, str(ROOT / "benchmark"))
     from gpu_memory import documented as doc  # the docs command's flags (a placeholder like <reward> becomes X)
 
-    return doc(method)
+    return doc(method, MARKERS[flux])
 
 
 def cached(repo, filename="config.json"):
@@ -99,11 +108,11 @@ def reward_available(name):
     return all(cached(r, f) for r, f in ((model, "config.json"), (processor, "preprocessor_config.json")) if r)
 
 
-def pick_reward(method, spec, forced=None):
+def pick_reward(method, spec, forced=None, flux=False):
     """(reward spec to run, note): the page's reward where the cache has it, else a named fallback."""
     if forced:
         return forced, f"{forced} (--reward)"
-    if method == "flow_grpo":  # the page: a GenEval-type reward server
+    if method == "flow_grpo" and not flux:  # the page's SD3.5-M command: a GenEval-type reward server
         if os.environ.get("GENEVAL_URL") and GENEVAL_PROMPTS.exists():  # the server needs GenEval metadata
             return f"remote:{os.environ['GENEVAL_URL']}", "the GenEval server at GENEVAL_URL"
         for r in ("vlm", "pickscore"):
@@ -134,27 +143,29 @@ class Ctx:
         print(f"  {status:7s} {check}: {detail}", flush=True)
 
 
-def run_argv(ctx, method, extra=None, world=1, save=False):
-    """The page's command for one GPU at its per-GPU batch, shortened (SHORT), with the smoke's prompts / reward."""
-    doc_world, f = documented(method)
+def run_argv(ctx, method, extra=None, world=1, save=False, flux=False):
+    """The page's command (its FLUX.1-dev one with `flux`) for one GPU at its per-GPU batch, shortened (SHORT), with
+    the smoke's prompts / reward."""
+    doc_world, f = documented(method, flux)
     f = {k: v for k, v in f.items() if not str(v).startswith("X")}  # drop placeholders
     if method == "advantageflow":
         f["--prompts-per-iter"] = int(f["--prompts-per-iter"]) // doc_world
     f.update(SHORT[method])
     if ctx.a.full_batch and method in ("fdfo", "flow_grpo"):
-        doc = documented(method)[1]
+        doc = documented(method, flux)[1]
         f.update({k: doc[k] for k in ("--group-size", "--num-minibatches")})
         f["--prompts-per-iter"] = int(doc["--prompts-per-iter"]) // doc_world
     if world > 1:
         f["--prompts-per-iter"] = int(f["--prompts-per-iter"]) * world  # the same batch per GPU
-    f["--reward"], note = pick_reward(method, str(documented(method)[1].get("--reward", "")), ctx.a.reward)
-    f.update({"--model": ctx.model, "--prompts-file": str(ctx.prompts), "--eval-prompts-file": str(ctx.prompts),
+    f["--reward"], note = pick_reward(method, str(documented(method, flux)[1].get("--reward", "")), ctx.a.reward, flux)
+    f.update({"--model": ctx.flux_model if flux else ctx.model, "--prompts-file": str(ctx.prompts),
+              "--eval-prompts-file": str(ctx.prompts),
               "--eval-samples-per-prompt": 1, "--eval-every": 1000, "--checkpoint-every": 1000,
               "--log-images-every": 1000, "--no-save-model": not save})
     if f["--reward"].startswith("remote:"):
         f["--prompts-file"] = str(GENEVAL_PROMPTS)
         f["--eval-prompts-file"] = str(GENEVAL_PROMPTS.with_name("geneval_test.jsonl"))
-    if ctx.tiny:
+    if (ctx.flux_tiny if flux else ctx.tiny):
         f["--resolution"] = ctx.a.tiny_resolution
     if ctx.a.device != "auto":
         f.update({"--device": ctx.a.device, "--threads": 1})
@@ -215,9 +226,10 @@ def seconds_per_iter(run_dir, method, flags):
 
 
 # ----------------------------------------------------------------------------------- checks
-def memory_check(ctx, label, rep, est, doc_row):
-    if ctx.tiny or ctx.a.device == "cpu":
-        return ctx.record(f"{label} memory", "SKIPPED", "tiny model / CPU: not comparable with the SD3.5-M estimate")
+def memory_check(ctx, label, rep, est, doc_row, flux=False):
+    if (ctx.flux_tiny if flux else ctx.tiny) or ctx.a.device == "cpu":
+        return ctx.record(f"{label} memory", "SKIPPED", "tiny model / CPU: not comparable with the "
+                                                         f"{'FLUX.1-dev' if flux else 'SD3.5-M'} estimate")
     if est is None:
         return ctx.record(f"{label} memory", "SKIPPED", "no estimate (benchmark/gpu_memory.py failed, see logs)")
     r, a, e = rep["max_memory_reserved"] / GiB, rep["max_memory_allocated"] / GiB, est / GiB
@@ -248,16 +260,17 @@ def read_report(path):
         return None
 
 
-def method_run(ctx, method, name=None, extra=None, world=1, save=False, memory=True):
-    """One run through the runner; records run / memory / dtype / speed (/ ratio) results. Returns the run dir."""
-    name = name or method
-    flags, note = run_argv(ctx, method, extra, world, save)
+def method_run(ctx, method, name=None, extra=None, world=1, save=False, memory=True, flux=False):
+    """One run through the runner (`flux`: the page's FLUX.1-dev command); records run / memory / dtype / speed
+    (/ ratio) results. Returns the run dir."""
+    name = name or ("flux_" + method if flux else method)
+    flags, note = run_argv(ctx, method, extra, world, save, flux)
     run_dir = ctx.out / name
     flags["--output-dir"] = str(run_dir)
     report = ctx.out / f"{name}.report{{rank}}.json"
     cmd = exec_cmd(ctx, f"{method}.py", flags, report, world)
     est_key = f"{name}"
-    ctx.plan.append(dict(key=est_key, method=method,
+    ctx.plan.append(dict(key=est_key, method=method, model="flux" if flux else "sd3",
                          flags={**flags, "world": world, "eval_images": len(PROMPTS) // world}))
     if ctx.a.dry_run:
         print(f"[{name}] reward: {note}\n  {shlex.join(cmd)}")
@@ -270,7 +283,7 @@ def method_run(ctx, method, name=None, extra=None, world=1, save=False, memory=T
         return None
     s = seconds_per_iter(run_dir, method, flags)
     n = int(flags["--prompts-per-iter"]) * int(flags.get("--group-size", 1)) // world
-    doc_world, doc = documented(method)
+    doc_world, doc = documented(method, flux)
     n_doc = int(doc["--prompts-per-iter"]) * int(doc.get("--group-size", 1)) // doc_world
     scaled = f" (page's {n_doc}: ~{s * n_doc / n:.0f} s/iter scaled)" if n != n_doc else ""
     ctx.record(f"{name} run", "PASS", f"{s:.1f} s/iter at {n} images/GPU{scaled}; reward {note}")
@@ -278,7 +291,8 @@ def method_run(ctx, method, name=None, extra=None, world=1, save=False, memory=T
     if memory:
         for r, rep in enumerate(reps):
             est = ctx.estimate(est_key)
-            memory_check(ctx, f"{name}{f' rank {r}' if world > 1 else ''}", rep, est, ctx.doc_rows.get(method))
+            memory_check(ctx, f"{name}{f' rank {r}' if world > 1 else ''}", rep, est,
+                         ctx.doc_rows.get(f"{method} (FLUX.1-dev)" if flux else method), flux)
     low = {"bf16": "bfloat16", "no": "float32"}.get(flags.get("--mixed-precision"), ctx.low)
     dtype_check(ctx, name, reps[0], {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[
         flags.get("--reward-dtype", "fp32")], low)
@@ -346,14 +360,21 @@ def resume_check(ctx, method):
                f"final iteration {end}{'' if ok else ': ' + tail(ctx, name + '_resumed')}")
 
 
-def evaluate_check(ctx, precision):
-    run = ctx.runs.get("advantageflow")
-    name = f"evaluate_{precision}"
-    flags = {"--checkpoint": run["run_dir"] if run else str(ctx.out / "advantageflow"), "--model": ctx.model,
+def evaluate_check(ctx, precision, flux=False):
+    prefix = "flux_" if flux else ""
+    run = ctx.runs.get(prefix + "advantageflow")
+    name = f"{prefix}evaluate_{precision}"
+    tiny = ctx.flux_tiny if flux else ctx.tiny
+    flags = {"--checkpoint": run["run_dir"] if run else str(ctx.out / (prefix + "advantageflow")),
+             "--model": ctx.flux_model if flux else ctx.model,
              "--prompts-file": str(ctx.prompts), "--samples-per-prompt": 1, "--num-steps": 10,
              "--reward": (run or {}).get("flags", {}).get("--reward", "jpeg_compressibility"),
              "--json": str(ctx.out / f"{name}.json"), "--mixed-precision": precision,
-             "--use-t5": True, "--resolution": ctx.a.tiny_resolution if ctx.tiny else 512}
+             "--resolution": ctx.a.tiny_resolution if tiny else 512}
+    if flux:  # the run's guidance-embedding value; T5 always loads for FLUX
+        flags["--flux-guidance"] = (run or {}).get("flags", {}).get("--flux-guidance", 3.5)
+    else:
+        flags["--use-t5"] = True
     if ctx.a.device != "auto":
         flags["--device"] = ctx.a.device
     cmd = [sys.executable, "-m", "common.tools.evaluate", *to_argv(flags)]
@@ -369,12 +390,14 @@ def evaluate_check(ctx, precision):
 
 
 # ----------------------------------------------------------------------------------- estimates
-def doc_rows():
-    """method -> 'peak allocated X GiB, reserved + context Y GiB' from docs/gpu.md's table."""
+def doc_rows(flux=False):
+    """method -> 'peak allocated X GiB, reserved + context Y GiB' from docs/gpu.md's table (`flux`: its FLUX.1-dev
+    rows, keyed 'method (FLUX.1-dev)')."""
     out = {}
+    labels = [f"{m} (FLUX.1-dev)" if flux else m for m in METHODS]
     for line in (ROOT / "docs" / "gpu.md").read_text().splitlines():
         cells = [c.strip() for c in line.split("|")]
-        if len(cells) > 14 and cells[1] in METHODS and cells[1] not in out:
+        if len(cells) > 14 and cells[1] in labels and cells[1] not in out:
             out[cells[1]] = f"{cells[12].replace('*', '')}, with margin {cells[13]} GiB"
     return out
 
@@ -387,10 +410,13 @@ def estimate_main(plan_path, out_path):
     import gpu_memory
 
     torch.set_num_threads(1)
-    sd, out = gpu_memory.SD35M(), {}
+    built, out = {}, {}
     for p in json.loads(Path(plan_path).read_text()):
+        kind = p.get("model", "sd3")
+        if kind not in built:  # FLUX.1-dev's meta model only when the plan has FLUX runs
+            built[kind] = gpu_memory.FluxDev() if kind == "flux" else gpu_memory.SD35M()
         f = {k: v for k, v in p["flags"].items() if v is not False}
-        out[p["key"]] = gpu_memory.estimate(sd, p["method"], flags=f)["total"]
+        out[p["key"]] = gpu_memory.estimate(built[kind], p["method"], flags=f)["total"]
         Path(out_path).write_text(json.dumps(out))
 
 
@@ -469,6 +495,10 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="print the plan, run nothing (no GPU needed)")
     ap.add_argument("--estimates", action="store_true", help="with --dry-run: also the memory estimate of each run")
     ap.add_argument("--model", default=os.environ.get("MODEL"), help="SD3 pipeline (default: SD3.5-M from the cache)")
+    ap.add_argument("--flux-model", default=os.environ.get("FLUX_MODEL"),
+                    help="FLUX.1-dev pipeline (default: black-forest-labs/FLUX.1-dev from the cache, else skipped)")
+    ap.add_argument("--flux-budget", type=float, default=float(os.environ.get("FLUX_BUDGET", 900)),
+                    help="seconds the FLUX checks may add to --budget")
     ap.add_argument("--reward", default=os.environ.get("REWARD"), help="one reward spec for every method")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_smoke"))
     ap.add_argument("--budget", type=float, default=float(os.environ.get("BUDGET", 600)),
@@ -481,7 +511,7 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ctx = Ctx(a)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    ctx.plan, ctx.doc_rows = [], doc_rows()
+    ctx.plan, ctx.doc_rows = [], {**doc_rows(), **doc_rows(flux=True)}
     ctx.prompts = ctx.out / "prompts.txt"
     ctx.prompts.write_text("\n".join(PROMPTS) + "\n")
     ctx.timeout = lambda s: max(30.0, min(s, a.budget + 60 - ctx.elapsed()))
@@ -498,6 +528,23 @@ def main():
             from tests.helpers.tiny_sd3 import build_tiny_sd3
 
             build_tiny_sd3(ctx.model, t5=True, pos_embed_max_size=max(16, a.tiny_resolution // 4))
+    # FLUX.1-dev: --flux-model, else the cache's; on the CPU (--device cpu) the tiny random one; else skipped
+    ctx.flux_tiny, ctx.flux_model = False, a.flux_model or FLUX_DEV
+    flux_note = ""
+    if not a.flux_model and not cached(FLUX_DEV, "model_index.json"):
+        if a.device == "cpu":
+            ctx.flux_tiny, ctx.flux_model = True, str(ctx.out / "tiny_flux")
+            if not (ctx.out / "tiny_flux" / "model_index.json").exists():
+                sys.path.insert(0, str(ROOT))
+                from tests.helpers.tiny_flux import build_tiny_flux
+
+                build_tiny_flux(ctx.flux_model, guidance=True)
+            flux_note = " (tiny random FLUX.1-dev)"
+        elif a.dry_run:
+            flux_note = " (not in this cache: planned as a GPU with it would run)"
+        else:
+            ctx.flux_model = None
+            flux_note = " (not in the local Hugging Face cache: the FLUX checks are skipped)"
     cap = torch.cuda.get_device_capability(0) if gpus else None
     ctx.low = "bfloat16" if cap and cap >= (8, 0) else "float32"  # the scripts' default frozen-weight dtype
     bf16 = f", compute capability {cap[0]}.{cap[1]}: bf16 {'native' if cap >= (8, 0) else 'emulated'}" if cap else ""
@@ -505,7 +552,8 @@ def main():
     if a.dry_run and not ctx.tiny and not a.model and not cached(SD35M, "model_index.json"):
         note = " (not in this cache: planned as a GPU with it would run)"
     print(f"GPUs: {gpus} ({torch.cuda.get_device_name(0) if gpus else 'none'}{bf16}); model: {ctx.model}{note}; "
-          f"HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}; budget {a.budget:.0f} s")
+          f"FLUX: {ctx.flux_model or FLUX_DEV}{flux_note}; HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}; budget "
+          f"{a.budget:.0f} s (+ {a.flux_budget:.0f} s for FLUX)")
     if not gpus and a.device == "auto" and not a.dry_run:
         raise SystemExit("no CUDA GPU: nothing to accept here (use --dry-run, or --device cpu to test the plan)")
 
@@ -533,8 +581,20 @@ def main():
               ("gradient_checkpointing", lambda: method_run(ctx, "flow_grpo", "gradient_checkpointing", GC), 60),
               ("evaluate_fp16", lambda: evaluate_check(ctx, "fp16"), 30),
               ("resume_acflow", lambda: resume_check(ctx, "acflow"), 80)]
+    # FLUX.1-dev: each run loads the 12B transformer and T5-XXL (~34 GB of bf16 weights) before its iterations
+    checks += [("flux_flow_grpo", lambda: method_run(ctx, "flow_grpo", flux=True), 240),
+               ("flux_advantageflow", lambda: method_run(ctx, "advantageflow", save=True, flux=True), 180),
+               ("flux_evaluate_bf16", lambda: evaluate_check(ctx, "bf16", flux=True), 120),
+               ("flux_fdfo", lambda: method_run(ctx, "fdfo", flux=True), 240),
+               ("flux_orw_cfm_w2", lambda: method_run(ctx, "orw_cfm_w2", flux=True), 200),
+               ("flux_acflow", lambda: method_run(ctx, "acflow", flux=True), 200)]
     if a.only:
         checks = [c for c in checks if c[0].startswith(tuple(a.only))]
+    if ctx.flux_model is None:
+        if any(c[0].startswith("flux_") for c in checks):
+            ctx.record("flux", "SKIPPED", f"{FLUX_DEV} is not in the local Hugging Face cache (model_index.json); "
+                                          "FLUX_MODEL=/path/to/FLUX.1-dev (or --flux-model) runs its checks")
+        checks = [c for c in checks if not c[0].startswith("flux_")]
     if gpus < 2 and a.device == "auto" and not a.dry_run:
         checks = [c for c in checks if c[0] != "torchrun_2gpu"]
         ctx.record("torchrun_2gpu", "SKIPPED", f"{gpus} GPU(s): the 2-process nccl run needs 2")
@@ -546,7 +606,8 @@ def main():
         fn()
     sys.stdout, a.dry_run = saved, dry
     (ctx.out / "plan.json").write_text(json.dumps(ctx.plan, indent=1))
-    if not ctx.tiny and a.device == "auto" and (not dry or a.estimates):
+    real_runs = not ctx.tiny or (ctx.flux_model is not None and not ctx.flux_tiny)  # something to estimate
+    if real_runs and a.device == "auto" and (not dry or a.estimates):
         est_proc = subprocess.Popen([sys.executable, __file__, "estimate", str(ctx.out / "plan.json"), str(est_path)],
                                     cwd=ROOT, stdout=open(ctx.out / "estimates.log", "w"), stderr=subprocess.STDOUT,
                                     env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
@@ -558,9 +619,10 @@ def main():
         return
     ctx.plan = []
     for name, fn, expect in checks:
-        if ctx.elapsed() + expect > a.budget:
+        limit = a.budget + (a.flux_budget if name.startswith("flux_") else 0)
+        if ctx.elapsed() + expect > limit:
             ctx.record(name, "SKIPPED", f"time budget ({ctx.elapsed():.0f} s used, ~{expect} s needed, --budget "
-                                        f"{a.budget:.0f})")
+                                        f"{a.budget:.0f}{' + --flux-budget' if name.startswith('flux_') else ''})")
             continue
         print(f"[{ctx.elapsed():5.0f} s] {name}", flush=True)
         fn()

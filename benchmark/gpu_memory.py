@@ -1,10 +1,10 @@
-"""Estimated peak GPU memory per process of each method page's SD3.5-M command (docs/<method>.md), without a GPU and
-without weights: the real SD3.5-M transformer, VAE and text-encoder configs (written below, from the model's
-config.json files) are built on the meta device, and each phase of an iteration is run there at the command's
+"""Estimated peak GPU memory per process of each method page's SD3.5-M and FLUX.1-dev commands (docs/<method>.md),
+without a GPU and without weights: the real SD3.5-M / FLUX.1-dev transformer, VAE and text-encoder configs (written
+below, from the models' config.json files) are built on the meta device, and each phase of an iteration is run there at the command's
 batch sizes while a dispatch mode adds up the bytes of every tensor the ops allocate and frees them when the last
 reference dies (peak = high-water mark). Weights and trainable state are counted from parameter numbers.
 
-    python benchmark/gpu_memory.py                 # table (markdown) on stdout; ~2 min on one core
+    python benchmark/gpu_memory.py                 # table (markdown) on stdout; ~3 min on one core
     python benchmark/gpu_memory.py --json out.json # also every number, for benchmark/gpu_check.py
 
 What the table adds up, per process: frozen weights in bf16 (--mixed-precision bf16, the CUDA default), VAE in fp32,
@@ -61,6 +61,17 @@ CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hi
               max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+# black-forest-labs/FLUX.1-dev: transformer/config.json = diffusers FluxTransformer2DModel's defaults plus
+# guidance_embeds (19 double-stream + 38 single-stream blocks, 24 heads x 128, joint_attention_dim 4096 (T5-XXL),
+# pooled 768 (CLIP-L), in_channels 64 = 16 latent channels packed 2x2, rotary axes 16 + 56 + 56; the same numbers as
+# Black Forest Labs' own flux-dev params: hidden 3072, depth 19 / 38, vec_in_dim 768, context_in_dim 4096,
+# guidance_embed true); vae/config.json: SD3's VAE layout (16 latent channels, 128-256-512-512, 2 blocks per level)
+# with scaling 0.3611 / shift 0.1159 (BFL's ae_params); text_encoder = CLIP-L (CLIPTextModel, pooled output only),
+# text_encoder_2 = T5-XXL's encoder, tokens --max-t5-length (128 here, as Flow-GRPO's train_flux.py)
+FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_VAE = dict(SD35M_VAE, scaling_factor=0.3611, shift_factor=0.1159)
 # reward models (parameters of the released checkpoints): PickScore_v1 = CLIP-H/14, CLIP ViT-L/14, Qwen2.5-VL-7B
 REWARD_PARAMS = {"pickscore": 0.986e9, "clipscore": 0.428e9, "vlm": 8.29e9}
 METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
@@ -153,8 +164,10 @@ class AutocastPolicy(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-    """The memory of a fused attention kernel (output + log-sum-exp; no (L, L) matrix), on meta tensors."""
+def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    """The memory of a fused attention kernel (output + log-sum-exp; no (L, L) matrix), on meta tensors. Takes
+    query / key / value by position (SD3's processor) or by name (diffusers' attention dispatcher, FLUX's)."""
+    q, k, v = query, key, value
     if attn_mask is not None:
         return _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]
@@ -186,9 +199,11 @@ def traced(fn):
     return pm.peak
 
 
-def documented(method):
+def documented(method, marker="stable-diffusion-3.5-medium"):
+    """(GPUs, {flag: value}) of the first code line of docs/<method>.md that runs the script with a --model
+    containing `marker` (SD3.5-M by default; "FLUX.1-dev" for the FLUX command)."""
     text = (ROOT / "docs" / f"{method}.md").read_text().replace("\\\n", " ")
-    line = next(l for l in text.splitlines() if f"{method}.py" in l and "stable-diffusion-3.5-medium" in l)
+    line = next(l for l in text.splitlines() if f"{method}.py" in l and marker in l)
     world = int(m.group(1)) if (m := re.search(r"--nproc_per_node[ =](\d+)", line)) else 1
     argv = shlex.split(re.sub(r"<[^>]*>", "X", line).split(f"{method}.py", 1)[1])
     flags, i = {}, 0
@@ -203,18 +218,28 @@ def documented(method):
 class SD35M:
     """Meta-device SD3.5-M with LoRA r32 in fp32 (the scripts' targets and dtypes) and the tracing of each phase."""
 
-    def __init__(self):
-        from diffusers import AutoencoderKL, SD3Transformer2DModel
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    name, marker = "SD3.5-M", "stable-diffusion-3.5-medium"  # marker: how its docs command names --model
+    text_len, pooled_dim, t5_always = 77 + 128, 2048, False  # CLIP-L+G tokens + 128 T5 tokens (zeros without T5)
+
+    def __init__(self, lora_rank=32):
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         self.transformer = meta(lambda: SD3Transformer2DModel(**SD35M_TRANSFORMER))
-        self.n_transformer = nparams(self.transformer)
-        self.policy = models.Policy(self.transformer, 32, 64, with_old=False)  # fp32 LoRA (cast_training_params)
-        self.n_lora = sum(p.numel() for p in self.policy.parameters())
-        self.vae = meta(lambda: AutoencoderKL(**SD35M_VAE)).float()
-        self.t5 = meta(lambda: T5EncoderModel(T5Config(**T5_XXL)))
+        self._finish(lora_rank, models.LORA_TARGETS, SD35M_VAE)
         self.n_clip = sum(nparams(meta(lambda c=c: CLIPTextModelWithProjection(CLIPTextConfig(**c))))
                           for c in (CLIP_L, CLIP_G))
+
+    def _finish(self, lora_rank, targets, vae):
+        from diffusers import AutoencoderKL
+        from transformers import T5Config, T5EncoderModel
+
+        self.n_transformer = nparams(self.transformer)
+        self.lora_rank = lora_rank  # fp32 LoRA (cast_training_params), the scripts' targets
+        self.policy = models.Policy(self.transformer, lora_rank, 2 * lora_rank, target_modules=targets)
+        self.n_lora = sum(p.numel() for p in self.policy.parameters())
+        self.vae = meta(lambda: AutoencoderKL(**vae)).float()
+        self.t5 = meta(lambda: T5EncoderModel(T5Config(**T5_XXL)))
         self.cache = {}
 
     def _inputs(self, b, res, text_len):
@@ -223,16 +248,17 @@ class SD35M:
         return dict(hidden_states=torch.empty(b, 16, lat, lat, dtype=torch.bfloat16, **kw),
                     timestep=torch.empty(b, **kw), return_dict=False,
                     encoder_hidden_states=torch.empty(b, text_len, 4096, dtype=torch.bfloat16, **kw),
-                    pooled_projections=torch.empty(b, 2048, dtype=torch.bfloat16, **kw))
+                    pooled_projections=torch.empty(b, self.pooled_dim, dtype=torch.bfloat16, **kw))
 
     def forward(self, b, res, text_len):
         """The scripts' transformer call, with an fp32 output (accelerate's convert_outputs_to_fp32)."""
         return self.transformer(**self._inputs(b, res, text_len))[0].float()
 
-    def phase(self, name, b, res=512, text_len=77 + 128, checkpointing=False, ref=False, autocast=True):
+    def phase(self, name, b, res=512, text_len=None, checkpointing=False, ref=False, autocast=True):
         """Peak bytes of one phase. train: forward + backward at batch b (ref: plus a no-grad reference forward at
         batch b while the graph is alive, as Flow-GRPO's KL term); forward: a no-grad forward; vae: a decode of b
         latents; t5: T5 encoding of b prompts. autocast=False: pure bf16 (LoRA cast to bf16, no autocast)."""
+        text_len = text_len or self.text_len
         key = (name, b, res, text_len, checkpointing, ref, autocast)
         if key in self.cache:
             return self.cache[key]
@@ -279,18 +305,37 @@ class SD35M:
         return self.cache[key]
 
 
-def estimate(sd, method, checkpointing=False, flags=None, autocast=True, extra=None):
-    """Peak memory per process of `method` with the docs page's flags (or `flags`: {--flag: value, world: n}, e.g.
-    the smoke test's; `extra` overrides some), in bytes: dict with the parts, the phases, `total` (allocated peak)
-    and `reserved` (the margin rule)."""
-    world, f = documented(method) if flags is None else (int(flags.get("world", 1)), flags)
+class FluxDev(SD35M):
+    """Meta-device FLUX.1-dev, called as the scripts call it (common/pipelines/flux.py's FluxTransformer: packing,
+    position ids, guidance embedding inside the traced forward), LoRA on diffusers' FLUX example targets."""
+
+    name, marker = "FLUX.1-dev", "FLUX.1-dev"
+    text_len, pooled_dim, t5_always = 128, 768, True  # T5 tokens (--max-t5-length); CLIP-L's pooled output
+
+    def __init__(self, lora_rank=32):
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from common.pipelines import flux
+
+        self.transformer = meta(lambda: flux.FluxTransformer(**FLUX_DEV_TRANSFORMER))
+        self._finish(lora_rank, flux.LORA_TARGETS, FLUX_VAE)
+        self.n_clip = nparams(meta(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L))))
+
+
+def estimate(sd, method, checkpointing=None, flags=None, autocast=True, extra=None):
+    """Peak memory per process of `method` with the docs page's flags for `sd`'s model (or `flags`: {--flag: value,
+    world: n}, e.g. the smoke test's; `extra` overrides some), in bytes: dict with the parts, the phases, `total`
+    (allocated peak) and `reserved` (the margin rule). `checkpointing`: None = as the flags say, True / False
+    forces --gradient-checkpointing on / off."""
+    world, f = documented(method, sd.marker) if flags is None else (int(flags.get("world", 1)), flags)
     f = {**f, **(extra or {})}
-    checkpointing = checkpointing or "--gradient-checkpointing" in f
+    if checkpointing is None:
+        checkpointing = bool(f.get("--gradient-checkpointing", False))
     res = int(f.get("--resolution", 512))
     n = int(f["--prompts-per-iter"]) * int(f.get("--group-size", 1)) // world  # images per process
     tbs, steps = int(f["--train-batch-size"]), int(f.get("--num-steps", 10))
     cfg = float(f.get("--guidance-scale", 1.0)) > 1
-    t5 = "--use-t5" in f
+    t5 = "--use-t5" in f or sd.t5_always
     rewards = [p.split("=")[0] for p in str(f.get("--reward", "")).split(",")]
     reward_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[f.get("--reward-dtype", "fp32")]
     ema = f.get("--ema", True) is not False and "--no-ema" not in f  # flow_grpo: on by default
@@ -300,9 +345,12 @@ def estimate(sd, method, checkpointing=False, flags=None, autocast=True, extra=N
     img = 3 * res * res * 4  # a decoded fp32 image
     weights = (sd.n_transformer + sd.n_clip + (nparams(sd.t5) if t5 else 0)) * 2 + nparams(sd.vae) * 4
     weights += sum(REWARD_PARAMS.get(r, 0) * reward_bytes for r in rewards)
-    trainable = sd.n_lora * 4 * (4 + with_old)  # fp32 params, grads, 2 AdamW moments (+ old adapter or EMA shadow)
-    text = n * (77 + 128) * 4096 * 2 + n * 2048 * 2  # prompt_embeds + pooled, bf16
-    pool = int(f.get("--pool-batches", 5)) * n * (lat * 2 + 2048 * 2)  # ORW / AC-Flow: bf16 latents (+ pooled)
+    # fp32 params, grads, 2 AdamW moments (+ old adapter or EMA shadow); LoRA parameters scale with the rank (the
+    # trace's r-wide LoRA activations are the built rank's: a few MiB apart)
+    n_lora = sd.n_lora * int(f.get("--lora-rank", sd.lora_rank)) / sd.lora_rank
+    trainable = n_lora * 4 * (4 + with_old)
+    text = n * sd.text_len * 4096 * 2 + n * sd.pooled_dim * 2  # prompt_embeds + pooled, bf16
+    pool = int(f.get("--pool-batches", 5)) * n * (lat * 2 + sd.pooled_dim * 2)  # ORW / AC-Flow: bf16 latents (+ pooled)
     stored = {"flow_grpo": n * (steps + 1) * lat * 4,  # fp32 SDE trajectory
               "fdfo": n * steps * lat * (2 + 4) + 2 * n * lat * 4,  # bf16 states, fp32 velocities; fp32 finals, dbar
               "orw_cfm_w2": pool, "acflow": pool,
@@ -339,33 +387,42 @@ def fits(allocated, usable=H100_USABLE):
 
 # the rows of the table: each docs command, plus variants
 VARIANTS = [(m, {}) for m in METHODS] + [("fdfo", {"--reward-dtype": "fp32"})]  # FDFO's page: bf16 rewards
+FLUX_VARIANTS = [(m, {}) for m in METHODS]  # each page's FLUX.1-dev command
 
 
-def rows(sd):
+def rows(sd, variants=VARIANTS):
+    """Each command as documented, and its total with the other --gradient-checkpointing setting (with it, or,
+    where the command has it, without it)."""
     out = []
-    for m, extra in VARIANTS:
-        e, g = estimate(sd, m, extra=extra), estimate(sd, m, checkpointing=True, extra=extra)
+    for m, extra in variants:
+        gc_doc = "--gradient-checkpointing" in documented(m, sd.marker)[1]
+        e, g = estimate(sd, m, extra=extra), estimate(sd, m, checkpointing=not gc_doc, extra=extra)
         e["bf16_train"] = estimate(sd, m, autocast=False, extra=extra)["phases"]["train"]
-        e["gc_total"] = g["total"]
-        e["label"] = m + "".join(f" `{k} {v}`" for k, v in extra.items())
+        e["other_gc_total"], e["gc_doc"], e["model"] = g["total"], gc_doc, sd.name
+        e["label"] = m + ("" if sd.marker == SD35M.marker else f" ({sd.name})") + "".join(
+            f" `{k} {v}`" for k, v in extra.items())
         out.append(e)
     return out
 
 
 def table(rs):
     lines = ["| method (docs command) | GPUs | images / GPU | train micro-batch | weights | LoRA + AdamW | stored "
-             "| train step: pure bf16 -> autocast | rollout fwd | eval fwd (128) | VAE decode (16) "
+             "| train step: pure bf16 -> autocast | rollout fwd | eval fwd | VAE decode "
              "| **peak allocated** | reserved x1.15 + 1 GiB context | with `--gradient-checkpointing` | fits 78 GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in rs:
-        p = e["phases"]
-        fit = "yes" if fits(e["total"]) else ("with `--gradient-checkpointing`" if fits(e["gc_total"]) else "**no**")
+        p, o = e["phases"], e["other_gc_total"]
+        other = f"{o / GiB:.1f} -> {(reserved(o) + CONTEXT) / GiB:.1f}"
+        if e["gc_doc"]:  # the command has it: the column shows the run without it
+            other = f"(has it) without: {other}"
+            fit = "yes" if fits(e["total"]) else "**no**"
+        else:
+            fit = "yes" if fits(e["total"]) else ("with `--gradient-checkpointing`" if fits(o) else "**no**")
         lines.append(
             f"| {e['label']} | {e['world']} | {e['images']} | {e['tbs']} | {e['weights'] / GiB:.1f} | "
             f"{e['trainable'] / GiB:.2f} | {e['stored'] / GiB:.1f} | {e['bf16_train'] / GiB:.1f} -> "
             f"{p['train'] / GiB:.1f} | {p['rollout'] / GiB:.1f} | {p['eval'] / GiB:.1f} | {p['vae'] / GiB:.1f} | "
-            f"**{e['total'] / GiB:.1f}** ({e['worst']}) | {(e['reserved'] + CONTEXT) / GiB:.1f} | "
-            f"{e['gc_total'] / GiB:.1f} -> {(reserved(e['gc_total']) + CONTEXT) / GiB:.1f} | {fit} |")
+            f"**{e['total'] / GiB:.1f}** ({e['worst']}) | {(e['reserved'] + CONTEXT) / GiB:.1f} | {other} | {fit} |")
     return "\n".join(lines)
 
 
@@ -377,11 +434,14 @@ def main():
     ap.add_argument("--json", help="also write every number (bytes) to this file")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    sd = SD35M()
+    sd, fx = SD35M(), FluxDev()
     print(f"SD3.5-M transformer {sd.n_transformer / 1e9:.2f} B params, LoRA r32 {sd.n_lora / 1e6:.1f} M, "
           f"CLIP-L+G {sd.n_clip / 1e9:.2f} B, T5-XXL encoder {nparams(sd.t5) / 1e9:.2f} B, "
-          f"VAE {nparams(sd.vae) / 1e6:.0f} M\n")
-    rs = rows(sd)
+          f"VAE {nparams(sd.vae) / 1e6:.0f} M")
+    print(f"FLUX.1-dev transformer {fx.n_transformer / 1e9:.2f} B params, LoRA r32 {fx.n_lora / 1e6:.1f} M, "
+          f"CLIP-L {fx.n_clip / 1e9:.2f} B, T5-XXL encoder {nparams(fx.t5) / 1e9:.2f} B, "
+          f"VAE {nparams(fx.vae) / 1e6:.0f} M\n")
+    rs = rows(sd) + rows(fx, FLUX_VARIANTS)
     print(table(rs))
     print("\nGiB; peak allocated = weights + LoRA/AdamW + stored + the largest phase (named); reserved = 1.15 x peak; "
           "fits when reserved + 1 GiB context < 78 GiB (H100 80 GB).")

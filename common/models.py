@@ -1,5 +1,5 @@
 """Model loading: the embedded base (common/world/model.py: tiny SD3 transformer in pixel space + word-level text
-encoder) or a diffusers pipeline (id or local path) of a family in common/pipelines/ (SD3), behind one small
+encoder) or a diffusers pipeline (id or local path) of a family in common/pipelines/ (SD3, FLUX.1), behind one small
 interface, plus LoRA via peft.
 
     model = load_model("embedded")            # or "stabilityai/stable-diffusion-3.5-medium"
@@ -58,6 +58,7 @@ class Model:
     decode_batch_size: int = 16  # latents the VAE decodes at once (~0.75 GB of fp32 activations per 512-px image)
     encode_fn: Callable | None = None  # a pipeline's (model, prompts) -> (prompt_embeds, pooled_prompt_embeds)
     lora_targets: tuple = LORA_TARGETS  # the modules peft wraps
+    sigmas_fn: Callable | None = None  # a pipeline's (model, num_steps) -> sigmas, where set_timesteps(n) is not it
 
     @property
     def is_embedded(self):
@@ -89,7 +90,10 @@ class Model:
         return x.to(self.dtype)
 
     def sigmas(self, num_steps):
-        """Sigma schedule (num_steps + 1,), from 1 to 0, with the scheduler config's shift."""
+        """Sigma schedule (num_steps + 1,), from 1 to 0, with the scheduler config's shift (FLUX: its pipeline's
+        dynamic shift, `sigmas_fn`)."""
+        if self.sigmas_fn is not None:
+            return self.sigmas_fn(self, num_steps)
         self.scheduler.set_timesteps(num_steps, device="cpu")
         return self.scheduler.sigmas.float().clone()
 
@@ -156,17 +160,33 @@ def check_model_available(name):
     return kind
 
 
-def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=False, max_t5_length=128,
-               mixed_precision=None, decode_batch_size=16, gradient_checkpointing=False):
-    """`dtype` (the frozen weights' dtype) overrides `mixed_precision` (no|bf16|fp16, None = per device)."""
+def check_model_flags(name, guidance_scale=1.0, flux_guidance=None):
+    """The flags whose rules depend on --model's family (a pipelines/ module's `check_flags`; --flux-guidance is
+    FLUX.1-dev's alone), before any loading: SystemExit with one line. Returns the family (`check_model_available`)."""
     kind = check_model_available(name)
+    module = importlib.import_module(PIPELINES[kind]) if name != EMBEDDED else None
+    if hasattr(module, "check_flags"):
+        module.check_flags(name, guidance_scale, flux_guidance)
+    elif flux_guidance is not None:
+        raise SystemExit(f"error: --flux-guidance is the guidance-embedding value of FLUX.1-dev; --model {name!r} "
+                         f"({'the embedded model' if name == EMBEDDED else kind}) has none: drop it")
+    return kind
+
+
+def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=False, max_t5_length=128,
+               mixed_precision=None, decode_batch_size=16, gradient_checkpointing=False, flux_guidance=None):
+    """`dtype` (the frozen weights' dtype) overrides `mixed_precision` (no|bf16|fp16, None = per device).
+    `flux_guidance`: FLUX.1-dev's guidance-embedding value (default 3.5; refused for other models)."""
+    kind = check_model_flags(name, flux_guidance=flux_guidance)
     dtype = dtype or weight_dtype(mixed_precision, device)
     if name == EMBEDDED:
         from common.world.model import load_embedded
 
         model = load_embedded(device, dtype)
     else:
-        model = importlib.import_module(PIPELINES[kind]).load(name, device, dtype, resolution, use_t5, max_t5_length)
+        options = {} if flux_guidance is None else {"guidance": flux_guidance}  # only FLUX accepts it (checked)
+        model = importlib.import_module(PIPELINES[kind]).load(name, device, dtype, resolution, use_t5, max_t5_length,
+                                                              **options)
     model.decode_batch_size = decode_batch_size
     if gradient_checkpointing:  # recompute each block's activations in the backward pass (diffusers' helper)
         model.transformer.enable_gradient_checkpointing()
@@ -287,14 +307,16 @@ class Policy:
                 self.old_model.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("old.")})
 
     def save_pretrained(self, run_dir):
-        """LoRA -> run_dir/lora (diffusers format, `StableDiffusion3Pipeline.load_lora_weights` reads it);
-        full fine-tuning -> run_dir/transformer (diffusers `save_pretrained`)."""
+        """LoRA -> run_dir/lora (diffusers format, `StableDiffusion3Pipeline.load_lora_weights` reads it; FLUX:
+        `FluxPipeline.load_lora_weights`, the transformer class's `lora_pipeline`); full fine-tuning ->
+        run_dir/transformer (diffusers `save_pretrained`)."""
         if self.lora_rank > 0:
-            from diffusers import StableDiffusion3Pipeline  # imports transformers' image processors: LoRA only
+            import diffusers  # a pipeline class imports transformers' image processors: LoRA only
             from peft.utils import get_peft_model_state_dict
 
+            pipeline = getattr(diffusers, getattr(type(self.transformer), "lora_pipeline", "StableDiffusion3Pipeline"))
             sd = get_peft_model_state_dict(self.transformer, adapter_name="default")
-            StableDiffusion3Pipeline.save_lora_weights(os.path.join(run_dir, "lora"), transformer_lora_layers=sd,
-                                                       transformer_lora_adapter_metadata=self.lora_config.to_dict())
+            pipeline.save_lora_weights(os.path.join(run_dir, "lora"), transformer_lora_layers=sd,
+                                       transformer_lora_adapter_metadata=self.lora_config.to_dict())
         else:
             self.transformer.save_pretrained(os.path.join(run_dir, "transformer"))

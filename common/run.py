@@ -50,13 +50,18 @@ class RunArgs:
 
     # model, prompts, reward
     model: str = "embedded"
-    """'embedded' or a diffusers SD3 id / local path (e.g. stabilityai/stable-diffusion-3.5-medium)"""
+    """'embedded' or a diffusers SD3 / FLUX.1 id or local path (e.g. stabilityai/stable-diffusion-3.5-medium,
+    black-forest-labs/FLUX.1-dev)"""
     resolution: int = 512
-    """SD3 image size (the embedded model is 32x32)"""
+    """SD3 / FLUX image size (the embedded model is 32x32)"""
     use_t5: bool = False
-    """SD3: also load the T5 text encoder"""
+    """SD3: also load the T5 text encoder (FLUX always loads it: its only sequence encoder)"""
     max_t5_length: int = 128
-    """SD3 with --use-t5: T5 prompt tokens (DiffusionNFT and Flow-GRPO code: 128; diffusers' default 256)"""
+    """SD3 with --use-t5, FLUX: T5 prompt tokens (DiffusionNFT and Flow-GRPO code: 128; diffusers' default 256 for
+    SD3, 512 for FLUX)"""
+    flux_guidance: float | None = None
+    """FLUX.1-dev: the value of its transformer's guidance embedding (distilled guidance, not CFG; default 3.5 as
+    FluxPipeline and Flow-GRPO's FLUX configs); refused for FLUX.1-schnell, SD3 and the embedded model"""
     mixed_precision: str | None = None
     """no | bf16: frozen weights in this dtype, forward under autocast, trained weights in fp32 (default: bf16 on
     CUDA GPUs with native bf16, compute capability >= 8.0, else no; fp16 is refused: training it needs loss scaling)"""
@@ -96,6 +101,10 @@ class Run:
         self.args, a = args, args
         # held-out prompts: --eval-prompts-file, the shapes test split or the first 32 --prompts-file lines
         self.prompts, self.metadata, self.eval_prompts, self.eval_meta = utils.check_args(a, utils.world_size_from_env())
+        try:  # the model family's own flag rules (FLUX: no CFG, --flux-guidance only with a guidance embedding)
+            models.check_model_flags(a.model, a.guidance_scale, a.flux_guidance)
+        except SystemExit as e:
+            utils.fail(str(e).removeprefix("error: "))
         self.rank, self.world, self.device = utils.setup_distributed(a.device)
         if a.threads:
             torch.set_num_threads(a.threads)
@@ -106,7 +115,7 @@ class Run:
         self.model = models.load_model(a.model, self.device, resolution=a.resolution, use_t5=a.use_t5,
                                        max_t5_length=a.max_t5_length, mixed_precision=a.mixed_precision,
                                        decode_batch_size=a.decode_batch_size,
-                                       gradient_checkpointing=a.gradient_checkpointing)
+                                       gradient_checkpointing=a.gradient_checkpointing, flux_guidance=a.flux_guidance)
         self.policy = models.Policy(self.model.transformer, a.lora_rank, a.lora_alpha, self.model.lora_targets,
                                     with_old=with_old)
         self.reward_fn = rewards.build_reward(a.reward, a.reward_device or self.device, batch_size=a.decode_batch_size,

@@ -120,3 +120,29 @@ def test_dtype_check_flags_a_bf16_trainable(capsys):
     gpu_check.dtype_check(ctx, "y", {"dtypes": {"trainable": ["float32"], "frozen transformer": ["bfloat16"],
                                                 "reward pickscore": ["float32"]}}, "float32", "bfloat16")
     assert [r["status"] for r in ctx.results] == ["FAIL", "PASS"]
+
+
+def test_flux_plan_runs_each_pages_flux_command_and_reads_its_docs_row(capsys):
+    """The FLUX checks run each page's FLUX.1-dev command (its micro-batch, LoRA rank, guidance embedding value, no
+    CFG, gradient checkpointing where the page has it) on the FLUX model, and docs/gpu.md has a FLUX row per method
+    for the memory check to print beside the measurement."""
+    class A:
+        dry_run, full_batch, reward, device, tiny_resolution = True, False, "jpeg_compressibility", "auto", 64
+        out = "unused"
+
+    ctx = gpu_check.Ctx(A)
+    ctx.plan, ctx.model, ctx.tiny, ctx.prompts = [], "sd3", False, "p.txt"
+    ctx.flux_model, ctx.flux_tiny = gpu_check.FLUX_DEV, False
+    for m in gpu_check.METHODS:
+        gpu_check.method_run(ctx, m, flux=True)
+    plan = {p["method"]: p for p in ctx.plan}
+    for m in gpu_check.METHODS:
+        _, doc = gpu_check.documented(m, flux=True)
+        p = plan[m]
+        assert p["key"] == f"flux_{m}" and p["model"] == "flux" and p["flags"]["--model"] == gpu_check.FLUX_DEV
+        for k in ("--train-batch-size", "--lora-rank", "--flux-guidance", "--num-steps", "--gradient-checkpointing",
+                  "--eval-batch-size"):
+            assert p["flags"].get(k) == doc.get(k), (m, k)
+        assert "--guidance-scale" not in p["flags"] or float(p["flags"]["--guidance-scale"]) == 1
+    assert "flux_flow_grpo" in capsys.readouterr().out
+    assert set(gpu_check.doc_rows(flux=True)) == {f"{m} (FLUX.1-dev)" for m in gpu_check.METHODS}

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import models, rewards
+from common import rewards
 from common.evaluate import evaluate_model
 from common.world import shapes
 
@@ -43,12 +43,11 @@ def load_finetuned(model, checkpoint):
         model.transformer.load_lora_adapter(str(cand), prefix="transformer", adapter_name="default",
                                             weight_name="pytorch_lora_weights.safetensors")
         return model.transformer
-    if kind == "transformer":
-        from diffusers import SD3Transformer2DModel
+    if kind == "transformer":  # into the loaded model (any family: SD3, FLUX), in its dtype, strictly
+        from safetensors.torch import load_file
 
-        t = SD3Transformer2DModel.from_pretrained(str(cand), torch_dtype=model.dtype).to(model.device)
-        model.transformer = models.autocast_forward(t, model.dtype)
-        return t
+        model.transformer.load_state_dict(load_file(str(cand / "diffusion_pytorch_model.safetensors")))
+        return model.transformer
     raise SystemExit(f"error: --checkpoint {checkpoint!r} holds no LoRA (pytorch_lora_weights.safetensors) and no "
                      "transformer/ weights; pass a run directory, its lora/ or its transformer/ directory")
 
@@ -104,6 +103,8 @@ class Args:
     use_t5: bool = False
     """SD3: also load the T5 text encoder (as the run did)"""
     max_t5_length: int = 128
+    flux_guidance: float | None = None
+    """FLUX.1-dev: its guidance embedding's value (default 3.5; as the run had it)"""
     mixed_precision: str | None = None
     """no | bf16 | fp16 (default: bf16 on CUDA GPUs with native bf16, else no): weights in this dtype, forward under
     autocast"""
@@ -170,7 +171,7 @@ def check_args(a):
     if a.save_images:
         utils.check_writable_dir("--save-images", a.save_images)
     try:
-        models.check_model_available(a.model)
+        models.check_model_flags(a.model, a.guidance_scale, a.flux_guidance)
     except SystemExit as e:
         utils.fail(str(e).removeprefix("error: "))
     captions, specs = utils.load_prompts(a.prompts_file, a.model, a.split)
@@ -186,7 +187,7 @@ def main(args: Args):
     rank, world, device = utils.setup_distributed(args.device)  # torchrun: each rank evaluates a slice
     model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
                               max_t5_length=args.max_t5_length, mixed_precision=args.mixed_precision,
-                              decode_batch_size=args.decode_batch_size)
+                              decode_batch_size=args.decode_batch_size, flux_guidance=args.flux_guidance)
     transformer = load_finetuned(model, args.checkpoint) if args.checkpoint else model.transformer
     reward_fn = None if not args.reward else rewards.build_reward(
         args.reward, args.reward_device or device, args.reward_paths, rewards.DTYPES[args.reward_dtype],
