@@ -19,17 +19,16 @@ decodes `decode_batch_size` latents at a time.
 
 import contextlib
 import importlib
-import json
 import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from common import pipelines
 from common.pipelines import PIPELINES
 
 EMBEDDED = "embedded"
@@ -129,35 +128,13 @@ def autocast_forward(module, dtype):
 
 
 def check_model_available(name):
-    """Fail with one line (no hub is reachable) before any loading. Returns the pipeline's model_index.json
-    `_class_name` (a key of common.pipelines.PIPELINES; SD3 for a folder without model_index.json)."""
+    """Fail with one line (no hub is reachable) before any loading. Returns the family of a pipeline (a key of
+    common.pipelines.PIPELINES, `pipelines.check_available`)."""
     if name == EMBEDDED:
         from common.world.model import check_weights
 
         return check_weights()
-    if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "model_index.json")) and not os.path.isdir(os.path.join(name, "transformer")):
-            raise SystemExit(f"error: --model {name!r} is a directory but not a diffusers pipeline "
-                             "(no model_index.json / transformer/)")
-        index = os.path.join(name, "model_index.json")
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        index = try_to_load_from_cache(name, "model_index.json")
-        if not isinstance(index, str):
-            raise SystemExit(f"error: --model {name!r} is neither 'embedded', a local directory, nor in the local "
-                             "Hugging Face cache, and no network/hub is reachable; download it elsewhere and pass "
-                             "its local path (e.g. --model /path/to/stable-diffusion-3.5-medium)")
-    if not os.path.isfile(index):
-        return next(iter(PIPELINES))
-    try:  # another pipeline's folder would fail deep inside from_pretrained
-        kind = json.loads(Path(index).read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError) as e:
-        raise SystemExit(f"error: --model {name!r}: unreadable model_index.json ({type(e).__name__})")
-    if kind not in PIPELINES:
-        raise SystemExit(f"error: --model {name!r} holds a {kind} pipeline; choose a {' or '.join(PIPELINES)} "
-                         "(e.g. stabilityai/stable-diffusion-3.5-medium) or 'embedded'")
-    return kind
+    return pipelines.check_available(name)
 
 
 def check_model_flags(name, guidance_scale=1.0, flux_guidance=None):
