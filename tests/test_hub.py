@@ -170,3 +170,19 @@ def test_a_real_run_ends_by_uploading(tmp_path):
     assert (d / "summary.json").is_file() and (d / "transformer").is_dir()
     card = (d / "README.md").read_text()
     assert "# advantageflow: embedded" in card and "| reward_mean |" in card
+
+
+def test_model_card_names_the_runs_pipeline_family(tmp_path):
+    """A FLUX.1 run's card loads its LoRA through FluxPipeline and its full weights as FluxTransformer2DModel; an
+    SD3 run's through the SD3 classes."""
+    from tests.helpers.tiny_flux import build_tiny_flux
+    from tests.helpers.tiny_sd3 import build_tiny_sd3
+
+    flux, sd3 = build_tiny_flux(tmp_path / "flux"), build_tiny_sd3(tmp_path / "sd3")
+    for model, pipe, transformer in ((flux, "FluxPipeline", "FluxTransformer2DModel"),
+                                     (sd3, "StableDiffusion3Pipeline", "SD3Transformer2DModel")):
+        summary = {"base": {}, "final": {}, "args": {"exp_name": "acflow", "model": str(model)}}
+        lora = hub_tools.model_card(summary, "alice/x", "lora", "python acflow.py")
+        full = hub_tools.model_card(summary, "alice/x", "transformer", "python acflow.py")
+        assert f"from diffusers import {pipe}\n" in lora and f"pipe = {pipe}.from_pretrained(" in lora
+        assert f'transformer = {transformer}.from_pretrained("alice/x", subfolder="transformer")' in full

@@ -58,16 +58,25 @@ def model_card(summary, repo_id, weights, command):
               for c, v in f.get("accuracy", {}).items()]
     table += [f"| reward {n} (mean) | {_cell(b.get('rewards', {}).get(n, {}).get('mean', ''), 4)} | "
               f"{_cell(r['mean'], 4)} |" for n, r in f.get("rewards", {}).items()]
+    pipe, transformer = "StableDiffusion3Pipeline", "SD3Transformer2DModel"
+    if not embedded:  # the family of the run's model (FLUX.1 or SD3; SD3 where its folder cannot be read here)
+        from common import pipelines
+
+        try:
+            pipe = pipelines.check_available(model)
+        except SystemExit:
+            pass
+        transformer = {"FluxPipeline": "FluxTransformer2DModel"}.get(pipe, transformer)
     if weights == "lora" and embedded:
         use = ["```bash", f"hf download {repo_id} --local-dir {method}-run",
                f"python -m common.tools.evaluate --checkpoint {method}-run   # in a cleanflow checkout", "```"]
     elif weights == "lora":
-        use = ["```python", "import torch", "from diffusers import StableDiffusion3Pipeline", "",
-               f'pipe = StableDiffusion3Pipeline.from_pretrained("{model}", torch_dtype=torch.bfloat16).to("cuda")',
+        use = ["```python", "import torch", f"from diffusers import {pipe}", "",
+               f'pipe = {pipe}.from_pretrained("{model}", torch_dtype=torch.bfloat16).to("cuda")',
                f'pipe.load_lora_weights("{repo_id}", subfolder="lora")', "```"]
     else:
-        use = ["```python", "from diffusers import SD3Transformer2DModel", "",
-               f'transformer = SD3Transformer2DModel.from_pretrained("{repo_id}", subfolder="transformer")', "```",
+        use = ["```python", f"from diffusers import {transformer}", "",
+               f'transformer = {transformer}.from_pretrained("{repo_id}", subfolder="transformer")', "```",
                "(the full fine-tuned transformer; with the embedded base: `hf download` the repo and run "
                "`python -m common.tools.evaluate --checkpoint <dir>` in a cleanflow checkout)"]
     minutes = summary.get("wall_time_s", 0) / 60
