@@ -183,7 +183,7 @@ def check_args(args, world_size=1):
     except SystemExit as e:
         fail(str(e).removeprefix("error: "))
     if a.model != models.EMBEDDED and a.lora_rank == 0:
-        print("warning: --lora-rank 0 fully fine-tunes an SD3 model (needs a full frozen copy)", file=sys.stderr)
+        print(f"warning: --lora-rank 0 fully fine-tunes {a.model} (needs a full frozen copy)", file=sys.stderr)
     return (*prompts, *eval_prompts)
 
 
