@@ -33,20 +33,21 @@ from common.run import RunArgs
 class Args(RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    num_iterations: int = 100
+    num_iterations: int = 200
     """actor gradient steps"""
-    prompts_per_iter: int = 16
+    prompts_per_iter: int = 32
     """prompts per actor minibatch (SD3.5-M: 8)"""
-    group_size: int = 2
-    """images per prompt (SD3.5-M: 4)"""
+    group_size: int = 1
+    """images per prompt; the weights are per image, as in ORW-CFM-W2 (SD3.5-M: 4)"""
     train_batch_size: int = 32
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
     epoch_iters: int = 20
     """K: iterations per epoch; the sampling copy is fixed for an epoch, then old <- actor (ORW-CFM-W2 official code's
     `last_policy`); 1 = on-policy"""
-    pool_batches: int = 5
+    pool_batches: int = 10
     """M: minibatches sampled from the sampling copy and scored once per epoch; the actor visits them in a random
-    order with fresh (sigma, noise) (M = K: the ORW code's fresh batch per step; M < K reuses samples)"""
+    order with fresh (sigma, noise) (M = K: the ORW code's fresh batch per step; M < K reuses samples; 10: each
+    sample used twice, 3,200 reward queries in 200 iterations)"""
     lr: float = 3e-5
     """actor AdamW learning rate after the warm-up (SD3.5-M LoRA: 1e-4)"""
     warmup_iters: int = 10
