@@ -59,3 +59,20 @@ def test_benchmark_table_has_a_texture_column(tmp_path):
     col = cells[0].index("texture: base -> final")
     rows = {c[0]: c[col] for c in cells[2:]}
     assert rows == {"flow_grpo": "0.002 -> 0.080", "advantageflow": "n/a"}, rows
+
+
+def test_rekey_compares_every_number_the_old_code_computed():
+    """benchmark/rekey.py carries runs over only when the old and new runs agree on every number the old one
+    reports: a metric only the new code adds is listed, not compared; a changed or dropped number is a difference."""
+    import rekey
+
+    old = {"base": {"strict_accuracy": 0.25, "accuracy": {"colors": 0.5}}, "final": {"strict_accuracy": 0.3}}
+    added = {"base": {"strict_accuracy": 0.25, "accuracy": {"colors": 0.5}, "texture": 0.001},
+             "final": {"strict_accuracy": 0.3, "texture": 0.004}}
+    (o, n), new_keys = rekey.common_part(old, added)
+    assert o == n == old and sorted(new_keys) == ["base.texture", "final.texture"]
+    changed = {"base": {"strict_accuracy": 0.25, "accuracy": {"colors": 0.53125}}, "final": {"strict_accuracy": 0.3}}
+    (o, n), _ = rekey.common_part(old, changed)
+    assert o != n
+    dropped = {"base": {"strict_accuracy": 0.25, "accuracy": {}}, "final": {"strict_accuracy": 0.3}}
+    assert rekey.common_part(dropped, old)[1] == ["base.accuracy.colors"]  # what rekey reads as removed
