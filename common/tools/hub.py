@@ -2,6 +2,7 @@
 before any model loads, and the model card written from summary.json."""
 
 import json
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -62,10 +63,8 @@ def model_card(summary, repo_id, weights, command):
     if not embedded:  # the family of the run's model (FLUX.1 or SD3; SD3 where its folder cannot be read here)
         from common import pipelines
 
-        try:
+        with contextlib.suppress(SystemExit):
             pipe = pipelines.check_available(model)
-        except SystemExit:
-            pass
         transformer = {"FluxPipeline": "FluxTransformer2DModel"}.get(pipe, transformer)
     if weights == "lora" and embedded:
         use = ["```bash", f"hf download {repo_id} --local-dir {method}-run",

@@ -2,7 +2,6 @@
 (`guidance=True`: the transformer has a guidance embedding) and FLUX.1-schnell (`guidance=False`). Same classes as
 the released pipelines, same code path, toy sizes."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,9 +15,9 @@ def build_tiny_flux(path, guidance=True, seed=0):
     attention width); the scheduler as FLUX.1-dev's (dynamic shifting, mu from the token count) or schnell's (shift
     1, no dynamic shifting)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.helpers.tiny_sd3 import _tiny_t5
+    from tests.helpers.tiny_sd3 import _tiny_t5, toy_clip_tokenizer
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -29,21 +28,7 @@ def build_tiny_flux(path, guidance=True, seed=0):
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=16,
                         layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.3611,
                         shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-    # the toy BPE of tiny_sd3: single characters (+ end-of-word forms) and a few merges
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges = ["#version: 0.2", "r e", "o n", "c i"]
-    for m in merges[1:]:
-        vocab.setdefault(m.replace(" ", ""), len(vocab))
-    tok_dir = path / "_tok"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
-                              pad_token="<|endoftext|>")
+    chars, vocab, tokenizer = toy_clip_tokenizer(path)  # the toy BPE of tiny_sd3
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                                         bos_token_id=0, eos_token_id=1, pad_token_id=1))

@@ -13,7 +13,7 @@ def build_tiny_sd3(path, seed=0, t5=False, pos_embed_max_size=16):
     64-wide T5 encoder (text_encoder_3) and a character-level T5 tokenizer, as SD3.5 with --use-t5.
     `pos_embed_max_size` >= resolution / 4 (patches per side) for images larger than 64 px."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -24,7 +24,25 @@ def build_tiny_sd3(path, seed=0, t5=False, pos_embed_max_size=16):
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                         layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.5, shift_factor=0.06)
-    # a byte-level-free toy BPE: single characters (+ end-of-word forms) and a few merges
+    chars, vocab, tokenizer = toy_clip_tokenizer(path)
+    tokenizers = [tokenizer, tokenizer]
+    cfg = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**cfg)) for _ in range(2)]
+    t5_encoder, t5_tokenizer = _tiny_t5(chars) if t5 else (None, None)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0],
+                                    text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
+                                    text_encoder_3=t5_encoder, tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(str(path))
+    return path
+
+
+def toy_clip_tokenizer(path):
+    """A byte-level-free toy BPE CLIPTokenizer written under path/_tok: single characters (+ end-of-word forms) and a
+    few merges. Returns (chars, vocab, tokenizer)."""
+    from transformers import CLIPTokenizer
+
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
     for c in chars:
@@ -37,18 +55,8 @@ def build_tiny_sd3(path, seed=0, t5=False, pos_embed_max_size=16):
     tok_dir.mkdir(parents=True, exist_ok=True)
     (tok_dir / "vocab.json").write_text(json.dumps(vocab))
     (tok_dir / "merges.txt").write_text("\n".join(merges) + "\n")
-    tokenizers = [CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
-                                pad_token="<|endoftext|>") for _ in range(2)]
-    cfg = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**cfg)) for _ in range(2)]
-    t5_encoder, t5_tokenizer = _tiny_t5(chars) if t5 else (None, None)
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0],
-                                    text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
-                                    text_encoder_3=t5_encoder, tokenizer_3=t5_tokenizer)
-    pipe.save_pretrained(str(path))
-    return path
+    return chars, vocab, CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+                                       pad_token="<|endoftext|>")
 
 
 def _tiny_t5(chars):
