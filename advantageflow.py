@@ -128,7 +128,7 @@ def nft_loss(v, v_old, x0, x_t, sigma, r, beta, weighting="separate"):
 
 
 def check_method_args(a):
-    utils.check_finite(a)  # before the convexity warning below
+    utils.check_shared(a)  # finite floats before the convexity warning below
     if a.group_size < 2:  # A = R - prompt mean (AF; DiffusionNFT's r likewise): 0 for a prompt's only image
         utils.fail(f"--group-size {a.group_size} must be >= 2: advantages are relative to each prompt's images, so "
                    "one image per prompt makes every advantage 0")

@@ -79,15 +79,6 @@ class Model:
                                  for x in latents.split(self.decode_batch_size)])
         return ((latents.float() + 1) / 2).clamp(0, 1)
 
-    @torch.no_grad()
-    def encode_images(self, images):
-        """images (N, 3, H, W) in [0, 1] -> latents (used by pretraining and tests)."""
-        x = images.to(self.device) * 2 - 1
-        if not self.is_embedded:
-            x = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample()
-            x = (x - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-        return x.to(self.dtype)
-
     def sigmas(self, num_steps):
         """Sigma schedule (num_steps + 1,), from 1 to 0, with the scheduler config's shift (FLUX: its pipeline's
         dynamic shift, `sigmas_fn`)."""
@@ -106,12 +97,6 @@ def default_dtype(device, capability=None):
         return torch.float32
     capability = capability or torch.cuda.get_device_capability(device)
     return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float32
-
-
-def weight_dtype(mixed_precision, device):
-    """--mixed-precision no|bf16|fp16 -> dtype of the frozen weights and of the autocast forward;
-    None: `default_dtype(device)`."""
-    return default_dtype(device) if mixed_precision is None else PRECISIONS[mixed_precision]
 
 
 def autocast_forward(module, dtype):
@@ -155,7 +140,7 @@ def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=F
     """`dtype` (the frozen weights' dtype) overrides `mixed_precision` (no|bf16|fp16, None = per device).
     `flux_guidance`: FLUX.1-dev's guidance-embedding value (default 3.5; refused for other models)."""
     kind = check_model_flags(name, flux_guidance=flux_guidance)
-    dtype = dtype or weight_dtype(mixed_precision, device)
+    dtype = dtype or (default_dtype(device) if mixed_precision is None else PRECISIONS[mixed_precision])
     if name == EMBEDDED:
         from common.world.model import load_embedded
 

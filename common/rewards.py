@@ -8,15 +8,11 @@ world: the prompt's shapes spec) or None.
     rewards, parts = reward_fn(images, prompts, metadata)      # parts: {name: (N,)} for logging
 
 Embedded (no weights): shapes, shapes_strict, jpeg_compressibility (DDPO's scale), jpeg_compressibility_flowgrpo
-(Flow-GRPO's: DDPO's / 500), jpeg_incompressibility.
-Real (common/reward_models/, imported when a reward is built; transformers; a hub id in the local cache by default,
-or local weights via `paths` / --reward-paths name=path[|processor],...): pickscore (raw, ~20-23),
-pickscore_flowgrpo (raw / 26, Flow-GRPO's scale), clipscore = clipscore_cosine (cos), clipscore_torchmetrics
-(100 max(cos, 0)), clipscore_hessel (2.5 max(cos, 0), CLIP-S), hpsv2 (HPS v2.1), imagereward, aesthetic (LAION
-predictor v2: needs its head file), ocr (TrOCR), vlm (yes/no judge); each class's docstring says whose scale it is.
-A variant loads the weights (and --reward-paths entry) of the reward it rescales: SAME_WEIGHTS. Remote:
-`remote:<url>`, a Flow-GRPO reward server (GenEval, DeQA, UnifiedReward) spoken to over HTTP; options in the URL's
-query, e.g. `remote:http://127.0.0.1:18085?retries=5&timeout=60` (`reward_models.remote.remote_server`).
+(Flow-GRPO's), jpeg_incompressibility. Real (REAL_REWARDS: classes in common/reward_models/, imported when a reward is
+built; a hub id in the local cache by default, or local weights via --reward-paths name=path[|processor],...); each
+class's docstring says whose scale it is, and a rescaled variant loads the weights of the reward it rescales
+(SAME_WEIGHTS). `remote:<url>`: a Flow-GRPO reward server (GenEval, DeQA, UnifiedReward) over HTTP, options in the
+URL's query, e.g. `remote:http://127.0.0.1:18085?retries=5&timeout=60` (`reward_models.remote.remote_server`).
 """
 
 import importlib

@@ -5,10 +5,13 @@ model and the optional Hub upload. What a method keeps in its checkpoint is the 
 that returns it."""
 
 import contextlib
+import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -101,15 +104,16 @@ class Run:
         self.args, a = args, args
         # held-out prompts: --eval-prompts-file, the shapes test split or the first 32 --prompts-file lines
         self.prompts, self.metadata, self.eval_prompts, self.eval_meta = utils.check_args(a, utils.world_size_from_env())
-        try:  # the model family's own flag rules (FLUX: no CFG, --flux-guidance only with a guidance embedding)
-            models.check_model_flags(a.model, a.guidance_scale, a.flux_guidance)
-        except SystemExit as e:
-            utils.fail(str(e).removeprefix("error: "))
         self.rank, self.world, self.device = utils.setup_distributed(a.device)
         if a.threads:
             torch.set_num_threads(a.threads)
-        utils.seed_everything(a.seed + self.rank, a.torch_deterministic)
-        self.dir = utils.run_dir_for(a, script)
+        for seed_fn in (random.seed, np.random.seed, torch.manual_seed):
+            seed_fn(a.seed + self.rank)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = a.torch_deterministic, False
+        task = "shapes" if a.model == models.EMBEDDED else Path(a.model).name
+        resumed = Path(a.resume or ".")
+        self.dir = Path(a.output_dir or (a.resume and (resumed if resumed.is_dir() else resumed.parent))
+                        or f"runs/{task}__{Path(script).stem}__{a.seed}__{int(time.time())}")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.writer = utils.make_writer(self.dir, a, self.rank)
         self.model = models.load_model(a.model, self.device, resolution=a.resolution, use_t5=a.use_t5,
@@ -140,10 +144,15 @@ class Run:
         return res
 
     def log_eval(self, res, step):
-        utils.log_eval(self.writer, res, step)
-        for k in self.eval_scalars:
-            if k in res and self.writer is not None:
-                self.writer.add_scalar(f"eval/{k}", res[k], step)
+        """Held-out metrics under eval/: reward, strict accuracy, diversity, clean fraction, texture (speckled-pixel
+        fraction, shapes.texture), per-category accuracy, and the method's `eval_scalars`."""
+        if self.writer is None:
+            return
+        keys = ("reward_mean", "strict_accuracy", "diversity", "clean_fraction", "texture", *self.eval_scalars)
+        scalars = {**{k: res[k] for k in keys if k in res},
+                   **{f"accuracy_{c}": v for c, v in res.get("accuracy", {}).items()}}
+        for k, v in scalars.items():
+            self.writer.add_scalar(f"eval/{k}", v, step)
 
     def start(self, evaluate, state):
         """`evaluate(step)` -> the method's held-out result; `state()` -> what its checkpoint keeps (every rank calls
@@ -156,7 +165,8 @@ class Run:
             utils.set_rng_state(ckpt["rng"][self.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
             self.start_iteration, self.reward_queries = ckpt["iteration"], ckpt["reward_queries"]
             self.wall_before, self.summary = ckpt["wall_time_s"], ckpt["summary"]
-            self.grid.load_state_dict(ckpt.get("grid"))
+            base = (ckpt.get("grid") or {}).get("base")  # older checkpoints: float images
+            self.grid.base = base and (rewards.uint8_images(base[0]), *base[1:])
         else:
             self.summary["base"] = evaluate(0)
             if self.rank == 0:
@@ -176,7 +186,7 @@ class Run:
             utils.save_checkpoint(self.dir / "checkpoint.pt", dict(
                 state, iteration=iteration, reward_queries=self.reward_queries,
                 wall_time_s=self.wall_before + time.time() - self.t0, summary=self.summary, rng=utils.rng_state(),
-                args=vars(self.args), grid=self.grid.state_dict()))
+                args=vars(self.args), grid={"base": self.grid.base}))
 
     def end_iteration(self, it, metrics, samples=None, **postfix):
         """Log `metrics` (rank 0 writes them) and, every --log-images-every iterations,
@@ -184,7 +194,8 @@ class Run:
         save; on Ctrl-C / SIGTERM save whole iterations and exit 130."""
         a = self.args
         if self.rank == 0:
-            utils.log_metrics(self.writer, metrics, it + 1)
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, it + 1)
             self.bar.set_postfix(**postfix)
             if samples is not None and (it + 1) % a.log_images_every == 0:
                 x0, captions, values = samples
@@ -196,8 +207,19 @@ class Run:
                 self.log_eval(res, it + 1)
                 tqdm.write(f"iter {it + 1}: eval reward {res['reward_mean']:.4f} strict "
                            f"{res.get('strict_accuracy', 0):.3f}")
-        utils.checkpoint_or_stop(it + 1, a.checkpoint_every, self.stop, self.guard, self.save_checkpoint, self.dir,
-                                 self.rank)
+        # save every --checkpoint-every iterations and when Ctrl-C / SIGTERM asked to stop (then exit 130); never
+        # during a run of non-finite updates, so the last good checkpoint stays
+        stopping = self.stop()
+        saved = ((it + 1) % a.checkpoint_every == 0 or stopping) and self.guard.in_a_row == 0
+        if saved:
+            self.save_checkpoint(it + 1)
+        if stopping:
+            if self.rank == 0:
+                print(f"interrupted: checkpoint saved at iteration {it + 1} in {self.dir}" if saved else
+                      f"interrupted during non-finite updates: the checkpoint in {self.dir} is the last good one",
+                      end="")
+                print(f"; continue with --resume {self.dir}")
+            raise SystemExit(130)
 
     def finish(self, save_model=None):
         """Final evaluation, checkpoint, the model (`save_model()`, default the learner's lora/ or transformer/),
@@ -233,12 +255,9 @@ class EMA:
         self.params, self.decay = list(params), decay
         self.shadow = [p.detach().clone() for p in self.params]
 
-    def decay_at(self, s):
-        return min((1 + s) / (10 + s), self.decay)
-
     @torch.no_grad()
     def step(self, s, repeat=1):
-        d = self.decay_at(s) ** repeat
+        d = min((1 + s) / (10 + s), self.decay) ** repeat
         for e, p in zip(self.shadow, self.params):
             e.lerp_(p, 1 - d)
 

@@ -1,5 +1,5 @@
-"""Training utilities shared by the method scripts: argument checks, seeding, run directory + TensorBoard,
-image grids, prompt groups sharded over ranks, DDP helpers, atomic checkpoints, summary.json."""
+"""Training utilities shared by the method scripts: argument checks, TensorBoard, image grids, prompt groups sharded
+over ranks, DDP helpers, atomic checkpoints, summary.json, the non-finite and stop guards."""
 
 import contextlib
 import io
@@ -55,31 +55,18 @@ def parse_args(cls, args=None):
     return parsed
 
 
-def check_finite(args):
-    """Every float flag must be a number: NaN / inf learning rates, weights, ... fail here."""
-    for name, v in vars(args).items():
-        if isinstance(v, float) and not math.isfinite(v):
-            fail(f"--{name.replace('_', '-')} {v} must be a finite number")
-
-
 def check_device(flag, value):
     """A --device / --reward-device value this machine has: auto, cpu, cuda or cuda:N with N < the GPU count."""
-    if value is None or value == "auto":
-        return
-    choices = "auto, cpu, cuda, cuda:N"
     try:
-        d = torch.device(value)
+        d = torch.device("cpu" if value in (None, "auto") else value)
     except (RuntimeError, ValueError):
-        fail(f"{flag} {value!r} is not a device; choose from: {choices}")
+        fail(f"{flag} {value!r} is not a device; choose from: auto, cpu, cuda, cuda:N")
+    n = torch.cuda.device_count()
     if d.type not in ("cpu", "cuda"):
-        fail(f"{flag} {value!r} is not supported; choose from: {choices}")
-    if d.type == "cuda":
-        n = torch.cuda.device_count()
-        if n == 0:
-            fail(f"{flag} {value!r}: this machine has no CUDA GPU; choose from: auto, cpu")
-        if (d.index or 0) >= n:
-            fail(f"{flag} {value!r}: this machine has {n} CUDA GPU(s); choose from: auto, cpu, cuda, "
-                 f"cuda:0 .. cuda:{n - 1}")
+        fail(f"{flag} {value!r} is not supported; choose from: auto, cpu, cuda, cuda:N")
+    if d.type == "cuda" and (d.index or 0) >= n:
+        fail(f"{flag} {value!r}: this machine has no CUDA GPU; choose from: auto, cpu" if n == 0 else
+             f"{flag} {value!r}: this machine has {n} CUDA GPU(s); choose from: auto, cpu, cuda, cuda:0 .. cuda:{n - 1}")
 
 
 def check_reward_servers(spec):
@@ -95,9 +82,11 @@ def check_reward_servers(spec):
 
 
 def check_shared(a):
-    """Checks shared by the method scripts and common.evaluate: finite floats, devices, reward dtype, guidance scale,
-    seed, image size, T5 length."""
-    check_finite(a)
+    """Checks shared by the method scripts and common.evaluate: every float flag finite (NaN / inf learning rates,
+    weights, ...), devices, reward dtype, guidance scale, seed, image size, T5 length."""
+    for name, v in vars(a).items():
+        if isinstance(v, float) and not math.isfinite(v):
+            fail(f"--{name.replace('_', '-')} {v} must be a finite number")
     check_device("--device", a.device)
     check_device("--reward-device", a.reward_device)
     if getattr(a, "reward_dtype", "fp32") not in rewards.DTYPES:
@@ -122,28 +111,22 @@ def check_args(args, world_size=1):
     except ValueError as e:
         fail(str(e))
     check_shared(a)
-    if a.lr < 0:
-        fail(f"--lr {a.lr} must be >= 0 (0 is allowed as a no-learning control)")
-    if a.weight_decay < 0:
-        fail(f"--weight-decay {a.weight_decay} must be >= 0")
+    for name, lo, why in (("lr", 0, " (0 is allowed as a no-learning control)"), ("weight_decay", 0, ""),
+                          ("threads", 0, " (0 = torch's default)"),
+                          ("lora_rank", 0, " (0 = full fine-tuning, >= 1 for LoRA)")):
+        if getattr(a, name) < lo:
+            fail(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= {lo}{why}")
     if a.max_grad_norm <= 0:
         fail(f"--max-grad-norm {a.max_grad_norm} must be > 0 (the gradient-norm clipping threshold)")
     for name in ("num_iterations", "num_steps", "group_size", "prompts_per_iter", "eval_samples_per_prompt",
-                 "eval_every", "checkpoint_every", "log_images_every"):  # counts, divisors and intervals
-        if hasattr(a, name) and getattr(a, name) < 1:
+                 "eval_every", "checkpoint_every", "log_images_every", "decode_batch_size", "eval_batch_size"):
+        if getattr(a, name, 1) < 1:  # counts, divisors and intervals
             fail(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
-    if a.threads < 0:
-        fail(f"--threads {a.threads} must be >= 0 (0 = torch's default)")
     if a.mixed_precision == "fp16":  # training would need loss scaling (a GradScaler): fp16 LoRA gradients underflow
         fail(f"--mixed-precision fp16 is not supported for training (no loss scaling); choose from: "
              f"{', '.join(models.TRAIN_PRECISIONS)}")
     if a.mixed_precision not in (None, *models.TRAIN_PRECISIONS):
         fail(f"unknown --mixed-precision {a.mixed_precision!r}; choose from: {', '.join(models.TRAIN_PRECISIONS)}")
-    for name in ("decode_batch_size", "eval_batch_size"):
-        if getattr(a, name, 1) < 1:
-            fail(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
-    if a.lora_rank < 0:
-        fail(f"--lora-rank {a.lora_rank} must be >= 1 for LoRA, or 0 for full fine-tuning")
     if a.lora_alpha is not None and a.lora_alpha < 1:
         fail(f"--lora-alpha {a.lora_alpha} must be >= 1 (default: 2 * --lora-rank)")
     n = a.prompts_per_iter * a.group_size
@@ -178,8 +161,8 @@ def check_args(args, world_size=1):
         eval_prompts = load_prompts(eval_file, a.model, flag="--eval-prompts-file")
     else:  # the shapes test split, or the first 32 training prompts of a --prompts-file
         eval_prompts = (prompts[0][:32], prompts[1][:32]) if a.prompts_file else load_prompts(None, split="test")
-    try:
-        models.check_model_available(a.model)
+    try:  # the model and its family's own flag rules (FLUX: no CFG, --flux-guidance only with a guidance embedding)
+        models.check_model_flags(a.model, a.guidance_scale, a.flux_guidance)
     except SystemExit as e:
         fail(str(e).removeprefix("error: "))
     if a.model != models.EMBEDDED and a.lora_rank == 0:
@@ -237,26 +220,6 @@ def load_prompts(prompts_file, model=models.EMBEDDED, split="train", flag="--pro
 
 
 # ----------------------------------------------------------------------------------- run set-up
-def seed_everything(seed, deterministic=True):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def run_dir_for(args, script_file):
-    exp = Path(script_file).stem
-    if args.output_dir:
-        return Path(args.output_dir)
-    if args.resume:
-        p = Path(args.resume)
-        return p if p.is_dir() else p.parent
-    task = "shapes" if args.model == models.EMBEDDED else Path(args.model).name
-    return Path("runs") / f"{task}__{exp}__{args.seed}__{int(time.time())}"
-
-
 def make_writer(run_dir, args, rank=0):
     """TensorBoard writer (rank 0 only) whose first entry is a table of every hyperparameter."""
     if rank != 0:
@@ -281,13 +244,9 @@ def image_grid(images, captions, values=None, cell=128, ncol=8):
     from PIL import Image, ImageDraw
 
     imgs = rewards.to_uint8(images)
-    w = cell
-    h = round(imgs.shape[1] * cell / imgs.shape[2])
-    resample = Image.NEAREST if imgs.shape[2] <= cell else Image.BILINEAR
-    cell_h = h + 36
-    ncol = min(ncol, len(imgs))
-    nrow = (len(imgs) + ncol - 1) // ncol
-    canvas = Image.new("RGB", (ncol * w, nrow * cell_h), (40, 40, 40))
+    w, h, ncol = cell, round(imgs.shape[1] * cell / imgs.shape[2]), min(ncol, len(imgs))
+    resample, cell_h = Image.NEAREST if imgs.shape[2] <= cell else Image.BILINEAR, h + 36  # 36 px of caption
+    canvas = Image.new("RGB", (ncol * w, -(-len(imgs) // ncol) * cell_h), (40, 40, 40))
     draw = ImageDraw.Draw(canvas)
     for i, arr in enumerate(imgs):
         x, y = (i % ncol) * w, (i // ncol) * cell_h
@@ -302,12 +261,12 @@ def image_grid(images, captions, values=None, cell=128, ncol=8):
 class SampleGrid:
     """Visible learning: base beside current on the same noise. Fed each held-out evaluation's images (prompt-major,
     `samples_per_prompt` each, fixed noise), it keeps the first sample of `n` prompts spread over the list; the
-    first call (the base evaluation) fixes the base row. `add` logs the grid to TensorBoard ("eval/samples":
-    rows alternate base / current, reward under each image); `save` writes the latest as PNG (samples.png)."""
+    first call (the base evaluation) fixes the base row (`base`, kept in checkpoints). `add` logs the grid to
+    TensorBoard ("eval/samples": rows alternate base / current, reward under each image); `save` writes the latest as
+    PNG (samples.png)."""
 
     def __init__(self, samples_per_prompt, n=16, ncol=8):
-        self.k, self.n, self.ncol = samples_per_prompt, n, ncol
-        self.base, self.grid = None, None
+        self.k, self.n, self.ncol, self.base, self.grid = samples_per_prompt, n, ncol, None, None
 
     def pick(self, n_prompts):
         """Indices of the samples shown: the first sample of `n` prompts spread over the list."""
@@ -334,35 +293,6 @@ class SampleGrid:
 
         if self.grid is not None:
             Image.fromarray(self.grid).save(path)
-
-    def state_dict(self):
-        return {"base": self.base}
-
-    def load_state_dict(self, state):
-        base = (state or {}).get("base")
-        self.base = base and (rewards.uint8_images(base[0]), *base[1:])  # older checkpoints: float images
-
-
-def log_metrics(writer, metrics, step):
-    if writer is not None:
-        for k, v in metrics.items():
-            writer.add_scalar(k, v, step)
-
-
-def log_eval(writer, res, step, prefix="eval/"):
-    """Held-out metrics: reward, strict accuracy, per-category accuracy, diversity."""
-    if writer is None:
-        return
-    writer.add_scalar(prefix + "reward_mean", res["reward_mean"], step)
-    if "strict_accuracy" in res:  # shapes prompts only
-        writer.add_scalar(prefix + "strict_accuracy", res["strict_accuracy"], step)
-    writer.add_scalar(prefix + "diversity", res["diversity"], step)
-    if "clean_fraction" in res:
-        writer.add_scalar(prefix + "clean_fraction", res["clean_fraction"], step)
-    if "texture" in res:  # speckled-pixel fraction (shapes.texture)
-        writer.add_scalar(prefix + "texture", res["texture"], step)
-    for c, v in res.get("accuracy", {}).items():
-        writer.add_scalar(prefix + f"accuracy_{c}", v, step)
 
 
 # ----------------------------------------------------------------------------------- prompts and DDP
@@ -526,8 +456,7 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    path = Path(path)
-    path = path / "checkpoint.pt" if path.is_dir() else path
+    path = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -552,8 +481,7 @@ class NonFiniteGuard:
         if all(torch.isfinite(t).all() for t in tensors):
             self.in_a_row = 0 if not empty else self.in_a_row
             return True
-        self.in_a_row += 1
-        self.total += 1
+        self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
         print(f"warning: non-finite loss/reward at iteration {iteration}; update skipped "
               f"({self.in_a_row} in a row)", file=sys.stderr)
         if self.in_a_row >= self.patience:
@@ -590,18 +518,3 @@ class StopSignal:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-def checkpoint_or_stop(iteration, every, stop, guard, save_checkpoint, run_dir, rank=0):
-    """End of an iteration (all ranks call it): save every `every` iterations, and when Ctrl-C / SIGTERM asked
-    to stop, then exit 130. Never saves during a run of non-finite updates, so the last good checkpoint stays."""
-    stopping = stop()
-    saved = ((iteration % every == 0) or stopping) and guard.in_a_row == 0
-    if saved:
-        save_checkpoint(iteration)
-    if stopping:
-        if rank == 0:
-            print(f"interrupted: checkpoint saved at iteration {iteration} in {run_dir}" if saved else
-                  f"interrupted during non-finite updates: the checkpoint in {run_dir} is the last good one", end="")
-            print(f"; continue with --resume {run_dir}")
-        raise SystemExit(130)

@@ -129,7 +129,8 @@ def test_default_precision_bf16_only_where_native():
     assert models.default_dtype("cuda", (7, 0)) == models.default_dtype("cuda:1", (7, 5)) == torch.float32
     assert models.default_dtype("cuda", (8, 0)) == models.default_dtype("cuda", (9, 0)) == torch.bfloat16
     assert models.default_dtype("cpu") == torch.float32
-    assert models.weight_dtype("bf16", "cpu") == torch.bfloat16 and models.weight_dtype(None, "cpu") == torch.float32
+    assert models.load_model(mixed_precision="bf16").dtype == torch.bfloat16  # the flag wins
+    assert models.load_model(mixed_precision=None).dtype == torch.float32  # the device's default (CPU: fp32)
 
 
 DTYPE_SPY = '''

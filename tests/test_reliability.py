@@ -64,7 +64,7 @@ BAD_INPUTS = [  # (argv, text the single error line must contain)
     (["--num-steps", "0"], "--num-steps 0 must be >= 1"),
     (["--num-iterations", "0"], "--num-iterations 0 must be >= 1"),
     (["--guidance-scale", "0.5"], "--guidance-scale 0.5 must be >= 1"),
-    (["--lora-rank", "-1"], "--lora-rank -1 must be >= 1 for LoRA, or 0 for full fine-tuning"),
+    (["--lora-rank", "-1"], "--lora-rank -1 must be >= 0 (0 = full fine-tuning, >= 1 for LoRA)"),
     (["--output-dir", "/etc/hostname/run"], "--output-dir '/etc/hostname/run' is not writable"),
     (["--output-dir", "/proc/cleanflow/run"], "--output-dir '/proc/cleanflow/run' cannot be created"),
     (["--resume", "/nonexistent/run"], "--resume '/nonexistent/run': no checkpoint file there"),

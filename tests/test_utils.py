@@ -58,7 +58,7 @@ def test_sample_grid_keeps_the_base_row():
     g.add(None, 0, base, caps, torch.zeros(len(caps)))
     g.add(None, 1, now, caps, torch.ones(len(caps)))
     restored = utils.SampleGrid(samples_per_prompt=2, n=16)
-    restored.load_state_dict(g.state_dict())  # after a resume the base row is still the base
+    restored.base = g.base  # a resume restores the base row (Run keeps it in checkpoints): still the base
     restored.add(None, 2, now, caps, torch.ones(len(caps)))
     assert g.grid.shape == (4 * (128 + 36), 8 * 128, 3) and (g.grid == restored.grid).all()
     first_base, first_now = g.grid[:128, :128], g.grid[164:164 + 128, :128]
