@@ -70,16 +70,6 @@ GiB = 2**30
 
 
 # ----------------------------------------------------------------------------------- flags
-def parse_flags(argv):
-    flags, i = {}, 0
-    while i < len(argv):
-        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            flags[argv[i]], i = argv[i + 1], i + 2
-        else:
-            flags[argv[i]], i = True, i + 1
-    return flags
-
-
 def to_argv(flags):
     return [x for k, v in flags.items() if v is not None and v is not False
             for x in ([k] if v is True else [k, str(v)])]

@@ -2,6 +2,7 @@
 
     python benchmark/rekey.py --old <commit>                  # every method, results in benchmark/results
     python benchmark/rekey.py --old HEAD~3 --methods acflow --iterations 41
+    python benchmark/rekey.py --old HEAD~1 --out benchmark/results benchmark/results_defaults
 
 benchmark/run.py keys every stored run by the hash of its code (the method file, common/, benchmark/trace.py) and
 re-runs it after any change there, even one that only moves code. This script checks that the change is
@@ -73,9 +74,10 @@ def main():
     p.add_argument("--old-args", nargs=argparse.REMAINDER, default=[],
                    help="flags for the old code's runs (last on the line): a change of defaults, spelled out in the "
                         "old code, e.g. --old-args --num-iterations 200 (then give --methods the one method)")
-    p.add_argument("--out", default=str(ROOT / "benchmark" / "results"))
+    p.add_argument("--out", nargs="+", default=[str(ROOT / "benchmark" / "results")],
+                   help="results directories whose stored runs to re-key (one comparison serves them all)")
     a = p.parse_args()
-    out = Path(a.out)
+    outs = [Path(o) for o in a.out]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         old_tree = tmp / "old"
@@ -103,14 +105,15 @@ def main():
                     print(f"{label}: the old and new code compute different numbers; its runs stay keyed to {old}")
                     continue
                 if method is None:
-                    for cache in ("base_train", "base_heldout"):  # benchmark/run.py's cached base evaluations
-                        src, dst = out / cache / old[:8], out / cache / new[:8]
-                        if src.is_dir() and src != dst:
-                            shutil.copytree(src, dst, dirs_exist_ok=True)
+                    for out in outs:
+                        for cache in ("base_train", "base_heldout"):  # benchmark/run.py's cached base evaluations
+                            src, dst = out / cache / old[:8], out / cache / new[:8]
+                            if src.is_dir() and src != dst:
+                                shutil.copytree(src, dst, dirs_exist_ok=True)
                     print(f"base evaluation: identical{note}; cached base evaluations {old[:8]} -> {new[:8]}")
                     continue
                 moved = 0
-                for f in sorted((out / method).glob("seed*/run_key.json")):
+                for f in sorted(f for out in outs for f in (out / method).glob("seed*/run_key.json")):
                     key = json.loads(f.read_text())
                     if key.get("code") == old and not a.old_args:
                         f.write_text(json.dumps({**key, "code": new}))

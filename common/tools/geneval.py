@@ -90,16 +90,10 @@ def read_prompts(path):
     if not os.path.isfile(path):
         utils.fail(f"--prompts {path!r} does not exist; `python -m common.tools.prompts --sets geneval_bench` "
                    "writes GenEval's 553 prompts to prompts/geneval_bench_test.jsonl")
+    from common.tools.prompts import jsonl_records
+
     records = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            r = None
-        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
-            utils.fail(f"{path} line {i}: not a JSON object with a \"prompt\" string: {line[:80]!r}")
+    for i, r in jsonl_records(Path(path).read_text(encoding="utf-8"), path):
         if r.get("tag") not in TAGS:
             utils.fail(f"{path} line {i}: tag {r.get('tag')!r} is not GenEval's; choose from: {', '.join(TAGS)}")
         include = r.get("include")

@@ -86,21 +86,30 @@ def read_source(name, split, source_dir=None, timeout=30.0):
     return f.read_text(encoding="utf-8"), str(f)
 
 
+def jsonl_records(text, where):
+    """[(line number, object)] of the non-blank lines of JSON-lines `text` (GenEval's metadata); one line and exit 2
+    on a line that is not a JSON object with a "prompt" string (`where` names the file or URL)."""
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            r = None
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
+            fail(f"{where} line {i}: not a JSON object with a \"prompt\" string: {line[:80]!r}")
+        out.append((i, r))
+    return out
+
+
 def convert(name, split, text, where):
     """Source text -> list of {"prompt", "tag", ...} records (the source's order, blank lines dropped). The
     format is the extension of the set's path in SOURCES; `where` (file or URL) names the source in errors."""
     kind = Path(SOURCES[name][split][0]).suffix
     if kind == ".jsonl":  # GenEval metadata: keep every field, prompt and tag first
         records = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                r = None
-            if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
-                fail(f"{where} line {i}: not a JSON object with a \"prompt\" string: {line[:80]!r}")
+        for _, r in jsonl_records(text, where):
             rec = {"prompt": r["prompt"].strip(), "tag": r.get("tag")}
             rec.update((k, v) for k, v in r.items() if k not in rec)
             records.append(rec)
