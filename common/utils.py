@@ -31,9 +31,11 @@ def fail(msg):
 
 def parse_args(cls, args=None):
     """tyro.cli(cls), with tyro's boxed message for a flag it cannot parse (a wrong type, an unknown flag, a missing
-    value) reported as one line: the message and the flag's expected form."""
+    value) reported as one line: the message and the flag's expected form. --help lists a method's own flags first."""
     import tyro
 
+    own = {k: i for i, k in enumerate(vars(cls).get("__annotations__", {}))}  # then the inherited (RunArgs) ones
+    cls.__dataclass_fields__ = dict(sorted(cls.__dataclass_fields__.items(), key=lambda f: own.get(f[0], len(own))))
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -289,9 +291,8 @@ class SampleGrid:
             writer.add_image("eval/samples", self.grid, step, dataformats="HWC")
 
     def save(self, path):
-        from PIL import Image
-
         if self.grid is not None:
+            from PIL import Image
             Image.fromarray(self.grid).save(path)
 
 

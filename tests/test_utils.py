@@ -101,3 +101,26 @@ utils.cleanup_distributed()
     assert out.returncode == 0, out.stderr[-2000:]
     # each rank leaves a file (two processes printing to one pipe can interleave their lines)
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+
+
+@pytest.mark.parametrize("script", ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"])
+def test_help_lists_the_methods_flags_before_the_shared_ones(script, capsys):
+    """`--help` reads method-first, as the file does: every flag the method's Args declares (its own and the shared
+    ones it re-defaults) comes before every flag it only inherits from RunArgs; parsing is unchanged."""
+    import dataclasses
+    import importlib
+    import re
+
+    from common.run import RunArgs
+
+    args_cls = importlib.import_module(script).Args
+    with pytest.raises(SystemExit):
+        utils.parse_args(args_cls, ["--help"])
+    text = capsys.readouterr().out  # each flag starts a line of the box
+    own = list(vars(args_cls)["__annotations__"])
+    inherited = [f.name for f in dataclasses.fields(RunArgs) if f.name not in own]
+    pos = {n: re.search(rf"^\W+--{n.replace('_', '-')}(?![\w-])", text, re.M).start() for n in own + inherited}
+    assert max(pos[n] for n in own) < min(pos[n] for n in inherited), script
+    assert [pos[n] for n in own] == sorted(pos[n] for n in own)  # in the file's order
+    parsed = utils.parse_args(args_cls, ["--seed", "3"])
+    assert parsed == dataclasses.replace(args_cls(), seed=3)
