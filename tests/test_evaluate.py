@@ -81,3 +81,22 @@ def test_evaluate_prints_one_row_per_reward(tmp_path):
     for name, x in r.items():
         assert rows[name] == [f"{x['weight']:.3g}", f"{x['mean']:.4f}", f"{x['std']:.4f}"], out.stdout
     assert rows["weighted"] == ["sum", f"{res['train_reward_mean']:.4f}"]
+
+
+def test_sharded_full_finetune_loads(tmp_path):
+    """A full fine-tuning save that `save_pretrained` split into shards (it does past 10 GB: SD3.5-M in fp32, FLUX)
+    loads as the single-file one does: the same weights, from the index's shards."""
+    from common import models
+    from common.tools import evaluate
+
+    m = models.load_model("embedded", "cpu")
+    with torch.no_grad():
+        for p in m.transformer.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # something other than the base
+    m.transformer.save_pretrained(tmp_path / "transformer", max_shard_size="2MB")
+    assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 1
+    assert evaluate.finetuned_weights(tmp_path) == ("transformer", tmp_path / "transformer")
+    fresh = models.load_model("embedded", "cpu")
+    loaded = evaluate.load_finetuned(fresh, tmp_path).state_dict()
+    for k, v in m.transformer.state_dict().items():
+        assert torch.equal(loaded[k], v), k

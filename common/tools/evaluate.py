@@ -31,7 +31,8 @@ def finetuned_weights(checkpoint):
     for cand in (path, path / "lora", path / "transformer"):
         if (cand / "pytorch_lora_weights.safetensors").is_file():
             return "lora", cand
-        if (cand / "config.json").is_file() and (cand / "diffusion_pytorch_model.safetensors").is_file():
+        if (cand / "config.json").is_file() and any((cand / f"diffusion_pytorch_model.safetensors{ext}").is_file()
+                                                    for ext in ("", ".index.json")):  # one file, or shards + index
             return "transformer", cand
     return None
 
@@ -46,7 +47,10 @@ def load_finetuned(model, checkpoint):
     if kind == "transformer":  # into the loaded model (any family: SD3, FLUX), in its dtype, strictly
         from safetensors.torch import load_file
 
-        model.transformer.load_state_dict(load_file(str(cand / "diffusion_pytorch_model.safetensors")))
+        index = cand / "diffusion_pytorch_model.safetensors.index.json"  # save_pretrained shards past 10 GB
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+            ["diffusion_pytorch_model.safetensors"]
+        model.transformer.load_state_dict({k: v for f in files for k, v in load_file(str(cand / f)).items()})
         return model.transformer
     raise SystemExit(f"error: --checkpoint {checkpoint!r} holds no LoRA (pytorch_lora_weights.safetensors) and no "
                      "transformer/ weights; pass a run directory, its lora/ or its transformer/ directory")
