@@ -63,7 +63,7 @@ def _grad(loss_fn, batch):
 
 
 def test_completed_square_equals_three_term_loss():
-    """Spec §3.3: the loss and kappa||f - f*||^2 (f* = (A x0 + gamma f_old + lam f_ref)/kappa) differ by a
+    """AF §3 (the completed square): the loss and kappa||f - f*||^2 (f* = (A x0 + gamma f_old + lam f_ref)/kappa) differ by a
     theta-independent constant, so their gradients are equal."""
     b = _batch()
     gamma, lam = 1.1, 1e-3

@@ -137,7 +137,7 @@ def test_spo_loss_hand_computed():
 
 @pytest.mark.parametrize("better", ["A", "B"])
 def test_one_gradient_step_moves_clean_image_toward_better_branch(better):
-    """Spec §3.3 sign check: v is a free tensor at theta_old (v = v_old); after one small SGD step on the FDFO loss
+    """FDFO sign check (paper §3): v is a free tensor at theta_old (v = v_old); after one small SGD step on the FDFO loss
     of both branches, x0_hat = x - sigma v moves along +(z_better - z_worse) at every item."""
     g = torch.Generator().manual_seed(3)
     T = 4
