@@ -4,16 +4,14 @@ Liu 2025, arXiv 2510.18072), with ORW-CFM-W2 (Fan et al., ICLR 2025, arXiv 2502.
 Each epoch a lagged copy of the actor samples a pool of images (CFG-free ODE); rewards are shaped (z-score); a
 small critic V_phi(x_t, sigma, c) regresses the shaped reward at noised points of recent pools, so each (image,
 sigma) gets its own advantage A = r~ - V. The actor minimises  w ||v - (eps - x0)||^2 + alpha ||v - v_ref||^2,
-w = exp(beta clip(A, +-c_A)) / mean, with V treated as 0 until the critic explains fresh rollouts (warm-up).
-Default `--weights signed` trains with w - 1 (mean 0) instead of w: the paper's update without its unweighted
-self-training part, which alone degrades the model on the embedded world (docs); `--weights paper` is the paper's.
+w = exp(beta clip(A, +-c_A)), with V treated as 0 until the critic explains fresh rollouts (warm-up).
 Only AC-Flow's abstract could be read: the weight function, shaping, critic and warm-up gate are reconstructed from
 it and from ORW-CFM-W2's code (what is whose: docs/acflow.md).
 
-    python acflow.py                             # embedded shapes world, 2 CPU cores
-    python acflow.py --weights paper             # the paper's positive weights
-    python acflow.py --no-critic --adv-clip 0 --weights paper   # ORW-CFM-W2 (w = exp(beta * shaped reward))
+    python acflow.py                             # reconstructed AC-Flow, embedded shapes world, 2 CPU cores
+    python acflow.py --no-critic --adv-clip 0    # V = 0: ORW-CFM-W2's weights on z-scored rewards
     python acflow.py --critic-warmup 0 --warmup-ev 0   # ablation: the critic drives the actor from iteration 1
+    python acflow.py --weights centered --weight-norm   # not AC-Flow's: w / mean(w) - 1 (docs: the controls)
 """
 
 import math
@@ -44,33 +42,34 @@ class Args(RunArgs):
     epoch_iters: int = 20
     """K: iterations per epoch; the sampling copy is fixed for an epoch, then old <- actor (ORW-CFM-W2 official code's
     `last_policy`); 1 = on-policy"""
-    pool_batches: int = 10
-    """M: minibatches sampled from the sampling copy and scored once per epoch; the actor visits them in a random
-    order with fresh (sigma, noise) (M = K: the ORW code's fresh batch per step; M < K reuses samples; 10: each
-    sample used twice, 3,200 reward queries in 200 iterations)"""
+    pool_reuse: int = 1
+    """iterations that train on each sampled batch: 1 = a fresh batch from the sampling copy at every iteration
+    (ORW-CFM-W2 official code); R > 1 samples K / R batches per epoch and visits each R times"""
     lr: float = 3e-5
-    """actor AdamW learning rate after the warm-up (SD3.5-M LoRA: 1e-4)"""
+    """actor AdamW learning rate after the warm-up"""
     warmup_iters: int = 10
     """linear actor learning-rate warm-up (ORW-CFM-W2 official code: LambdaLR over 5000 steps); 0 = off"""
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     num_steps: int = 10
     """ODE steps of the rollout sampler"""
+    solver: Literal["euler", "heun"] = "euler"
+    """ODE solver of the rollouts (evaluation: Euler)"""
     eval_num_steps: int | None = None
     """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
     guidance_scale: float = 1.0
     """CFG of evaluation; rollouts are CFG-free"""
-    alpha: float = 3.0
-    """W2 coefficient: alpha ||v - v_ref||^2 (AC-Flow's value is not public; ORW-CFM-W2 code: 1.0; 3 is ours)"""
-    beta: float = 3.0
-    """weight temperature: w = exp(beta * A^) (reconstructed from ORW-CFM-W2's exp(tau r); 3 is ours)"""
+    alpha: float = 1.0
+    """W2 coefficient: alpha ||v - v_ref||^2 (AC-Flow's value is not public; ORW-CFM-W2 code: 1.0)"""
+    beta: float = 1.0
+    """weight temperature: w = exp(beta * A^) on shaped advantages (reconstructed from ORW-CFM-W2's exp(tau r))"""
     adv_clip: float = 1.0
     """c_A: A^ = clip(A, -c_A, c_A) in shaped-reward units (AC-Flow's advantage clipping); 0 = no clipping"""
-    weight_norm: bool = True
-    """w / mean(w) over the minibatch, so alpha keeps its meaning (mean w = 1)"""
-    weights: Literal["paper", "signed"] = "signed"
-    """paper: w (positive, ORW-CFM-W2's form) | signed: w - 1 (mean 0; needs --weight-norm), the update without its
-    unweighted self-training part (not the paper's form)"""
+    weight_norm: bool = False
+    """w / mean(w) over the minibatch (ORW-CFM-W2's code: raw weights)"""
+    weights: Literal["exp", "centered"] = "exp"
+    """exp: w = exp(beta A^) (reconstructed) | centered: w / mean(w) - 1, the update without its self-training term
+    (AdvantageFlow section 4.2, eq. 12; not AC-Flow's; needs --weight-norm and alpha >= 1)"""
     shaping: Literal["batch", "group", "running", "none"] = "batch"
     """reward shaping over the epoch's pool: batch z-score | group (per prompt) | running (EMA) | none"""
     shaping_momentum: float = 0.99
@@ -155,16 +154,16 @@ def shape_rewards(r, mode="batch", groups=None, stats=None, momentum=0.99, clamp
     return (z.clamp(-clamp, clamp) if clamp > 0 else z), stats
 
 
-def actor_weights(iteration, shaped, values, beta, adv_clip, warmup_iterations, normalize=False, signed=False):
+def actor_weights(iteration, shaped, values, beta, adv_clip, warmup_iterations, normalize=False, centered=False):
     """A = r~ - V (AC-Flow's advantage), with V treated as 0 while iteration < warmup_iterations (the
     ORW-CFM-W2 special case); A^ = clip(A, -c_A, c_A) (c_A = 0: no clipping). Returns (w, A^), w detached:
-    w = exp(beta A^) (exponent capped at 30 against overflow; optionally / mean; signed: w - 1)."""
+    w = exp(beta A^) (exponent capped at 30 against overflow; optionally / mean; centered: w - 1)."""
     adv = shaped - values.detach() if iteration >= warmup_iterations else shaped.clone()
     if adv_clip > 0:
         adv = adv.clamp(-adv_clip, adv_clip)
     w = torch.exp((beta * adv).clamp(max=30.0))
     w = w / utils.all_gather_cat(w).mean() if normalize else w  # mean over every rank's batch
-    return (w - 1 if signed else w), adv
+    return (w - 1 if centered else w), adv
 
 
 def acflow_loss(v, v_ref, target, w, alpha):
@@ -194,19 +193,19 @@ def check_method_args(a):
         utils.fail("--adv-clip, --alpha, --critic-lr and --shaping-clamp must be >= 0")
     if a.beta < 0 or a.critic_weight_decay < 0:
         utils.fail(f"--beta {a.beta} and --critic-weight-decay {a.critic_weight_decay} must be >= 0")
-    if a.critic_width < 4 or min(a.critic_steps, a.critic_buffer, a.timesteps_per_image, a.epoch_iters, a.pool_batches) < 1:
+    if a.critic_width < 4 or min(a.critic_steps, a.critic_buffer, a.timesteps_per_image, a.epoch_iters, a.pool_reuse) < 1:
         utils.fail("--critic-width must be >= 4; --critic-steps, --critic-buffer, --timesteps-per-image, "
-                   "--epoch-iters, --pool-batches >= 1")
+                   "--epoch-iters, --pool-reuse >= 1")
     if a.warmup_iters < 0 or a.warmup_ev < 0 or a.critic_warmup < -1:
         utils.fail(f"--warmup-iters {a.warmup_iters}, --warmup-ev {a.warmup_ev} must be >= 0, --critic-warmup "
                    f"{a.critic_warmup} >= 0 or -1 (10% of --num-iterations)")
     if not 0 <= a.shaping_momentum < 1:
         utils.fail(f"--shaping-momentum {a.shaping_momentum} must be in [0, 1)")
-    if a.weights == "signed" and a.alpha <= 0:
-        utils.fail(f"--weights signed needs --alpha > 0 (got {a.alpha}): without the W2 term the signed objective is "
-                   "unbounded below")
-    if a.weights == "signed" and not a.weight_norm:
-        utils.fail("--weights signed needs --weight-norm (w - 1 has mean 0 only for normalised w)")
+    if a.weights == "centered" and a.alpha < 1:
+        # per noised point the quadratic coefficient is E[w - 1 | x_t] + alpha, and w - 1 reaches -1 (see orw_cfm_w2.py)
+        utils.fail(f"--weights centered needs --alpha >= 1 (got {a.alpha}): below it the objective is unbounded below")
+    if a.weights == "centered" and not a.weight_norm:
+        utils.fail("--weights centered needs --weight-norm (w - 1 has mean 0 only for normalised w)")
     if a.shaping == "group" and a.group_size < 2:
         utils.fail("--shaping group needs --group-size >= 2 (a z-score within each prompt's images)")
 
@@ -225,6 +224,7 @@ if __name__ == "__main__":
                         args.critic_zero_init).to(device)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.critic_weight_decay)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
+    pool_batches = math.ceil(args.epoch_iters / args.pool_reuse)  # batches sampled per epoch (K with no reuse)
     warmup_min = args.critic_warmup if args.critic_warmup >= 0 else args.num_iterations // 10
 
     def noised(x0, n, gen):  # global-batch draws sliced per rank: sigma ~ U(0, 1) (ORW code), x_t (paper t = 1 - sigma)
@@ -257,14 +257,14 @@ if __name__ == "__main__":
             # reads): M minibatches of CFG-free Euler ODE rollouts of the fixed sampling copy (ORW-CFM-W2's
             # `last_policy`), scored once; noise for the global batch from (seed, epoch, batch), sliced per rank
             pool = dict(latents=[], pooled=[], prompt_idx=[], rewards=[], parts={})
-            for b in range(args.pool_batches):
-                captions, meta, prompt_idx = r.sampler.sample(epoch * args.pool_batches + b)
+            for b in range(pool_batches):
+                captions, meta, prompt_idx = r.sampler.sample(epoch * pool_batches + b)
                 n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
                 gen = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_009 + b)
                 noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
                 prompt_embeds, pooled = model.encode_prompt(captions)
                 with policy.old() as old:
-                    x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise)["latents"]  # (B, C, H, W), paper x_1
+                    x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise, solver=args.solver)["latents"]  # (B, C, H, W), paper x_1
                 reward, parts = r.reward_fn(model.decode(x0), captions, meta)
                 r.reward_queries += n * world
                 pool["latents"].append(x0), pool["pooled"].append(pooled), pool["prompt_idx"].append(prompt_idx)
@@ -275,17 +275,16 @@ if __name__ == "__main__":
             groups = torch.cat([utils.all_gather_cat(p.to(device)).cpu() for p in pool["prompt_idx"]])
             shaped, shaping_stats = shape_rewards(torch.cat(pool["rewards"]).float(), args.shaping, groups,
                                                   shaping_stats, args.shaping_momentum, args.shaping_clamp)
-            pool["shaped"] = list(shaped.view(args.pool_batches, -1))
+            pool["shaped"] = list(shaped.view(pool_batches, -1))
             # out-of-sample explained variance: the critic has not trained on this pool yet (the warm-up gate)
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
             with torch.no_grad():
-                pv = [(critic(xt, s, pool["pooled"][b]), pool["shaped"][b][local].to(device)) for b in range(args.pool_batches)
+                pv = [(critic(xt, s, pool["pooled"][b]), pool["shaped"][b][local].to(device)) for b in range(pool_batches)
                       for s, _, xt in [noised(pool["latents"][b], n, gen)]]
             pool_ev = explained_variance(*(utils.all_gather_cat(torch.cat(t)).cpu() for t in zip(*pv)))
             if warmup_end is None and it >= warmup_min and (args.warmup_ev == 0 or (args.critic and pool_ev > args.warmup_ev)):
                 warmup_end = it  # the critic drives the actor once it explains fresh rollouts
-            pool["order"] = torch.cat([torch.randperm(args.pool_batches, generator=gen)
-                                       for _ in range(-(-args.epoch_iters // args.pool_batches))])
+            pool["order"] = torch.cat([torch.randperm(pool_batches, generator=gen) for _ in range(args.pool_reuse)])
             buffer = (buffer + [pool])[-args.critic_buffer:]  # the critic's replay buffer of recent pools
         pool = buffer[-1]
         t_sample = utils.now(device)
@@ -307,9 +306,9 @@ if __name__ == "__main__":
         targets = torch.cat([shaped[mb] for mb, _, _, _ in points])  # r~ of each noised point's image
         warm = warmup_end is None
         w_all, adv = actor_weights(it, targets, values, args.beta, args.adv_clip, it + 1 if warm else warmup_end,
-                                   args.weight_norm, args.weights == "signed")
+                                   args.weight_norm, args.weights == "centered")
         w_v0, _ = actor_weights(it, targets, values, args.beta, args.adv_clip, it + 1, args.weight_norm,
-                                args.weights == "signed")  # the same weights with V = 0 (the ORW special case)
+                                args.weights == "centered")  # the same weights with V = 0 (the ORW special case)
         critic_effect = ((w_all - w_v0).abs().mean() / w_v0.abs().mean().clamp_min(1e-12)).item()
         t_reward = utils.now(device)
         # ---- actor update: critic-weighted CFM + W2 (AC-Flow's actor loss), one optimizer step
@@ -335,7 +334,7 @@ if __name__ == "__main__":
         critic_losses = []
         for _ in range(args.critic_steps if args.critic else 0):
             p = buffer[int(torch.randint(len(buffer), (1,), generator=gen))]
-            cb = int(torch.randint(args.pool_batches, (1,), generator=gen))
+            cb = int(torch.randint(len(p["latents"]), (1,), generator=gen))
             s, _, xt = noised(p["latents"][cb], n, gen)
             critic_opt.zero_grad(set_to_none=True)
             c_loss = critic_loss_fn(critic(xt, s, p["pooled"][cb]), p["shaped"][cb][local].to(device), args.critic_loss)

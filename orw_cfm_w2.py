@@ -1,23 +1,22 @@
 """ORW-CFM-W2: online reward-weighted conditional flow matching with a Wasserstein-2 regulariser (Fan et al.,
-ICLR 2025, arXiv 2502.06061; official code github.com/markerthu/orw-cfm).
+ICLR 2025, arXiv 2502.06061; official code github.com/markerthu/orw-cfm, finetune_fm.py).
 
-Epochs as in the official code: a lagged sampling copy theta_old is fixed for K iterations; at the start of an
-epoch it draws a pool of images with the CFG-free ODE sampler, each scored once and weighted w = exp(tau * r);
-every iteration the learner does weighted flow matching on a minibatch of the pool at fresh noised points x_t,
-plus alpha * ||v_theta - v_ref||^2 towards the frozen base at the same (x_t, sigma), whose time integral bounds
-the squared W2 distance to the base model (paper Thm. 3); then theta_old <- theta. Docs: docs/orw_cfm_w2.md.
+Epochs as in the official code: a lagged sampling copy theta_old (`last_policy`) is fixed for K iterations and
+draws a fresh batch of images with the CFG-free ODE sampler at every iteration, each scored once and weighted
+w = exp(tau * r); the learner does weighted flow matching on that batch at fresh noised points x_t, plus
+alpha * ||v_theta - v_ref||^2 towards the frozen base at the same (x_t, sigma), whose time integral bounds the
+squared W2 distance to the base model (paper Thm. 3); at the end of the epoch theta_old <- theta (eq. 10, official
+`training_step` / `update_last_policy`). Docs: docs/orw_cfm_w2.md.
 
-Default `--weights signed`: the reward term uses w / mean(w) - 1 (mean 0) instead of w, i.e. the paper's gradient
-minus its tau = 0 gradient (flow matching on the model's own samples, which alone degrades the embedded base); not
-the paper's form, which is `--weights paper` (docs: the controls behind this).
-
-    python orw_cfm_w2.py                             # embedded shapes world, 2 CPU cores
-    python orw_cfm_w2.py --weights paper             # the paper's positive weights exp(tau r) / mean
-    python orw_cfm_w2.py --weights paper --alpha 0   # ORW-CFM without W2 (collapses towards the reward maximiser)
-    python orw_cfm_w2.py --offline                   # RW-CFM: every pool sampled from the base model
-    python orw_cfm_w2.py --reward jpeg_compressibility --tau 20   # the paper's compression task
+    python orw_cfm_w2.py                             # the paper's algorithm, embedded shapes world, 2 CPU cores
+    python orw_cfm_w2.py --alpha 0                   # ORW-CFM without W2 (collapses towards the reward maximiser)
+    python orw_cfm_w2.py --tau 0                     # control: uniform weights (self-training + W2 only)
+    python orw_cfm_w2.py --offline                   # RW-CFM: every batch sampled from the base model
+    python orw_cfm_w2.py --weights centered --weight-norm pool --tau 20 --alpha 3 --pool-reuse 4
+                                                     # not the paper's: w / mean(w) - 1 (docs: the controls)
 """
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -43,39 +42,38 @@ class Args(RunArgs):
     train_batch_size: int = 32
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
     epoch_iters: int = 20
-    """K: iterations per epoch; the sampling copy theta_old is fixed for an epoch and refreshed (old <- learner) at
-    its end (official code: `update_last_policy` once per epoch, steps_per_epoch = 100 in its README); 1 = on-policy"""
-    pool_batches: int = 5
-    """M: minibatches of samples drawn from theta_old and scored once at the start of each epoch; iteration j of
-    the epoch trains on pool batch perm(j mod M) with fresh (sigma, noise). M = K is the official code (a fresh batch
-    from the fixed theta_old at every step); M < K reuses each sample K / M times for fewer reward queries"""
+    """K: iterations per epoch; theta_old is fixed for an epoch, then old <- learner (official `update_last_policy`)"""
+    pool_reuse: int = 1
+    """iterations that train on each sampled batch: 1 = a fresh batch from theta_old at every iteration (official
+    code); R > 1 samples K / R batches per epoch and visits each R times at fresh noised points"""
     lr: float = 3e-5
-    """AdamW learning rate after the warm-up (official CIFAR code: Adam 2e-4; SD3.5-M LoRA: 1e-4)"""
+    """AdamW learning rate after the warm-up"""
     warmup_iters: int = 10
-    """linear learning-rate warm-up over this many iterations (official code: LambdaLR min(step, 5000) / 5000); 0 = off"""
+    """linear learning-rate warm-up (official code: 5,000 of 100,000 steps, 5 %); 0 = off"""
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     num_steps: int = 10
-    """ODE steps of the sampler"""
+    """ODE steps of the rollout sampler"""
+    solver: Literal["euler", "heun"] = "euler"
+    """ODE solver of the rollouts (evaluation: Euler)"""
     eval_num_steps: int | None = None
     """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
     guidance_scale: float = 1.0
     """CFG of evaluation; rollouts are CFG-free (the paper does not state its SD3 CFG)"""
-    tau: float = 20.0
-    """inverse temperature of w = exp(tau * r) (official code: 0.5 for a CLIP reward in [-1, 1])"""
-    alpha: float = 3.0
-    """W2 coefficient: weight of ||v_theta - v_ref||^2 (official code: 1.0; 0 = ORW-CFM without W2)"""
-    weight_norm: Literal["pool", "prompt", "none"] = "pool"
-    """w / mean(w) over the epoch's pool | over each prompt's images in the pool (the per-prompt tilt of the paper's
-    target is unchanged) | none: the official code's raw exp(tau r)"""
-    weights: Literal["paper", "signed"] = "signed"
-    """paper: w (eq. 10, positive) | signed: w - 1 (mean 0), the paper's gradient minus its tau = 0 (self-training)
-    gradient; needs --weight-norm pool or prompt and alpha > 0, whose W2 term keeps the objective bounded below
-    (not the paper's form)"""
+    tau: float = 1.0
+    """inverse temperature of w = exp(tau * r); official code 0.5 for a reward in [-1, 1], i.e. tau x range = 1"""
+    alpha: float = 1.0
+    """W2 coefficient: weight of ||v_theta - v_ref||^2 (official code 1.0; 0 = ORW-CFM without W2)"""
+    weight_norm: Literal["none", "pool", "prompt"] = "none"
+    """none: raw exp(tau r) (official code) | pool: w / mean(w) over the epoch's batches | prompt: over each
+    prompt's images"""
+    weights: Literal["paper", "centered"] = "paper"
+    """paper: w (eq. 10) | centered: w / mean(w) - 1, the paper's gradient without its self-training term
+    (AdvantageFlow section 4.2, eq. 12; not the paper's objective; needs --weight-norm pool|prompt, alpha >= 1)"""
     max_exponent: float = 20.0
     """clamp tau * r at this value before exp (raw weights only; a guard against overflow)"""
     offline: bool = False
-    """RW-CFM, the paper's offline baseline: the pool is sampled from the base model and never refreshed"""
+    """RW-CFM, the paper's offline baseline: every batch is sampled from the base model"""
     timesteps_per_image: int = 1
     """noised points per image per iteration (official code: 1)"""
     sigma_sampling: Literal["uniform", "logit_normal"] = "uniform"
@@ -86,10 +84,10 @@ class Args(RunArgs):
 
 
 # ----------------------------------------------------------------------------------- weights and loss
-def orw_weights(rewards_, tau, norm="none", groups=None, max_exponent=20.0, signed=False):
+def orw_weights(rewards_, tau, norm="none", groups=None, max_exponent=20.0, centered=False):
     """w = exp(tau * r) (eq. 10, official code), no gradient. norm: "pool" w / mean(w) over all rewards, "prompt"
     w / mean(w) over the rewards that share a group id (a softmax of tau * r per group times its size, so it cannot
-    overflow), "none": raw, tau * r clamped at max_exponent. signed: w - 1 (mean 0 for normalised w)."""
+    overflow), "none": raw, tau * r clamped at max_exponent. centered: w - 1 (mean 0 for normalised w)."""
     z = tau * rewards_.detach().double()
     if norm == "none":
         w = torch.exp(z.clamp(max=max_exponent))
@@ -99,7 +97,7 @@ def orw_weights(rewards_, tau, norm="none", groups=None, max_exponent=20.0, sign
         z_max = torch.full((int(inv.max()) + 1,), -torch.inf, dtype=z.dtype).scatter_reduce(0, inv, z, "amax")
         e = torch.exp(z - z_max[inv])  # shifted by each group's max: no overflow
         w = e / utils.group_mean(e, groups)
-    return (w - 1 if signed else w).to(rewards_.dtype)
+    return (w - 1 if centered else w).to(rewards_.dtype)
 
 
 def orw_loss(v, v_ref, target, w, alpha):
@@ -138,16 +136,17 @@ def check_method_args(a):
         utils.fail(f"--tau {a.tau} must be >= 0 (0 = unweighted self-distillation)")
     if a.alpha < 0:
         utils.fail(f"--alpha {a.alpha} must be >= 0 (0 = ORW-CFM without the W2 term)")
-    if a.weights == "signed" and a.weight_norm == "none":
-        utils.fail("--weights signed needs --weight-norm pool or prompt (w - 1 has mean 0 only for normalised w)")
-    if a.weights == "signed" and a.alpha <= 0:
-        utils.fail(f"--weights signed needs --alpha > 0 (got {a.alpha}): without the W2 term the signed objective is "
-                   "unbounded below; --weights paper --alpha 0 is ORW-CFM")
-    if a.weight_norm == "prompt" and a.group_size * a.pool_batches < 2:
+    if a.weights == "centered" and a.weight_norm == "none":
+        utils.fail("--weights centered needs --weight-norm pool or prompt (w - 1 has mean 0 only for normalised w)")
+    if a.weights == "centered" and a.alpha < 1:
+        # per noised point the quadratic coefficient is E[w - 1 | x_t] + alpha; at small sigma x_t fixes the image and
+        # w - 1 reaches -1, so the objective is bounded below only for alpha >= 1 (AdvantageFlow eq. 7's condition)
+        utils.fail(f"--weights centered needs --alpha >= 1 (got {a.alpha}): below it the objective is unbounded below")
+    if a.weight_norm == "prompt" and a.group_size * math.ceil(a.epoch_iters / max(1, a.pool_reuse)) < 2:
         utils.fail(f"--weight-norm prompt needs several images per prompt in the pool: --group-size {a.group_size}")
     if a.max_exponent <= 0:
         utils.fail(f"--max-exponent {a.max_exponent} must be > 0")
-    for name in ("epoch_iters", "pool_batches", "timesteps_per_image"):
+    for name in ("epoch_iters", "pool_reuse", "timesteps_per_image"):
         if getattr(a, name) < 1:
             utils.fail(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
     if a.warmup_iters < 0:
@@ -165,6 +164,7 @@ if __name__ == "__main__":
     # linear warm-up (official code: LambdaLR(min(step, 5000) / 5000), whose first step has lr 0; ours lr / W)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_iters)))
     sigmas = model.sigmas(args.num_steps)  # (T+1,) sampling grid, shift from the scheduler config
+    pool_batches = math.ceil(args.epoch_iters / args.pool_reuse)  # batches sampled per epoch (K with no reuse)
     pool = None
 
     def evaluate(step):
@@ -194,32 +194,33 @@ if __name__ == "__main__":
         t_iter = utils.now(device)
         epoch, j = divmod(it, args.epoch_iters)
         if j == 0 or pool is None:
-            # ---- new epoch: a pool of M minibatches of CFG-free ODE samples of the fixed sampling copy theta_old,
-            # scored once (official code: samples of `last_policy`). Noise for the global batch from (seed, epoch,
-            # batch), sliced per rank: resume is exact and 2 processes see the numbers of 1 process.
+            # ---- new epoch: the epoch's batches of CFG-free ODE samples of the fixed sampling copy theta_old, each
+            # scored once (official `sample_batch` draws them from `last_policy` one per step; theta_old is fixed for
+            # the epoch, so drawing them here is the same). Noise for the global batch from (seed, epoch, batch),
+            # sliced per rank: resume is exact and 2 processes see the numbers of 1 process.
             pool = dict(epoch=epoch, latents=[], prompt_idx=[], rewards=[], parts={})
-            for b in range(args.pool_batches):
-                captions, meta, prompt_idx = r.sampler.sample(epoch * args.pool_batches + b)
+            for b in range(pool_batches):
+                captions, meta, prompt_idx = r.sampler.sample(epoch * pool_batches + b)
                 n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
                 gen = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_009 + b)
                 noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
                 with policy.old() as old:
-                    x0 = sampling.sample(old, *model.encode_prompt(captions), sigmas, noise)["latents"]  # (B, C, H, W)
+                    x0 = sampling.sample(old, *model.encode_prompt(captions), sigmas, noise, solver=args.solver)["latents"]  # (B, C, H, W)
                 reward, parts = r.reward_fn(model.decode(x0), captions, meta)
                 pool["latents"].append(x0), pool["prompt_idx"].append(prompt_idx)
                 pool["rewards"].append(utils.all_gather_cat(reward.to(device)).cpu())  # (B_global,)
                 for k, v in parts.items():
                     pool["parts"].setdefault(k, []).append(v.float().mean().item())
                 r.reward_queries += n * world
-            # weights w = exp(tau * r) over the whole pool, detached (eq. 10; official code); --weights signed: w - 1
+            # weights w = exp(tau * r), detached (eq. 10; official code); --weights centered: w / mean(w) - 1
             all_rewards = torch.stack(pool["rewards"])  # (M, B_global)
             groups = torch.cat([utils.all_gather_cat(p.to(device)).cpu() for p in pool["prompt_idx"]])
             pool["weights"] = orw_weights(all_rewards.flatten(), args.tau, args.weight_norm, groups, args.max_exponent,
-                                          args.weights == "signed").view_as(all_rewards)
+                                          args.weights == "centered").view_as(all_rewards)
             # order in which the epoch visits the pool's minibatches: one permutation per pass
             perm_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
-            pool["order"] = torch.cat([torch.randperm(args.pool_batches, generator=perm_gen)
-                                       for _ in range(-(-args.epoch_iters // args.pool_batches))])
+            pool["order"] = torch.cat([torch.randperm(pool_batches, generator=perm_gen)
+                                       for _ in range(args.pool_reuse)])
         t_sample = utils.now(device)
         # ---- this iteration's minibatch from the pool; fresh (sigma, noise) drawn from (seed, iteration)
         b = int(pool["order"][j])
@@ -240,7 +241,9 @@ if __name__ == "__main__":
                 sigma_all = torch.rand(n * world, generator=gen)[local]
             else:  # the base model's pretraining density (SD3: logit-normal(0, 1))
                 sigma_all = torch.sigmoid(torch.randn(n * world, generator=gen))[local]
-            # fresh independent noise, not the sampling noise and no OT re-pairing (official code)
+            # fresh noise paired independently with the samples (I-CFM): the official code's exact-OT matcher
+            # (torchcfm ExactOptimalTransportConditionalFlowMatcher) re-draws (noise, sample) pairs with replacement,
+            # so its weights no longer belong to their samples; independent pairs keep each weight on its sample
             eps_all = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
             for mb in torch.arange(n).split(args.train_batch_size):
                 sigma, eps = sigma_all[mb].to(device), eps_all[mb]
@@ -270,7 +273,7 @@ if __name__ == "__main__":
 
         # ---- log
         fm_mean, wfm_mean, w2_mean = torch.stack(stats).mean(0).tolist()
-        w_pos = weights + 1 if args.weights == "signed" else weights  # the positive weights exp(tau r) / mean
+        w_pos = weights + 1 if args.weights == "centered" else weights  # the positive weights exp(tau r) / mean
         metrics = {
             "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
             "charts/images_per_sec": n * world / (time.time() - t_iter),

@@ -2,8 +2,8 @@
 the transformer predicts v = noise - x0).
 
 - `predict`: one (optionally classifier-free-guided) velocity prediction.
-- `sample`: Euler ODE rollouts, optionally returning the whole trajectory (Flow-GRPO's SDE sampler lives in
-  flow_grpo.py, the only method that uses it).
+- `sample`: Euler (or Heun) ODE rollouts, optionally returning the whole trajectory (Flow-GRPO's SDE sampler lives
+  in flow_grpo.py, the only method that uses it).
 """
 
 import torch
@@ -28,14 +28,20 @@ def predict(transformer, latents, sigma, prompt_embeds, pooled_prompt_embeds, gu
 
 @torch.no_grad()
 def sample(transformer, prompt_embeds, pooled_prompt_embeds, sigmas, latents, guidance_scale=1.0,
-           negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, return_trajectory=False):
-    """Euler ODE from latents (pure noise at sigmas[0]) to sigmas[-1]: x <- x + (sigma_next - sigma) v.
+           negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, return_trajectory=False, solver="euler"):
+    """ODE from latents (pure noise at sigmas[0]) to sigmas[-1]. solver "euler": x <- x + (sigma_next - sigma) v
+    (1 evaluation per step); "heun": Heun's second-order step (Karras et al. 2022, Alg. 1 without churn; 2 per step):
+    x' = x + dt v(x, sigma), x <- x + dt (v(x, sigma) + v(x', sigma_next)) / 2.
     Returns dict: latents (B, C, H, W) and, with return_trajectory, trajectory (B, T+1, C, H, W), sigmas (T+1,)."""
     sigmas, traj = sigmas.float(), [latents]
+    cond = (prompt_embeds, pooled_prompt_embeds, guidance_scale, negative_prompt_embeds, negative_pooled_prompt_embeds)
     for i in range(len(sigmas) - 1):
-        v = predict(transformer, latents, sigmas[i], prompt_embeds, pooled_prompt_embeds, guidance_scale,
-                    negative_prompt_embeds, negative_pooled_prompt_embeds)
-        latents = (latents.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(latents.dtype)
+        dt = sigmas[i + 1] - sigmas[i]
+        v = predict(transformer, latents, sigmas[i], *cond).float()
+        if solver == "heun":
+            v_next = predict(transformer, (latents.float() + dt * v).to(latents.dtype), sigmas[i + 1], *cond)
+            v = (v + v_next.float()) / 2
+        latents = (latents.float() + dt * v).to(latents.dtype)
         if return_trajectory:
             traj.append(latents)
     out = {"latents": latents}
