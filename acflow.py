@@ -4,14 +4,14 @@ Liu 2025, arXiv 2510.18072), with ORW-CFM-W2 (Fan et al., ICLR 2025, arXiv 2502.
 Each epoch a lagged copy of the actor samples a pool of images (CFG-free ODE); rewards are shaped (z-score); a
 small critic V_phi(x_t, sigma, c) regresses the shaped reward at noised points of recent pools, so each (image,
 sigma) gets its own advantage A = r~ - V. The actor minimises  w ||v - (eps - x0)||^2 + alpha ||v - v_ref||^2,
-w = exp(beta clip(A, +-c_A)), with V treated as 0 until the critic explains fresh rollouts (warm-up).
+w = exp(beta clip(A, +-c_A)) / mean, with V treated as 0 until the critic explains fresh rollouts (warm-up).
 Only AC-Flow's abstract could be read: the weight function, shaping, critic and warm-up gate are reconstructed from
 it and from ORW-CFM-W2's code (what is whose: docs/acflow.md).
 
     python acflow.py                             # reconstructed AC-Flow, embedded shapes world, 2 CPU cores
     python acflow.py --no-critic --adv-clip 0    # V = 0: ORW-CFM-W2's weights on z-scored rewards
     python acflow.py --critic-warmup 0 --warmup-ev 0   # ablation: the critic drives the actor from iteration 1
-    python acflow.py --weights centered --weight-norm   # not AC-Flow's: w / mean(w) - 1 (docs: the controls)
+    python acflow.py --weights centered          # not AC-Flow's: w / mean(w) - 1 (docs: the controls)
 """
 
 import math
@@ -65,8 +65,8 @@ class Args(RunArgs):
     """weight temperature: w = exp(beta * A^) on shaped advantages (reconstructed from ORW-CFM-W2's exp(tau r))"""
     adv_clip: float = 1.0
     """c_A: A^ = clip(A, -c_A, c_A) in shaped-reward units (AC-Flow's advantage clipping); 0 = no clipping"""
-    weight_norm: bool = False
-    """w / mean(w) over the minibatch (ORW-CFM-W2's code: raw weights)"""
+    weight_norm: bool = True
+    """w / mean(w) over the minibatch, so alpha keeps its meaning (mean w = 1); ORW-CFM-W2's code: raw weights"""
     weights: Literal["exp", "centered"] = "exp"
     """exp: w = exp(beta A^) (reconstructed) | centered: w / mean(w) - 1, the update without its self-training term
     (AdvantageFlow section 4.2, eq. 12; not AC-Flow's; needs --weight-norm and alpha >= 1)"""

@@ -58,8 +58,8 @@ PROMPTS = ["a photo of a red bicycle leaning against a blue wall", "two cats sle
 # one GPU, the page's micro-batch; fewer images per GPU for Flow-GRPO / FDFO, short epochs for ORW / AC-Flow
 SHORT = {
     "advantageflow": {"--num-iterations": 3},  # --prompts-per-iter: the page's per-GPU share (set below)
-    "orw_cfm_w2": {"--pool-batches": 2, "--epoch-iters": 2, "--num-iterations": 4},  # 1 pool batch / iteration
-    "acflow": {"--pool-batches": 1, "--epoch-iters": 4, "--num-iterations": 8, "--critic-warmup": 1,
+    "orw_cfm_w2": {"--pool-reuse": 1, "--epoch-iters": 2, "--num-iterations": 4},  # 1 pool batch / iteration
+    "acflow": {"--pool-reuse": 4, "--epoch-iters": 4, "--num-iterations": 8, "--critic-warmup": 1,
                "--warmup-ev": 0},  # the page's 1 pool batch per 4 iterations
     "fdfo": {"--prompts-per-iter": 9, "--num-minibatches": 2, "--num-iterations": 2},  # 18 images (9 pairs)
     "flow_grpo": {"--prompts-per-iter": 3, "--group-size": 6, "--num-minibatches": 2, "--num-iterations": 2},
@@ -320,7 +320,7 @@ def fp16_check(ctx):
 
 def resume_check(ctx, method):
     name = f"resume_{method}"
-    extra = {"--checkpoint-every": 1, "--num-iterations": 6, "--epoch-iters": 4, "--pool-batches": 2}
+    extra = {"--checkpoint-every": 1, "--num-iterations": 6, "--epoch-iters": 4, "--pool-reuse": 2}
     flags, _ = run_argv(ctx, method, extra)
     run_dir = ctx.out / name
     flags["--output-dir"] = str(run_dir)

@@ -350,7 +350,7 @@ def estimate(sd, method, checkpointing=None, flags=None, autocast=True, extra=No
     n_lora = sd.n_lora * int(f.get("--lora-rank", sd.lora_rank)) / sd.lora_rank
     trainable = n_lora * 4 * (4 + with_old)
     text = n * sd.text_len * 4096 * 2 + n * sd.pooled_dim * 2  # prompt_embeds + pooled, bf16
-    pool = int(f.get("--pool-batches", 5)) * n * (lat * 2 + sd.pooled_dim * 2)  # ORW / AC-Flow: bf16 latents (+ pooled)
+    pool = -(-int(f.get("--epoch-iters", 20)) // int(f.get("--pool-reuse", 1))) * n * (lat * 2 + sd.pooled_dim * 2)  # ORW / AC-Flow: bf16 latents (+ pooled)
     stored = {"flow_grpo": n * (steps + 1) * lat * 4,  # fp32 SDE trajectory
               "fdfo": n * steps * lat * (2 + 4) + 2 * n * lat * 4,  # bf16 states, fp32 velocities; fp32 finals, dbar
               "orw_cfm_w2": pool, "acflow": pool,

@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import importlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -29,10 +30,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def batch_size(method):
-    """Reward queries per iteration of a method with its default Args (epoch-structured methods score a pool of
-    --pool-batches batches once every --epoch-iters iterations)."""
+    """Reward queries per iteration of a method with its default Args (epoch-structured methods score
+    ceil(--epoch-iters / --pool-reuse) batches once every --epoch-iters iterations)."""
     a = importlib.import_module(method).Args()
-    return a.prompts_per_iter * a.group_size * getattr(a, "pool_batches", 1) / getattr(a, "epoch_iters", 1)
+    k, reuse = getattr(a, "epoch_iters", 1), getattr(a, "pool_reuse", 1)
+    return a.prompts_per_iter * a.group_size * math.ceil(k / reuse) / k
 
 
 def code_hash(method):

@@ -97,7 +97,7 @@ def test_two_process_resume_keeps_each_ranks_pool(method, tmp_path):
 
     (tmp_path / "eval.txt").write_text("a red circle\na blue square\n")
     common = [f"{method}.py", "--prompts-per-iter", "2", "--group-size", "3", "--train-batch-size", "3",
-              "--num-steps", "3", "--epoch-iters", "2", "--pool-batches", "2", "--eval-every", "1000",
+              "--num-steps", "3", "--epoch-iters", "2", "--pool-reuse", "1", "--eval-every", "1000",
               "--eval-samples-per-prompt", "1", "--eval-prompts-file", str(tmp_path / "eval.txt"), "--threads", "1",
               *(["--w2-eval-samples", "0"] if method == "orw_cfm_w2" else
                 ["--critic-warmup", "0", "--critic-steps", "1", "--critic-width", "8"])]
