@@ -30,15 +30,16 @@ def predict(transformer, latents, sigma, prompt_embeds, pooled_prompt_embeds, gu
 def sample(transformer, prompt_embeds, pooled_prompt_embeds, sigmas, latents, guidance_scale=1.0,
            negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, return_trajectory=False, solver="euler"):
     """ODE from latents (pure noise at sigmas[0]) to sigmas[-1]. solver "euler": x <- x + (sigma_next - sigma) v
-    (1 evaluation per step); "heun": Heun's second-order step (Karras et al. 2022, Alg. 1 without churn; 2 per step):
-    x' = x + dt v(x, sigma), x <- x + dt (v(x, sigma) + v(x', sigma_next)) / 2.
+    (1 evaluation per step); "heun": Heun's second-order step (Karras et al. 2022, Alg. 1 without churn; 2 evaluations
+    per step, Euler for the last step to sigma = 0): x' = x + dt v(x, sigma),
+    x <- x + dt (v(x, sigma) + v(x', sigma_next)) / 2.
     Returns dict: latents (B, C, H, W) and, with return_trajectory, trajectory (B, T+1, C, H, W), sigmas (T+1,)."""
     sigmas, traj = sigmas.float(), [latents]
     cond = (prompt_embeds, pooled_prompt_embeds, guidance_scale, negative_prompt_embeds, negative_pooled_prompt_embeds)
     for i in range(len(sigmas) - 1):
         dt = sigmas[i + 1] - sigmas[i]
         v = predict(transformer, latents, sigmas[i], *cond).float()
-        if solver == "heun":
+        if solver == "heun" and sigmas[i + 1] > 0:
             v_next = predict(transformer, (latents.float() + dt * v).to(latents.dtype), sigmas[i + 1], *cond)
             v = (v + v_next.float()) / 2
         latents = (latents.float() + dt * v).to(latents.dtype)
