@@ -118,7 +118,8 @@ def _placeholders(argv, tmp_path):
             (tmp_path / a / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
             a = str(tmp_path / a)
         elif a == "OTHER_CKPT":  # another script's checkpoint
-            torch.save({"iteration": 2, "args": {"exp_name": "another_method", "model": "embedded"}}, tmp_path / a)
+            utils.save_checkpoint(tmp_path / a, {**{k: {} for k in utils.CHECKPOINT_KEYS}, "iteration": 2,
+                                                 "args": {"exp_name": "another_method", "model": "embedded"}})
             a = str(tmp_path / a)
         elif a == "REMOTE_DOWN":
             sock = socket.socket()
