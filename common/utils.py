@@ -225,6 +225,8 @@ def check_args(args, world_size=1):
     try:  # the model and its family's own flag rules (FLUX: no CFG, --flux-guidance only with a guidance embedding)
         models.check_model_flags(a.model, a.guidance_scale, a.flux_guidance)
     except SystemExit as e:
+        if not isinstance(e.code, str):  # Ctrl-C: exit 130
+            raise
         fail(str(e).removeprefix("error: "))
     if a.model != models.EMBEDDED and a.lora_rank == 0:
         print(f"warning: --lora-rank 0 fully fine-tunes {a.model} (needs a full frozen copy)", file=sys.stderr)

@@ -47,7 +47,8 @@ def load_finetuned(model, checkpoint, model_name):
     if kind == "lora":
         path, modules = cand / "pytorch_lora_weights.safetensors", dict(model.transformer.named_modules())
         for k, v in utils.load_weights(path).items():  # (rank, in) lora_A and (out, rank) lora_B of a Linear
-            name, ab = (re.fullmatch(r"(?:transformer\.)?(.+)\.lora_([AB])\.weight", k) or [0, k, None])[1:3]
+            lora = re.fullmatch(r"(?:transformer\.)?(.+)\.lora_([AB])\.weight", k)
+            name, ab = lora.groups() if lora else (k, None)
             m = modules.get(name)
             if ab is None or not hasattr(m, "in_features"):
                 utils.fail(f"{path} holds a LoRA for other modules than {model_name}'s ({k!r})")
@@ -209,6 +210,8 @@ def check_args(a):
     try:
         models.check_model_flags(a.model, a.guidance_scale, a.flux_guidance)
     except SystemExit as e:
+        if not isinstance(e.code, str):  # Ctrl-C: exit 130
+            raise
         utils.fail(str(e).removeprefix("error: "))
     captions, specs = utils.load_prompts(a.prompts_file, a.model, a.split)
     if not all(shapes.is_spec(s) for s in specs) and not a.reward:
