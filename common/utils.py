@@ -320,17 +320,17 @@ def claim_run_dir(run_dir, a):
     d, lock, src = Path(run_dir), Path(run_dir) / "run.lock", Path(a.resume or ".")
     resuming = bool(a.resume) and d.resolve() == (src if src.is_dir() else src.parent).resolve()
     flag = f"--resume {a.resume!r}" if resuming else f"--output-dir {str(d)!r}"
-    pid = lock.read_text().split()[0] if lock.is_file() else ""
+    pid = (lock.read_text().split() or [""])[0] if lock.is_file() else ""
     if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
         fail(f"{flag}: a live run uses that directory (pid {pid}, {lock}); wait for it to end or pick a fresh "
              "--output-dir")
-    stale = lock.is_file()
-    if stale:
-        print(f"warning: {lock}: its run (pid {pid}) ended without removing it; taking it over", file=sys.stderr)
     found = [f for f in ("checkpoint.pt", "summary.json") if (d / f).exists()]
     if found and not resuming and not a.overwrite:
         fail(f"--output-dir {str(d)!r} holds a run ({found[0]}); continue it with --resume {d}, pick a fresh "
              "--output-dir, or replace it with --overwrite")
+    stale = lock.is_file()
+    if stale:
+        print(f"warning: {lock}: its run (pid {pid}) ended without removing it; taking it over", file=sys.stderr)
     if found and not resuming:  # --overwrite: none of the old run's files may pass for the new run's
         import shutil
 
@@ -536,7 +536,7 @@ def dist_env():
     world, rank = int(env["WORLD_SIZE"] or 1), int(env["RANK"] or 0)
     missing = [k for k, v in env.items() if not v] if world > 1 else []
     if missing or not 0 <= rank < world:
-        fail(f"an incomplete multi-process launch: {given} but {', '.join(missing) or f'RANK not below WORLD_SIZE'}"
+        fail(f"an incomplete multi-process launch: {given} but {', '.join(missing) or 'RANK not below WORLD_SIZE'}"
              f"{' unset' if missing else ''}; launch with torchrun, or unset {', '.join(k for k in env if env[k])} "
              "to run one process")
     return rank, world

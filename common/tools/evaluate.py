@@ -38,12 +38,12 @@ def finetuned_weights(checkpoint):
     return None
 
 
-def load_finetuned(model, checkpoint, model_name):
+def load_finetuned(model, checkpoint, model_name=None):
     """Apply a method's output (see `finetuned_weights`) to a loaded Model, each weight file read behind
     `utils.load_weights` (one line naming a damaged file or one of another model). Returns the transformer."""
     from common import utils
 
-    kind, cand = finetuned_weights(checkpoint) or (None, None)
+    model_name, (kind, cand) = model_name or model.name, finetuned_weights(checkpoint) or (None, None)
     if kind == "lora":
         path, modules = cand / "pytorch_lora_weights.safetensors", dict(model.transformer.named_modules())
         for k, v in utils.load_weights(path).items():  # (rank, in) lora_A and (out, rank) lora_B of a Linear
