@@ -44,7 +44,10 @@ class RunArgs:
     hf_entity: str | None = None
     """user or organisation of the Hub model repo {hf_entity}/{task}-{exp_name}-seed{seed} (default: your account)"""
     resume: str | None = None
-    """a run directory or checkpoint.pt to continue from"""
+    """a run directory or checkpoint.pt to continue from (the flags not given take its values; README: which
+    flags may change)"""
+    overwrite: bool = False
+    """let a new run replace the run in --output-dir (its checkpoint, summary, weights and TensorBoard logs)"""
     checkpoint_every: int = 20
     """iterations between resumable checkpoints"""
     eval_every: int = 20
@@ -102,6 +105,7 @@ class Run:
 
     def __init__(self, args, script, with_old=False, eval_scalars=()):
         self.args, a = args, args
+        utils.exit_on_ctrl_c("loading the models")  # until StopSignal (below) takes Ctrl-C over
         # held-out prompts: --eval-prompts-file, the shapes test split or the first 32 --prompts-file lines
         self.prompts, self.metadata, self.eval_prompts, self.eval_meta = utils.check_args(a, utils.world_size_from_env())
         self.rank, self.world, self.device = utils.setup_distributed(a.device)
@@ -114,7 +118,8 @@ class Run:
         resumed = Path(a.resume or ".")
         self.dir = Path(a.output_dir or (a.resume and (resumed if resumed.is_dir() else resumed.parent))
                         or f"runs/{task}__{Path(script).stem}__{a.seed}__{int(time.time())}")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            utils.claim_run_dir(self.dir, a)  # no run overwrites another; a live run holds run.lock
         self.writer = utils.make_writer(self.dir, a, self.rank)
         self.model = models.load_model(a.model, self.device, resolution=a.resolution, use_t5=a.use_t5,
                                        max_t5_length=a.max_t5_length, mixed_precision=a.mixed_precision,
@@ -161,7 +166,8 @@ class Run:
         self.evaluate_fn, self.state_fn = evaluate, state
         ckpt = None
         if self.args.resume:
-            ckpt = utils.load_checkpoint(self.args.resume)
+            ckpt = utils.load_checkpoint(self.args.resume, forget=True)
+            utils.apply_resume_changes(ckpt, self.args)  # a new --lr into the optimizer's state; summary's "resumes"
             utils.set_rng_state(ckpt["rng"][self.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
             self.start_iteration, self.reward_queries = ckpt["iteration"], ckpt["reward_queries"]
             self.wall_before, self.summary = ckpt["wall_time_s"], ckpt["summary"]

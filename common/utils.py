@@ -1,7 +1,9 @@
 """Training utilities shared by the method scripts: argument checks, TensorBoard, image grids, prompt groups sharded
 over ranks, DDP helpers, atomic checkpoints, summary.json, the non-finite and stop guards."""
 
+import atexit
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -12,6 +14,7 @@ import signal
 import sys
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from common import models, rewards
+from common.tools.prompts import quote, read_text
 from common.world import shapes
 
 
@@ -29,7 +33,54 @@ def fail(msg):
     raise SystemExit(2)
 
 
-def parse_args(cls, args=None):
+def why(e):
+    """An exception as a short clause: its type and the first line of its message, cut to 120 characters."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+def exit_on_ctrl_c(what):
+    """From now on Ctrl-C (while `what`, e.g. loading the models, before a run saves anything) is one line and exit
+    130, not a KeyboardInterrupt traceback; a run's StopSignal takes it over once the models are loaded."""
+    def handle(signum, frame):
+        print(f"interrupted while {what}; nothing was saved", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+
+    signal.signal(signal.SIGINT, handle)
+
+
+def load_weights(path):
+    """Every weight file the tools read, behind one check: {name: tensor} of a .safetensors file (else a torch
+    .pt / .pth state dict), or one line naming the file and what is wrong with it: missing, empty, truncated or not
+    a weights file (`match_weights`: another model's names or sizes)."""
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        fail(f"{p} {'is empty (0 bytes)' if p.is_file() else 'does not exist'}; save or download it again")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(p)
+        else:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{p} is truncated or not a weights file ({why(e)}); save or download it again")
+    return sd
+
+
+def match_weights(sd, expected, where, model):
+    """`sd` if its names and shapes are `expected`'s ({name: shape} of `model`), else one line naming `where`."""
+    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or extra:
+        fail(f"{where} holds the weights of another model than {model}: {len(missing)} of its tensors missing (e.g. "
+             f"{(missing or ['-'])[0]!r}), {len(extra)} unknown (e.g. {(extra or ['-'])[0]!r})")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != tuple(shape):
+            fail(f"{where} holds the weights of another model size than {model}: {k!r} is {tuple(sd[k].shape)} "
+                 f"there, {tuple(shape)} in {model}")
+    return sd
+
+
+def _cli(cls, args, default=None):
     """tyro.cli(cls), with tyro's boxed message for a flag it cannot parse (a wrong type, an unknown flag, a missing
     value) reported as one line: the message and the flag's expected form. --help lists a method's own flags first."""
     import tyro
@@ -39,7 +90,7 @@ def parse_args(cls, args=None):
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            parsed = tyro.cli(cls, args=args)
+            parsed = tyro.cli(cls, args=args, default=default)
     except SystemExit as e:
         rows = [r.strip("│ ") for r in err.getvalue().splitlines()[1:]]  # inside the box, under its title
         rule = next((i for i, r in enumerate(rows) if r and set(r) <= set("─╰╯")), len(rows))
@@ -55,6 +106,25 @@ def parse_args(cls, args=None):
         fail(msg + (f" ({'did you mean' if 'Perhaps you meant:' in rows else 'expected'} {forms})" if forms else ""))
     sys.stderr.write(err.getvalue())
     return parsed
+
+
+def parse_args(cls, args=None, recorded=None):
+    """The command line as a `cls`, one line on a flag tyro cannot parse or an empty value (an unset shell variable
+    is not "not given"). The flags not given take the values a run recorded: with --resume the checkpoint's (so a
+    resume needs no flags; `check_resume` then refuses or applies the ones given), or `recorded(parsed)`'s."""
+    parsed = _cli(cls, args)
+    for k, v in vars(parsed).items():
+        if isinstance(v, str) and not v.strip():
+            fail(f"--{k.replace('_', '-')} is empty; give a value or drop the flag")
+    if recorded is None and getattr(parsed, "resume", None):
+        saved = load_checkpoint(parsed.resume)["args"]
+        if saved.get("exp_name", parsed.exp_name) != parsed.exp_name:  # another script's state
+            fail(f"--resume {parsed.resume!r} was saved with --exp-name {saved['exp_name']}, this run has "
+                 f"{parsed.exp_name}; resume with the script that saved it")
+        recorded = lambda _: {k: v for k, v in saved.items() if k not in RESUME_OWN}  # noqa: E731
+    fields = {f for f in cls.__dataclass_fields__}
+    saved = {k: v for k, v in (recorded(parsed) if recorded else {}).items() if k in fields}
+    return _cli(cls, args, dataclasses.replace(cls(), **saved)) if saved else parsed
 
 
 def check_device(flag, value):
@@ -138,18 +208,7 @@ def check_args(args, world_size=1):
         fail(f"--train-batch-size {a.train_batch_size} must divide the per-process batch {n // world_size} "
              f"(prompts_per_iter*group_size/world_size)")
     if a.resume:
-        p = Path(a.resume)
-        if not (p.is_file() or (p / "checkpoint.pt").is_file()):
-            fail(f"--resume {a.resume!r}: no checkpoint file there (expected a checkpoint.pt or a run directory "
-                 "holding one)")
-        ckpt = load_checkpoint(p)  # corrupt files fail here, before any model loads
-        if not isinstance(ckpt, dict) or "iteration" not in ckpt:
-            fail(f"--resume {a.resume!r} is not a cleanflow checkpoint (no 'iteration' entry)")
-        for k in ("exp_name", "model", "lora_rank"):  # another script's or model's state would fail after loading
-            saved = ckpt.get("args", {}).get(k, getattr(a, k))
-            if saved != getattr(a, k):
-                fail(f"--resume {a.resume!r} was saved with --{k.replace('_', '-')} {saved}, this run has "
-                     f"{getattr(a, k)}; resume with the same script (--exp-name), --model and --lora-rank")
+        check_resume(a)
     if a.output_dir:
         check_writable_dir("--output-dir", a.output_dir)
     if getattr(a, "upload_model", False):
@@ -166,10 +225,41 @@ def check_args(args, world_size=1):
     try:  # the model and its family's own flag rules (FLUX: no CFG, --flux-guidance only with a guidance embedding)
         models.check_model_flags(a.model, a.guidance_scale, a.flux_guidance)
     except SystemExit as e:
+        if not isinstance(e.code, str):  # Ctrl-C: exit 130
+            raise
         fail(str(e).removeprefix("error: "))
     if a.model != models.EMBEDDED and a.lora_rank == 0:
         print(f"warning: --lora-rank 0 fully fine-tunes {a.model} (needs a full frozen copy)", file=sys.stderr)
     return (*prompts, *eval_prompts)
+
+
+# --resume: a changed flag of these is applied (with a warning and a note in summary.json); a change of any other
+# is refused, since the run would mix two settings (the README's resume table). `RESUME_OWN`: never compared.
+RESUME_APPLIED = ("num_iterations", "lr", "device", "threads", "track", "wandb_project_name", "wandb_entity",
+                  "save_model", "upload_model", "hf_entity", "checkpoint_every", "eval_every", "log_images_every",
+                  "decode_batch_size", "eval_batch_size", "reward_device", "gradient_checkpointing")
+RESUME_OWN = ("exp_name", "resume", "output_dir", "overwrite")
+
+
+def resume_changes(saved, a):
+    """{flag: (checkpoint's value, this run's)} of the flags `a` changes against a checkpoint's `saved` args."""
+    return {k: (saved[k], v) for k, v in vars(a).items() if k in saved and k not in RESUME_OWN[1:] and saved[k] != v}
+
+
+def check_resume(a):
+    """--resume: each changed flag refused (one line: the flag, the checkpoint's value, this run's) or applied with a
+    one-line warning (`RESUME_APPLIED`); --num-iterations never below the iterations the checkpoint holds."""
+    ckpt = load_checkpoint(a.resume)
+    for k, (old, new) in resume_changes(ckpt["args"], a).items():
+        flag = f"--{k.replace('_', '-')}"
+        if k not in RESUME_APPLIED:
+            fail(f"--resume {a.resume!r} was saved with {flag} {old}, this run has {new}; a run cannot change it "
+                 f"midway: drop {flag} (or give {old}), or start a fresh run in another --output-dir")
+        if k == "num_iterations" and new < ckpt["iteration"]:
+            fail(f"--num-iterations {new} is below the {ckpt['iteration']} iterations --resume {a.resume!r} holds; "
+                 f"give at least {ckpt['iteration']}")
+        print(f"warning: --resume: {flag} {old} -> {new} from iteration {ckpt['iteration']} on (recorded in "
+              "summary.json's resumes)", file=sys.stderr)
 
 
 def check_writable_dir(flag, path):
@@ -196,7 +286,7 @@ def load_prompts(prompts_file, model=models.EMBEDDED, split="train", flag="--pro
         return [s["caption"] for s in specs], specs
     if not os.path.isfile(prompts_file):
         fail(f"{flag} {prompts_file!r} does not exist")
-    text = Path(prompts_file).read_text(encoding="utf-8")
+    text = read_text(prompts_file, flag)
     lines = [(i, l.strip()) for i, l in enumerate(text.splitlines(), 1) if l.strip()]
     if not lines:
         fail(f"{flag} {prompts_file!r} holds no prompts (one prompt per line expected)")
@@ -209,19 +299,69 @@ def load_prompts(prompts_file, model=models.EMBEDDED, split="train", flag="--pro
             except json.JSONDecodeError:
                 record = "invalid"  # reported just below
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                fail(f"{prompts_file} line {i}: not a JSON object with a \"prompt\" string: {line[:80]!r}")
+                fail(f"{prompts_file} line {i}: not a JSON object with a \"prompt\" string: {quote(line)}")
             line = record["prompt"]
         prompts.append(line)
         try:
             meta.append(shapes.parse_caption(line))
         except ValueError as e:
-            if model == models.EMBEDDED:
-                fail(f"{prompts_file} line {i}: {e}")
+            if model == models.EMBEDDED:  # the grammar's message, the prompt cut short
+                fail(f"{prompts_file} line {i}: {str(e).replace(repr(line), quote(line))}")
             meta.append(record)
     return prompts, meta
 
 
 # ----------------------------------------------------------------------------------- run set-up
+def claim_run_dir(run_dir, a):
+    """Rank 0, before any model loads. A directory holding a run (its checkpoint.pt or summary.json) takes no new
+    run: only --resume of that run, or --overwrite (which deletes the old run's files first). A live run holds
+    run.lock (its pid), which keeps every other run out; a lock whose process has ended is taken over with a warning.
+    The lock goes when the process exits."""
+    d, lock, src = Path(run_dir), Path(run_dir) / "run.lock", Path(a.resume or ".")
+    resuming = bool(a.resume) and d.resolve() == (src if src.is_dir() else src.parent).resolve()
+    flag = f"--resume {a.resume!r}" if resuming else f"--output-dir {str(d)!r}"
+    pid = (lock.read_text().split() or [""])[0] if lock.is_file() else ""
+    if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+        fail(f"{flag}: a live run uses that directory (pid {pid}, {lock}); wait for it to end or pick a fresh "
+             "--output-dir")
+    found = [f for f in ("checkpoint.pt", "summary.json") if (d / f).exists()]
+    if found and not resuming and not a.overwrite:
+        fail(f"--output-dir {str(d)!r} holds a run ({found[0]}); continue it with --resume {d}, pick a fresh "
+             "--output-dir, or replace it with --overwrite")
+    stale = lock.is_file()
+    if stale:
+        print(f"warning: {lock}: its run (pid {pid}) ended without removing it; taking it over", file=sys.stderr)
+    if found and not resuming:  # --overwrite: none of the old run's files may pass for the new run's
+        import shutil
+
+        for f in [*found, "samples.png", "README.md", *d.glob("events.out.tfevents.*"), "lora", "transformer"]:
+            f = d / f
+            shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if stale:
+            lock.unlink(missing_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        fail(f"{flag}: another run has just started in that directory ({lock}); pick a fresh --output-dir")
+    except OSError as e:
+        fail(f"{flag}: cannot write in {d} ({e.strerror}); resume a copy of the run, or give --output-dir a "
+             "writable directory")
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    atexit.register(lambda: lock.unlink(missing_ok=True))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
 def make_writer(run_dir, args, rank=0):
     """TensorBoard writer (rank 0 only) whose first entry is a table of every hyperparameter."""
     if rank != 0:
@@ -326,11 +466,33 @@ class PromptSampler:
 
 def setup_distributed(device=None):
     """torchrun -> (rank, world_size, device); one process otherwise. gloo on CPU, nccl on GPU."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = dist_env()
     if device is None or device == "auto":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # say that this process waits, and for whom; give up after RENDEZVOUS_TIMEOUT_S (torch's default: 30 min of
+        # silence), e.g. when leftover torchrun variables make a plain `python` run wait for processes never started
+        from datetime import timedelta
+        from torch.distributed.constants import default_pg_timeout
+
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        timeout = int(os.environ.get("CLEANFLOW_RENDEZVOUS_TIMEOUT", RENDEZVOUS_TIMEOUT_S))
+        print(f"process {rank} of {world}: waiting up to {timeout} s for the others at {where}", file=sys.stderr,
+              flush=True)
+        err, store = os.dup(2), None
+        try:  # without c10d's C++ log of each failed connection attempt (dozens of lines)
+            with open(os.devnull, "w") as null, contextlib.suppress(RuntimeError, OSError, ValueError):
+                os.dup2(null.fileno(), 2)
+                store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=timeout)))
+        finally:
+            os.dup2(err, 2)
+            os.close(err)
+        if store is None:
+            fail(f"process {rank} of {world}: the other processes did not join at {where} within {timeout} s; to "
+                 "run one process, unset WORLD_SIZE RANK MASTER_ADDR MASTER_PORT (left over from torchrun?)")
+        store.set_timeout(default_pg_timeout)  # later exchanges: torch's default
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=store, rank=rank,
+                                world_size=world)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
         # TF32 tensor cores for the fp32 matmuls / convolutions (VAE decode, fp32 LoRA and critic paths), as the
@@ -361,8 +523,31 @@ def randn_for_rank(gen, n_global, shape, local, device, dtype):
     return torch.randn(n_global, *shape, generator=gen)[local].to(device, dtype)
 
 
+RENDEZVOUS_TIMEOUT_S = 120  # how long a process of a multi-process run waits for the others to start
+
+
+def dist_env():
+    """(rank, world size) from torchrun's variables, one line on an incomplete or malformed set (e.g. WORLD_SIZE
+    left over in a shell without RANK)."""
+    env = {k: os.environ.get(k, "") for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    given = ", ".join(f"{k}={v}" for k, v in env.items() if v)
+    if not all(env[k].isdigit() for k in ("WORLD_SIZE", "RANK", "MASTER_PORT") if env[k]):
+        fail(f"torchrun's variables must be integers, found {given}")
+    world, rank = int(env["WORLD_SIZE"] or 1), int(env["RANK"] or 0)
+    missing = [k for k, v in env.items() if not v] if world > 1 else []
+    if missing or not 0 <= rank < world:
+        fail(f"an incomplete multi-process launch: {given} but {', '.join(missing) or 'RANK not below WORLD_SIZE'}"
+             f"{' unset' if missing else ''}; launch with torchrun, or unset {', '.join(k for k in env if env[k])} "
+             "to run one process")
+    return rank, world
+
+
 def world_size_from_env():
-    return int(os.environ.get("WORLD_SIZE", 1))
+    """WORLD_SIZE, for the checks before the launch (`dist_env` checks the launch's variables as a whole)."""
+    world = os.environ.get("WORLD_SIZE") or "1"
+    if not world.isdigit():
+        fail(f"torchrun's variables must be integers, found WORLD_SIZE={world}")
+    return int(world)
 
 
 def all_gather_cat(t):
@@ -456,12 +641,53 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    path = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        fail(f"--resume {str(path)!r} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+CHECKPOINT_KEYS = ("iteration", "args", "rng", "summary", "reward_queries", "wall_time_s", "grid", "policy",
+                   "optimizer")
+_checkpoints = {}
+
+
+def load_checkpoint(path, forget=False):
+    """A checkpoint.pt (or a run directory's), checked before any model loads, else one line: its records must match
+    the CRC-32 checksums torch.save writes with them (zip format), so bytes overwritten in it fail here instead of
+    resuming a corrupted optimizer; it must hold every key a resume reads (an older layout fails here, not after
+    the model loads). Loaded once per process (`forget`: and dropped from the cache)."""
+    p = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
+    if p not in _checkpoints:
+        if not p.is_file():
+            fail(f"--resume {str(path)!r}: no checkpoint file there (expected a checkpoint.pt or a run directory "
+                 "holding one)")
+        try:
+            with zipfile.ZipFile(p) as z:
+                bad = z.testzip()
+            if bad:
+                raise ValueError(f"record {bad} does not match its checksum: the file was damaged after saving")
+            ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:
+            fail(f"--resume {str(p)!r} is not a readable checkpoint ({why(e)})")
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["iteration"]
+        if missing:
+            fail(f"--resume {str(p)!r} is not a checkpoint of this cleanflow version (no {', '.join(missing)}: an "
+                 "older layout or another program's); start a fresh run")
+        _checkpoints[p] = ckpt
+    return _checkpoints.pop(p) if forget else _checkpoints[p]
+
+
+def apply_resume_changes(ckpt, a):
+    """A resumed run with changed flags (`check_resume` allowed them): a new --lr scales the learning rates of the
+    checkpoint's optimizer and scheduler before the method loads them (so it is the lr that runs), and
+    summary.json's "resumes" records each change at the iteration it took effect."""
+    changes = resume_changes(ckpt["args"], a)
+    if "lr" in changes:
+        old, new = changes["lr"]
+        scale = lambda v: v * new / old if old else new  # noqa: E731
+        for g in ckpt["optimizer"]["param_groups"]:
+            g.update({k: scale(g[k]) for k in ("lr", "initial_lr") if k in g})
+        if ckpt.get("scheduler"):
+            ckpt["scheduler"].update({k: [scale(v) for v in ckpt["scheduler"][k]] for k in ("base_lrs", "_last_lr")
+                                      if k in ckpt["scheduler"]})
+    if changes:
+        ckpt["summary"].setdefault("resumes", []).append(
+            {"iteration": ckpt["iteration"], "changed": {k: list(v) for k, v in changes.items()}})
 
 
 def write_summary(run_dir, summary):

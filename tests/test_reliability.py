@@ -118,7 +118,8 @@ def _placeholders(argv, tmp_path):
             (tmp_path / a / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
             a = str(tmp_path / a)
         elif a == "OTHER_CKPT":  # another script's checkpoint
-            torch.save({"iteration": 2, "args": {"exp_name": "another_method", "model": "embedded"}}, tmp_path / a)
+            utils.save_checkpoint(tmp_path / a, {**{k: {} for k in utils.CHECKPOINT_KEYS}, "iteration": 2,
+                                                 "args": {"exp_name": "another_method", "model": "embedded"}})
             a = str(tmp_path / a)
         elif a == "REMOTE_DOWN":
             sock = socket.socket()
@@ -381,3 +382,246 @@ def test_torchrun_two_processes_match_one(method, tmp_path):
     assert moved > 0 and dist < 0.01 * moved, (dist.item(), moved.item())
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["reward_queries"] == \
         json.loads((tmp_path / "one" / "summary.json").read_text())["reward_queries"]
+
+
+# ----------------------------------------------------------------------------------- a run directory you can trust
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-iteration AdvantageFlow run (checkpoint.pt, summary.json, transformer/); tests copy it."""
+    d = tmp_path_factory.mktemp("finished") / "run"
+    out = subprocess.run(_cmd("advantageflow", d, n_it=2), capture_output=True, text=True, cwd=ROOT, env=ENV,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return d
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def _script(argv, env=None, timeout=300, module=None):
+    """(exit code, non-empty stderr lines) of `python advantageflow.py argv` (or `python -m module argv`)."""
+    cmd = [sys.executable, *(["-m", module] if module else ["advantageflow.py"]), *map(str, argv)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**ENV, **(env or {})}, timeout=timeout)
+    return out.returncode, [l for l in out.stderr.splitlines() if l.strip()]
+
+
+def test_resume_refuses_or_really_applies_a_changed_flag(finished_run, tmp_path):
+    """--resume: a flag that would mix two runs (the seed, a method flag, fewer iterations than the checkpoint holds)
+    is refused in one line naming the flag and both values; a new --lr is applied with one warning: the optimizer
+    runs with it, and the checkpoint's args and summary.json record it."""
+    run = _copy(finished_run, tmp_path)
+    for argv, expected in ((["--seed", "3"], "was saved with --seed 0, this run has 3"),
+                           (["--nft"], "was saved with --nft False, this run has True"),
+                           (["--num-iterations", "1"], "--num-iterations 1 is below the 2 iterations")):
+        code, err = check_flags("advantageflow", ["--resume", str(run), *argv])
+        assert code == 2 and len(err) == 1 and expected in err[0], err
+    code, err = _script(["--resume", run, "--num-iterations", "3", "--lr", "5e-4"])
+    assert code == 0 and [l for l in err if "warning" in l and "--lr 0.0001 -> 0.0005" in l], err
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    summary = json.loads((run / "summary.json").read_text())
+    assert ckpt["iteration"] == 3 and ckpt["optimizer"]["param_groups"][0]["lr"] == 5e-4
+    assert ckpt["args"]["lr"] == summary["args"]["lr"] == 5e-4 and summary["args"]["num_iterations"] == 3
+    assert summary["resumes"] == [{"iteration": 2, "changed": {"num_iterations": [2, 3], "lr": [1e-4, 5e-4]}}]
+    assert ckpt["args"]["group_size"] == 3  # the flags not given: the checkpoint's, not the script's defaults
+
+
+def test_damaged_or_old_checkpoint_fails_before_any_model_loads(finished_run, tmp_path):
+    """Bytes overwritten inside checkpoint.pt fail its checksums; an older layout (no 'rng') fails in one line."""
+    run = _copy(finished_run, tmp_path)
+    data = bytearray((run / "checkpoint.pt").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    (run / "checkpoint.pt").write_bytes(bytes(data))
+    old = tmp_path / "old.pt"
+    state = torch.load(finished_run / "checkpoint.pt", weights_only=False)
+    torch.save({k: v for k, v in state.items() if k not in ("rng", "grid")}, old)
+    for path, expected in ((run, "does not match its checksum"), (old, "not a checkpoint of this cleanflow version "
+                                                                       "(no rng, grid")):
+        code, err = check_flags("advantageflow", ["--resume", str(path)])
+        assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_a_run_never_overwrites_a_run(finished_run, tmp_path):
+    """A new run pointed at a finished run's directory fails in one line naming --resume and --overwrite, and
+    leaves the run as it was; a live run's lock keeps others out; a dead run's lock is taken over with a warning;
+    --overwrite removes the old run's files."""
+    run = _copy(finished_run, tmp_path)
+    before = {f: (run / f).read_bytes() for f in ("checkpoint.pt", "summary.json")}
+    code, err = _script(_cmd("advantageflow", run, n_it=2)[2:])
+    assert code == 2 and len(err) == 1 and "holds a run" in err[0] and f"--resume {run}" in err[0] \
+        and "--overwrite" in err[0], err
+    assert {f: (run / f).read_bytes() for f in before} == before
+    args = utils.parse_args(importlib.import_module("advantageflow").Args, ["--output-dir", str(run)])
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        (run / "run.lock").write_text(f"{live.pid}\n")
+        with pytest.raises(SystemExit):
+            utils.claim_run_dir(run, dataclasses_replace(args, overwrite=True))
+        assert (run / "checkpoint.pt").is_file()
+    finally:
+        live.kill()
+        live.wait()
+    utils.claim_run_dir(run, dataclasses_replace(args, overwrite=True))  # the lock's process has ended
+    assert (run / "run.lock").read_text().split()[0] == str(os.getpid())
+    assert not (run / "checkpoint.pt").exists() and not (run / "summary.json").exists()
+    assert not list(run.glob("events.out.tfevents.*")) and not (run / "transformer").exists()
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+@pytest.mark.parametrize("argv", [["--resume", ""], ["--output-dir", ""], ["--prompts-file", " "],
+                                  ["--reward-paths", ""]])
+def test_empty_values_are_refused(argv):
+    """An unset shell variable (--resume "$RUN") is not "not given": one line naming the flag."""
+    code, err = check_flags("advantageflow", argv)
+    assert code == 2 and len(err) == 1 and f"{argv[0]} is empty" in err[0], err
+
+
+def test_every_weight_file_is_read_behind_one_check(finished_run, tmp_path, capsys):
+    """common.tools.evaluate on damaged or foreign weights: one line naming the file and what is wrong with it."""
+    from safetensors.torch import save_file
+
+    from common import models
+    from common.tools import evaluate
+
+    model = models.load_model("embedded")
+    sd = load_file(finished_run / "transformer/diffusion_pytorch_model.safetensors")
+    good = (finished_run / "transformer/diffusion_pytorch_model.safetensors").read_bytes()
+    small = {k: v[..., :1].contiguous() if v.dim() > 1 else v for k, v in sd.items()}
+    cases = {"empty": (b"", "is empty (0 bytes)"), "truncated": (good[:len(good) // 2], "is truncated or not a weights"),
+             "garbage": (os.urandom(4096), "is truncated or not a weights file"),
+             "other_size": (small, "holds the weights of another model size than embedded"),
+             "other_model": ({"foo.weight": torch.zeros(2)}, "holds the weights of another model than embedded"),
+             "lora_other_modules": ({"transformer.foo.to_q.lora_A.weight": torch.zeros(2, 4)},
+                                    "holds a LoRA for other modules than embedded's"),
+             "lora_other_size": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 5)},
+                                 "holds a LoRA of another model size than embedded")}
+    for name, (content, expected) in cases.items():
+        lora = name.startswith("lora")
+        d = tmp_path / name / ("lora" if lora else "transformer")
+        d.mkdir(parents=True)
+        f = d / ("pytorch_lora_weights.safetensors" if lora else "diffusion_pytorch_model.safetensors")
+        if not lora:
+            (d / "config.json").write_text((finished_run / "transformer/config.json").read_text())
+        save_file(content, f) if isinstance(content, dict) else f.write_bytes(content)
+        with pytest.raises(SystemExit) as e:
+            evaluate.load_finetuned(model, tmp_path / name, "embedded")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and str(f) in err[0] and expected in err[0], (name, err)
+
+
+def test_evaluating_a_run_uses_the_model_it_recorded(finished_run, tmp_path):
+    """--checkpoint of a run: the run's model (and its resolution / text-encoder flags) unless --model is given."""
+    from common.tools import evaluate
+
+    run = _copy(finished_run, tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["args"].update(model="org/another-model", resolution=1024)
+    (run / "summary.json").write_text(json.dumps(summary))
+    for where in (run, run / "transformer"):
+        a = utils.parse_args(evaluate.Args, ["--checkpoint", str(where)], recorded=evaluate.recorded_model)
+        assert (a.model, a.resolution) == ("org/another-model", 1024)
+    a = utils.parse_args(evaluate.Args, ["--checkpoint", str(run), "--model", "embedded"],
+                         recorded=evaluate.recorded_model)
+    assert (a.model, a.resolution) == ("embedded", 1024)
+
+
+def test_text_files_name_the_file_and_line(tmp_path, capsys):
+    """A UTF-8 byte-order mark is accepted; a file that is not UTF-8 is one line naming it and the line; an error
+    about a very long line quotes 80 characters of it."""
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffa red circle\nthree blue squares\n".encode("utf-8"))
+    assert utils.load_prompts(str(bom))[0][0] == "a red circle"
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("a red circle\ntwo caf\u00e9 squares\n".encode("latin-1"))
+    long = tmp_path / "long.txt"
+    long.write_text("a red circle\n" + "x" * 1_000_000 + "\n")
+    for f, expected in ((latin, f"{str(latin)!r} is not UTF-8 text (line 2"), (long, f"{long} line 2: cannot parse")):
+        code, err = check_flags("advantageflow", ["--prompts-file", str(f)])
+        assert code == 2 and len(err) == 1 and expected in err[0] and len(err[0]) < 400, err[0][:500]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_leftover_or_partial_torchrun_variables(tmp_path):
+    """Leftover torchrun variables and no other process: the run says it waits (world size, address, port) and gives
+    up after CLEANFLOW_RENDEZVOUS_TIMEOUT seconds in one line; WORLD_SIZE without RANK is one line at once."""
+    port = _free_port()
+    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "CLEANFLOW_RENDEZVOUS_TIMEOUT": "2"}
+    code, err = _script(_cmd("advantageflow", tmp_path / "a", n_it=2)[2:], env, timeout=120)
+    assert code == 2 and len(err) == 2, err
+    assert f"process 0 of 2: waiting up to 2 s for the others at 127.0.0.1:{port}" in err[0]
+    assert "did not join" in err[1] and "unset WORLD_SIZE RANK MASTER_ADDR MASTER_PORT" in err[1], err
+    code, err = _script(_cmd("advantageflow", tmp_path / "b", n_it=2)[2:], {"WORLD_SIZE": "2"}, timeout=120)
+    assert code == 2 and len(err) == 1 and "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT unset" in err[0], err
+
+
+def test_resume_of_a_read_only_run_directory(finished_run):
+    """One line, no TensorBoard traceback (run as an unprivileged user: root may write anywhere)."""
+    import shutil
+    import tempfile
+
+    if os.getuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("root without setpriv: no read-only directory to test with")
+    top = Path(tempfile.mkdtemp())
+    try:
+        run = Path(shutil.copytree(finished_run, top / "run"))
+        for p in [*run.rglob("*"), run]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        top.chmod(0o755)
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.getuid() == 0 else []
+        out = subprocess.run([*drop, sys.executable, "advantageflow.py", "--resume", str(run)], capture_output=True,
+                             text=True, cwd=ROOT, env={**ENV, "HOME": str(top)}, timeout=300)
+        err = [l for l in out.stderr.splitlines() if l.strip()]
+        assert out.returncode == 2 and len(err) == 1 and "cannot write in" in err[0], err[-20:]
+    finally:
+        for p in top.rglob("*"):
+            p.chmod(0o755)
+        shutil.rmtree(top)
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd("advantageflow", run, n_it=2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not run.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+
+
+def test_hub_tool_does_not_exit_0_doing_nothing():
+    code, err = _script(["--upload", "x"], module="common.tools.hub", timeout=120)
+    assert code == 2 and len(err) == 1 and "--run-dir" in err[0], err
+
+
+def test_ci_fails_when_no_test_ran(tmp_path):
+    """.ci/run with pytest collecting nothing (exit 5) must fail: a CI that tests nothing passes nothing."""
+    import shutil
+
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci/run", tmp_path / ".ci/run")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, body in (("python3", "mkdir -p .ci/venv/bin && touch .ci/venv/bin/activate"), ("pip", "exit 0"),
+                       ("python", "exit 5")):  # a venv, an install, and pytest collecting no tests
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    out = subprocess.run(["bash", str(tmp_path / ".ci/run")], capture_output=True, text=True,
+                         env={**ENV, "PATH": f"{bin_}:{os.environ['PATH']}"}, timeout=60)
+    assert out.returncode != 0, out.stdout + out.stderr

@@ -28,7 +28,7 @@ def test_prompt_sampler_groups_and_shards():
 
 
 def test_checkpoint_is_atomic_and_round_trips(tmp_path):
-    state = {"a": torch.arange(5), "rng": utils.rng_state()}
+    state = {**{k: {} for k in utils.CHECKPOINT_KEYS}, "a": torch.arange(5), "rng": utils.rng_state()}
     utils.save_checkpoint(tmp_path / "checkpoint.pt", state)
     assert list(tmp_path.iterdir()) == [tmp_path / "checkpoint.pt"]  # no temporary file left behind
     assert torch.equal(utils.load_checkpoint(tmp_path)["a"], state["a"])

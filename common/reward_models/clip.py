@@ -137,7 +137,9 @@ class HPSv2(CLIPScore):
 
         if os.path.isfile(os.path.join(model_path, "config.json")):
             return CLIPModel.from_pretrained(model_path, dtype=dtype)
-        ckpt = torch.load(hub_file(model_path, "HPS_v2.1_compressed.pt"), map_location="cpu", weights_only=True)
+        from common.utils import load_weights
+
+        ckpt = load_weights(hub_file(model_path, "HPS_v2.1_compressed.pt"))
         model = CLIPModel(CLIPConfig.from_pretrained(processor_path))
         try:
             missing, unexpected = model.load_state_dict(openclip_to_transformers(ckpt.get("state_dict", ckpt)),
@@ -175,7 +177,9 @@ class Aesthetic:
         clip = processor_path or REAL_DEFAULT_PATHS["aesthetic"][1]
         self.processor = AutoProcessor.from_pretrained(clip)
         self.model = CLIPModel.from_pretrained(clip, dtype=dtype).eval().requires_grad_(False).to(device)
-        self.head = _linear_head(torch.load(model_path, map_location="cpu", weights_only=True)).to(device)
+        from common.utils import load_weights
+
+        self.head = _linear_head(load_weights(model_path)).to(device)
         self.device, self.batch_size = device, batch_size
 
     @torch.no_grad()

@@ -40,7 +40,9 @@ class ImageReward:
         from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
         path = hub_file(model_path or REAL_DEFAULT_PATHS["imagereward"][0], "ImageReward.pt")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        from common.utils import load_weights
+
+        sd = load_weights(path)
         vis, txt = ({k.removeprefix(p): v for k, v in sd.items() if k.startswith(p)}
                     for p in ("blip.visual_encoder.", "blip.text_encoder."))
         vis = {("post_layernorm." + k[5:] if k.startswith("norm.") else _renamed(k, self.vision_keys)): v

@@ -16,6 +16,7 @@ with their prompts.
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,23 +38,54 @@ def finetuned_weights(checkpoint):
     return None
 
 
-def load_finetuned(model, checkpoint):
-    """Apply a method's output (see `finetuned_weights`) to a loaded Model. Returns the transformer to sample with."""
-    kind, cand = finetuned_weights(checkpoint) or (None, None)
+def load_finetuned(model, checkpoint, model_name=None):
+    """Apply a method's output (see `finetuned_weights`) to a loaded Model, each weight file read behind
+    `utils.load_weights` (one line naming a damaged file or one of another model). Returns the transformer."""
+    from common import utils
+
+    model_name, (kind, cand) = model_name or model.name, finetuned_weights(checkpoint) or (None, None)
     if kind == "lora":
+        path, modules = cand / "pytorch_lora_weights.safetensors", dict(model.transformer.named_modules())
+        for k, v in utils.load_weights(path).items():  # (rank, in) lora_A and (out, rank) lora_B of a Linear
+            lora = re.fullmatch(r"(?:transformer\.)?(.+)\.lora_([AB])\.weight", k)
+            name, ab = lora.groups() if lora else (k, None)
+            m = modules.get(name)
+            if ab is None or not hasattr(m, "in_features"):
+                utils.fail(f"{path} holds a LoRA for other modules than {model_name}'s ({k!r})")
+            want = (v.shape[0], m.in_features) if ab == "A" else (m.out_features, v.shape[1])
+            if tuple(v.shape) != want:
+                utils.fail(f"{path} holds a LoRA of another model size than {model_name}: {k!r} is "
+                           f"{tuple(v.shape)} there, {model_name} needs {want}")
         model.transformer.load_lora_adapter(str(cand), prefix="transformer", adapter_name="default",
                                             weight_name="pytorch_lora_weights.safetensors")
         return model.transformer
     if kind == "transformer":  # into the loaded model (any family: SD3, FLUX), in its dtype, strictly
-        from safetensors.torch import load_file
-
         index = cand / "diffusion_pytorch_model.safetensors.index.json"  # save_pretrained shards past 10 GB
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
             ["diffusion_pytorch_model.safetensors"]
-        model.transformer.load_state_dict({k: v for f in files for k, v in load_file(str(cand / f)).items()})
+        sd = {k: v for f in files for k, v in utils.load_weights(cand / f).items()}
+        want = {k: v.shape for k, v in model.transformer.state_dict().items()}
+        where = cand / files[0] if len(files) == 1 else cand
+        model.transformer.load_state_dict(utils.match_weights(sd, want, where, model_name))
         return model.transformer
     raise SystemExit(f"error: --checkpoint {checkpoint!r} holds no LoRA (pytorch_lora_weights.safetensors) and no "
                      "transformer/ weights; pass a run directory, its lora/ or its transformer/ directory")
+
+
+def recorded_model(a):
+    """{flag: value} of the model a run was trained with (its summary.json's args): what --checkpoint of a run is
+    evaluated with unless its flags are given."""
+    from common import utils
+
+    for d in (Path(a.checkpoint), Path(a.checkpoint).parent) if a.checkpoint else ():
+        if (d / "summary.json").is_file():
+            try:
+                saved = json.loads((d / "summary.json").read_text(encoding="utf-8"))["args"]
+            except (ValueError, KeyError, TypeError) as e:
+                utils.fail(f"{d / 'summary.json'} is damaged ({utils.why(e)}); give --model and its flags")
+            return {k: saved[k] for k in ("model", "resolution", "use_t5", "max_t5_length", "flux_guidance")
+                    if k in saved}
+    return {}
 
 
 def save_geneval_layout(out_dir, images, captions, specs, samples_per_prompt, start=0):
@@ -101,7 +133,8 @@ class Args:
     checkpoint: str | None = None
     """a method's run directory, its lora/ or transformer/ directory (default: the base model)"""
     model: str = "embedded"
-    """'embedded' or a diffusers SD3 id / local path"""
+    """'embedded' or a diffusers SD3 id / local path (default with --checkpoint of a run: the run's model, resolution
+    and text-encoder flags)"""
     resolution: int = 512
     """SD3 image size"""
     use_t5: bool = False
@@ -177,6 +210,8 @@ def check_args(a):
     try:
         models.check_model_flags(a.model, a.guidance_scale, a.flux_guidance)
     except SystemExit as e:
+        if not isinstance(e.code, str):  # Ctrl-C: exit 130
+            raise
         utils.fail(str(e).removeprefix("error: "))
     captions, specs = utils.load_prompts(a.prompts_file, a.model, a.split)
     if not all(shapes.is_spec(s) for s in specs) and not a.reward:
@@ -188,11 +223,12 @@ def main(args: Args):
     from common import models, utils
 
     captions, specs = check_args(args)
+    utils.exit_on_ctrl_c("evaluating")
     rank, world, device = utils.setup_distributed(args.device)  # torchrun: each rank evaluates a slice
     model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
                               max_t5_length=args.max_t5_length, mixed_precision=args.mixed_precision,
                               decode_batch_size=args.decode_batch_size, flux_guidance=args.flux_guidance)
-    transformer = load_finetuned(model, args.checkpoint) if args.checkpoint else model.transformer
+    transformer = load_finetuned(model, args.checkpoint, args.model) if args.checkpoint else model.transformer
     reward_fn = None if not args.reward else rewards.build_reward(
         args.reward, args.reward_device or device, args.reward_paths, rewards.DTYPES[args.reward_dtype],
         args.decode_batch_size)
@@ -223,7 +259,7 @@ def main(args: Args):
 def cli():
     from common import utils
 
-    main(utils.parse_args(Args))
+    main(utils.parse_args(Args, recorded=recorded_model))
 
 
 if __name__ == "__main__":

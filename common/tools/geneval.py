@@ -90,10 +90,10 @@ def read_prompts(path):
     if not os.path.isfile(path):
         utils.fail(f"--prompts {path!r} does not exist; `python -m common.tools.prompts --sets geneval_bench` "
                    "writes GenEval's 553 prompts to prompts/geneval_bench_test.jsonl")
-    from common.tools.prompts import jsonl_records
+    from common.tools.prompts import jsonl_records, read_text
 
     records = []
-    for i, r in jsonl_records(Path(path).read_text(encoding="utf-8"), path):
+    for i, r in jsonl_records(read_text(path, "--prompts"), path):
         if r.get("tag") not in TAGS:
             utils.fail(f"{path} line {i}: tag {r.get('tag')!r} is not GenEval's; choose from: {', '.join(TAGS)}")
         include = r.get("include")

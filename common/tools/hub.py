@@ -1,10 +1,15 @@
 """Upload a finished run to the Hugging Face Hub (--upload-model): the CleanRL-style repo name, the checks made
-before any model loads, and the model card written from summary.json."""
+before any model loads, and the model card written from summary.json. A run finished without --upload-model:
+
+    python -m common.tools.hub --run-dir runs/<run> [--hf-entity ORG]
+"""
 
 import json
 import contextlib
 import os
 import sys
+import types
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import models, utils
@@ -123,3 +128,33 @@ def upload_to_hub(run_dir, args, api=None):
                          f"{run_dir}") from e
     print(f"uploaded {weights}/, summary.json and a model card to {url}")
     return repo_id
+
+
+@dataclass
+class Args:
+    run_dir: str
+    """a finished run's directory: its summary.json and lora/ (or transformer/)"""
+    hf_entity: str | None = None
+    """user or organisation of the model repo (default: the run's --hf-entity, else your account)"""
+
+
+def main(a: Args):
+    """Upload a finished run (the checks of --upload-model first, one line each)."""
+    summary = Path(a.run_dir) / "summary.json"
+    if not summary.is_file():
+        utils.fail(f"--run-dir {a.run_dir!r} holds no summary.json: not a finished run")
+    try:
+        saved = json.loads(summary.read_text(encoding="utf-8"))["args"]
+    except (ValueError, KeyError, TypeError) as e:
+        utils.fail(f"{summary} is damaged ({utils.why(e)})")
+    args = types.SimpleNamespace(**{**saved, "upload_model": True, "save_model": True,
+                                    "hf_entity": a.hf_entity or saved.get("hf_entity")})
+    weights = "lora" if args.lora_rank > 0 else "transformer"
+    if not (Path(a.run_dir) / weights).is_dir():
+        utils.fail(f"--run-dir {a.run_dir!r} holds no {weights}/ (the run was saved with --no-save-model)")
+    check_upload(args)
+    upload_to_hub(a.run_dir, args)
+
+
+if __name__ == "__main__":
+    main(utils.parse_args(Args))

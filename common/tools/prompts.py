@@ -63,6 +63,22 @@ def fail(msg):
     raise SystemExit(2)
 
 
+def read_text(path, flag=None):
+    """A text file's contents, for every tool: UTF-8 with or without a byte-order mark, else one line naming the file
+    (and `flag`) and the line of the first byte that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        fail(f"{flag + ' ' if flag else ''}{str(path)!r} is not UTF-8 text (line {data[:e.start].count(10) + 1}: "
+             f"{e.reason} at byte {e.start}); save it as UTF-8")
+
+
+def quote(text, n=80):
+    """`text` quoted for an error message, cut to `n` characters."""
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
 def fetch(url, timeout=30.0):
     """The text at `url` (UTF-8); one clear line and exit 2 when it cannot be downloaded."""
     try:
@@ -83,7 +99,7 @@ def read_source(name, split, source_dir=None, timeout=30.0):
     f = Path(source_dir) / path
     if not f.is_file():
         fail(f"--source-dir: {str(f)!r} does not exist (the {name} {split} prompts; download it from {url})")
-    return f.read_text(encoding="utf-8"), str(f)
+    return read_text(f, "--source-dir"), str(f)
 
 
 def jsonl_records(text, where):
@@ -98,7 +114,7 @@ def jsonl_records(text, where):
         except json.JSONDecodeError:
             r = None
         if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
-            fail(f"{where} line {i}: not a JSON object with a \"prompt\" string: {line[:80]!r}")
+            fail(f"{where} line {i}: not a JSON object with a \"prompt\" string: {quote(line)}")
         out.append((i, r))
     return out
 
