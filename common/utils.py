@@ -22,17 +22,11 @@ import torch
 import torch.distributed as dist
 
 from common import models, rewards
-from common.tools.prompts import quote, read_text
+from common.text import fail, quote, read_text  # noqa: F401 (utils.fail is the scripts' one-line error)
 from common.world import shapes
 
 
 # ----------------------------------------------------------------------------------- argument checks
-def fail(msg):
-    """One clear line on stderr and a non-zero exit (used before any model is loaded)."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def why(e):
     """An exception as a short clause: its type and the first line of its message, cut to 120 characters."""
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"

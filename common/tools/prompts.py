@@ -39,6 +39,8 @@ from pathlib import Path
 
 import tyro
 
+from common.text import fail, quote, read_text
+
 FLOW_GRPO = "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/"  # MIT licence
 GENEVAL = "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/"  # MIT licence
 DRAWBENCH = ("https://docs.google.com/spreadsheets/d/1y7nAbmR4FREi6npB1u-Bo3GFdwdOPYJc617rBOxIRHY/"
@@ -55,28 +57,6 @@ SOURCES = {
             "test": ("ocr/test.txt", FLOW_GRPO + "ocr/test.txt")},
     "drawbench": {"test": ("drawbench/drawbench.csv", DRAWBENCH)},
 }
-
-
-def fail(msg):
-    """One clear line on stderr and exit 2 (as common.utils.fail, without importing torch)."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def read_text(path, flag=None):
-    """A text file's contents, for every tool: UTF-8 with or without a byte-order mark, else one line naming the file
-    (and `flag`) and the line of the first byte that is not UTF-8."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        fail(f"{flag + ' ' if flag else ''}{str(path)!r} is not UTF-8 text (line {data[:e.start].count(10) + 1}: "
-             f"{e.reason} at byte {e.start}); save it as UTF-8")
-
-
-def quote(text, n=80):
-    """`text` quoted for an error message, cut to `n` characters."""
-    return repr(text if len(text) <= n else text[:n] + "...")
 
 
 def fetch(url, timeout=30.0):
