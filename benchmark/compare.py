@@ -27,6 +27,7 @@ import os
 import shlex
 import shutil
 import sys
+import textwrap
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import METHODS, ROOT, code_hash, effective, execute, script_cmd, stored  # noqa: E402
+from run import METHODS, ROOT, code_hash, effective, execute, script_cmd, scoring_block, stored  # noqa: E402
 
 # the flags compare.py sets itself, the same for A and B, and how to choose their values
 OWN_FLAGS = {"--seed": "give --seeds", "--num-iterations": "give --budget (reward queries per run)",
@@ -137,26 +138,18 @@ def check_flags(module, argv):
     return args, None
 
 
-def block(a):
-    """(iterations, reward queries) of one scoring block of resolved Args `a`, as the scripts count queries:
-    epoch-structured methods score ceil(--epoch-iters / --pool-reuse) batches at the start of each --epoch-iters
-    iterations; the others one batch per iteration."""
-    k, reuse = getattr(a, "epoch_iters", 1), getattr(a, "pool_reuse", 1)
-    return k, math.ceil(k / reuse) * a.prompts_per_iter * a.group_size
-
-
 def equal_queries(budget, a):
     """-> (iterations, reward queries) of resolved Args `a` for a budget of reward queries: the whole number of
     scoring blocks whose queries come nearest the budget (ties to fewer, at least one), each block run to its end
     (every scored sample trained on). Exact when the budget is a multiple of the block's queries."""
-    k, q = block(a)
+    k, q = scoring_block(a)
     n = max(1, math.ceil(budget / q - 0.5))
     return n * k, n * q
 
 
 def default_queries(a):
     """Reward queries of `a` run for its own --num-iterations."""
-    k, q = block(a)
+    k, q = scoring_block(a)
     return math.ceil(a.num_iterations / k) * q
 
 
@@ -194,7 +187,7 @@ def plan(cmd_a, cmd_b, seeds, budget, eval_samples, out):
     lines = []
     for name, c in cmds.items():
         c["iterations"], c["queries"] = equal_queries(budget, c["args"])
-        k, q = block(c["args"])
+        k, q = scoring_block(c["args"])
         unit = f"{q} per iteration" if k == 1 else f"{q} per {k}-iteration epoch"
         lines.append(f"{name}: {c['text']}  ({c['iterations']} iterations, {c['queries']} reward queries at {unit})")
     qa, qb = cmds["A"]["queries"], cmds["B"]["queries"]
@@ -238,10 +231,11 @@ def report(jobs, eval_samples):
         a, b = runs[s]["A"]["base"], runs[s]["B"]["base"]
         for _, k, label in METRICS:
             if abs(a[k] - b[k]) > 1e-9:
-                raise SystemExit(f"compare.py: error: seed {s}: A's base {label} is {a[k]:.6f}, B's {b[k]:.6f}: the two "
-                                 f"commands evaluate differently (e.g. another --num-steps, --eval-num-steps or "
+                raise SystemExit(f"compare.py: error: seed {s}: A's base {label} is {a[k]:.6f}, B's {b[k]:.6f}: the "
+                                 f"two commands evaluate differently (e.g. another --num-steps, --eval-num-steps or "
                                  f"prompts), so their gains are not paired; compare commands that evaluate alike")
-    gain = {(s, n, k): runs[s][n]["final"][k] - runs[s][n]["base"][k] for s in seeds for n in "AB" for _, k, _ in METRICS}
+    gain = {(s, n, k): runs[s][n]["final"][k] - runs[s][n]["base"][k]
+            for s in seeds for n in "AB" for _, k, _ in METRICS}
     head = ["seed"]
     for short, _, _ in METRICS:
         head += [f"{short}: base", f"{short}: gain A", f"{short}: gain B", f"{short}: B - A"]
@@ -270,7 +264,7 @@ def report(jobs, eval_samples):
              "Gain = final - base; intervals: 95 % percentile bootstrap over seeds resampled in pairs "
              "(scipy.stats.bootstrap, 10,000 resamples); P(B > A): rliable's probability of improvement (every pair of "
              "one A and one B run, ties 1/2)."]
-    return "\n".join([*rows, "", *summary, "", *notes])
+    return "\n".join([*rows, "", *summary, "", *(textwrap.fill(n, 116) for n in notes)])
 
 
 def parse_seeds(values):

@@ -30,15 +30,17 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def batch_size(method):
-    """Reward queries per iteration of a method with its default Args."""
-    return queries_per_iter(importlib.import_module(method).Args())
+    """Reward queries per iteration of a method with its default Args (averaged over a scoring block)."""
+    k, q = scoring_block(importlib.import_module(method).Args())
+    return q / k
 
 
-def queries_per_iter(a):
-    """Reward queries per iteration of a method's (resolved) Args `a` (epoch-structured methods score
-    ceil(--epoch-iters / --pool-reuse) batches once every --epoch-iters iterations)."""
+def scoring_block(a):
+    """(iterations, reward queries) of one scoring block of a method's resolved Args `a`, as the scripts count
+    queries: epoch-structured methods score ceil(--epoch-iters / --pool-reuse) batches at the start of each
+    --epoch-iters iterations, the others one batch per iteration."""
     k, reuse = getattr(a, "epoch_iters", 1), getattr(a, "pool_reuse", 1)
-    return a.prompts_per_iter * a.group_size * math.ceil(k / reuse) / k
+    return k, math.ceil(k / reuse) * a.prompts_per_iter * a.group_size
 
 
 def code_hash(method):

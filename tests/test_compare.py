@@ -1,6 +1,7 @@
 """benchmark/compare.py: the paired statistics, the equal-queries arithmetic, bad commands, and one tiny comparison
 end to end (its table, and its runs reused when it is run again)."""
 
+import json
 import math
 import time
 from itertools import product
@@ -89,6 +90,23 @@ def test_bad_commands_fail_in_one_line_before_anything_runs(tmp_path, capfd, cmd
     err = capfd.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("compare.py: error: ") and msg in err[0], err
     assert not any(tmp_path.iterdir())
+
+
+def test_runs_of_a_seed_with_different_bases_are_refused(tmp_path):
+    """A seed's two runs must report the same base (the same evaluation on the same noise): else one error."""
+    import compare
+
+    jobs = []
+    for name, base in (("A", 0.25), ("B", 0.28125)):
+        d = tmp_path / name
+        d.mkdir()
+        ev = lambda x: dict(strict_accuracy=x, reward_mean=x + 0.1, n=32)  # noqa: E731
+        (d / "summary.json").write_text(json.dumps(dict(base=ev(base), final=ev(base + 0.03), reward_queries=8)))
+        jobs.append(dict(name=name, seed=0, dir=d))
+    with pytest.raises(SystemExit, match="seed 0: A's base strict accuracy is 0.250000, B's 0.281250"):
+        compare.report(jobs, 1)
+    (tmp_path / "B" / "summary.json").write_text((tmp_path / "A" / "summary.json").read_text())
+    assert "| 0 | 0.250 | +0.030 | +0.030 | +0.000 |" in compare.report(jobs, 1)
 
 
 TINY = "--prompts-per-iter 2 --group-size 2 --train-batch-size 2 --num-steps 3"
