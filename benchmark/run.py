@@ -30,11 +30,17 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def batch_size(method):
-    """Reward queries per iteration of a method with its default Args (epoch-structured methods score
-    ceil(--epoch-iters / --pool-reuse) batches once every --epoch-iters iterations)."""
-    a = importlib.import_module(method).Args()
+    """Reward queries per iteration of a method with its default Args (averaged over a scoring block)."""
+    k, q = scoring_block(importlib.import_module(method).Args())
+    return q / k
+
+
+def scoring_block(a):
+    """(iterations, reward queries) of one scoring block of a method's resolved Args `a`, as the scripts count
+    queries: epoch-structured methods score ceil(--epoch-iters / --pool-reuse) batches at the start of each
+    --epoch-iters iterations, the others one batch per iteration."""
     k, reuse = getattr(a, "epoch_iters", 1), getattr(a, "pool_reuse", 1)
-    return a.prompts_per_iter * a.group_size * math.ceil(k / reuse) / k
+    return k, math.ceil(k / reuse) * a.prompts_per_iter * a.group_size
 
 
 def code_hash(method):
@@ -99,17 +105,30 @@ def run_one(method, seed, budget, out, eval_points, reuse=()):
             print(f"{method} seed {seed}: the same run (evaluated at its own intervals) is stored in {other}; copied",
                   flush=True)
             return run_dir
-    run_dir.mkdir(parents=True)
-    cmd = [sys.executable, str(ROOT / "benchmark" / "trace.py"), str(run_dir / "record.json"), *key["args"],
-           "--output-dir", str(run_dir)]
-    t = time.time()
-    with open(run_dir / "stdout.txt", "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV).returncode
-    print(f"{method} seed {seed}: exit {rc} after {time.time() - t:.0f} s", flush=True)
-    if rc == 0:
-        (run_dir / "run_key.json").write_text(json.dumps(key))
+    if execute(run_dir, key, f"{method} seed {seed}") == 0:
         train_eval(out, run_dir, seed)
     return run_dir
+
+
+def script_cmd(run_dir, args, trace=True):
+    """The command line of one run: the script with its arguments and --output-dir run_dir; trace: through
+    benchmark/trace.py, which records the run's peak memory in run_dir/record.json."""
+    tracer = [str(ROOT / "benchmark" / "trace.py"), str(run_dir / "record.json")] if trace else []
+    return [sys.executable, *tracer, *args, "--output-dir", str(run_dir)]
+
+
+def execute(run_dir, key, label, trace=True):
+    """Run the script arguments key["args"] into the new directory run_dir (one thread, its output in stdout.txt);
+    a run that finished gets run_key.json, which `stored` reads. -> the exit code."""
+    run_dir.mkdir(parents=True)
+    t = time.time()
+    with open(run_dir / "stdout.txt", "w") as f:
+        rc = subprocess.run(script_cmd(run_dir, key["args"], trace), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                            env=ENV).returncode
+    print(f"{label}: exit {rc} after {time.time() - t:.0f} s", flush=True)
+    if rc == 0:
+        (run_dir / "run_key.json").write_text(json.dumps(key))
+    return rc
 
 
 def train_eval(out, run_dir, seed, samples_per_prompt=16):
