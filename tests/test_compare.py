@@ -113,6 +113,7 @@ TINY = "--prompts-per-iter 2 --group-size 2 --train-batch-size 2 --num-steps 3"
 ORW = f"orw_cfm_w2.py {TINY} --epoch-iters 1 --pool-reuse 1 --w2-eval-samples 4 --warmup-iters 1"
 
 
+@pytest.mark.slow  # ~20-50 s: in the full suite, not the fast tier
 def test_compare_end_to_end_and_reuses_stored_runs(tmp_path, capsys):
     """Two tiny commands, 2 seeds: the dry run lists the 4 commands; the run prints a per-seed table whose B - A is
     gain B - gain A, and a summary row per metric; run again, it reuses the 4 stored runs (no new run directory)."""

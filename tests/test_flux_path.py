@@ -310,6 +310,7 @@ def test_documented_flux_command_runs_in_bf16_and_evaluates_back(tiny, tmp_path,
     assert res["reward_mean"] != pytest.approx(summary["base"]["reward_mean"], rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.slow  # ~20-50 s: in the full suite, not the fast tier
 def test_documented_flux_commands_fit_80gb():
     """benchmark/gpu_memory.py's meta-device FLUX.1-dev (the scripts' FluxTransformer, no weights): its size is the
     released model's (11.9 B transformer parameters; LoRA r 32 on diffusers' FLUX example targets = 2,801,664 x 32,

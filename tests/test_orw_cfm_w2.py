@@ -168,6 +168,7 @@ def test_smoke_embedded_and_resume(tmp_path):
     assert json.loads((run / "summary.json").read_text())["reward_queries"] == 3 * 4
 
 
+@pytest.mark.slow  # ~20-50 s: in the full suite, not the fast tier
 def test_epochs_fixed_sampler_pool_and_exact_resume(tmp_path):
     """Epoch of K = 3 iterations on a pool of M = 2 minibatches: the sampling copy stays the base model during the
     epoch and equals the learner after it; the pool is scored once (8 queries, not 12); resuming in the middle of

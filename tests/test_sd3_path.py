@@ -314,6 +314,7 @@ def test_sharded_evaluation_matches_one_process(tiny, tmp_path):
     assert len(list((tmp_path / "two").glob("*/samples/*.png"))) == 10
 
 
+@pytest.mark.slow  # ~20-50 s: in the full suite, not the fast tier
 def test_documented_sd35_commands_fit_80gb():
     """benchmark/gpu_memory.py (meta-device trace of SD3.5-M, no weights): every method page's command, as written
     there, must fit an 80 GB GPU under the margin rule of docs/gpu.md (`gpu_memory.fits`: 1.15 x the allocated peak

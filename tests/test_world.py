@@ -230,6 +230,7 @@ def test_committed_base_draws_shapes():
 
 
 # ----------------------------------------------------------------------------------- pretraining
+@pytest.mark.slow  # ~20-50 s: in the full suite, not the fast tier
 def test_pretrain_resumes_exactly(tmp_path):
     """4 steps in one go == 2 steps, stop, 2 more from the checkpoint: same EMA weights, bit for bit."""
     def run(tag, *extra):
