@@ -351,8 +351,8 @@ def _alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        pass
+    except PermissionError:  # another user's process: alive
+        return True
     return True
 
 
