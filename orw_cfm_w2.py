@@ -9,7 +9,7 @@ squared W2 distance to the base model (paper Thm. 3); at the end of the epoch th
 `training_step` / `update_last_policy`). Docs: docs/orw_cfm_w2.md.
 
     python orw_cfm_w2.py                             # the paper's algorithm, embedded shapes world, 2 CPU cores
-    python orw_cfm_w2.py --alpha 0                   # ORW-CFM without W2 (collapses towards the reward maximiser)
+    python orw_cfm_w2.py --alpha 0                   # ORW-CFM without W2 (the paper: collapses to the reward maximiser)
     python orw_cfm_w2.py --tau 0                     # control: uniform weights (self-training + W2 only)
     python orw_cfm_w2.py --offline                   # RW-CFM: every batch sampled from the base model
     python orw_cfm_w2.py --weights centered --weight-norm pool --tau 20 --alpha 3 --pool-reuse 4

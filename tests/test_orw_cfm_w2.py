@@ -132,6 +132,17 @@ def test_bad_flags_fail_before_loading(flag, value, msg):
     assert code != 0 and len(err) == 1 and msg in err[0], err
 
 
+def test_centered_weights_need_alpha_at_least_1():
+    """--weights centered: per noised point the quadratic coefficient is E[w - 1 | x_t] + alpha and w - 1 reaches -1,
+    so alpha < 1 leaves the objective unbounded below (refused); alpha 1 and raw weights are checked too."""
+    code, err = check_flags("orw_cfm_w2", ["--weights", "centered", "--weight-norm", "pool", "--alpha", "0.5"])
+    assert code != 0 and len(err) == 1 and "--weights centered needs --alpha >= 1 (got 0.5)" in err[0], err
+    code, err = check_flags("orw_cfm_w2", ["--weights", "centered", "--alpha", "3"])  # raw weights: no mean 0
+    assert code != 0 and len(err) == 1 and "--weight-norm pool or prompt" in err[0], err
+    code, err = check_flags("orw_cfm_w2", ["--weights", "centered", "--weight-norm", "pool", "--alpha", "1"])
+    assert code == 0, err
+
+
 TINY = ["--num-iterations", "2", "--prompts-per-iter", "2", "--group-size", "2", "--train-batch-size", "2",
         "--eval-samples-per-prompt", "2", "--w2-eval-samples", "4", "--checkpoint-every", "1", "--epoch-iters", "1",
         "--pool-reuse", "1", "--warmup-iters", "2"]
