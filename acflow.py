@@ -253,24 +253,25 @@ if __name__ == "__main__":
         t_iter = utils.now(device)
         epoch, j = divmod(it, args.epoch_iters)
         if j == 0 or not buffer:
-            # ---- new epoch (a deliberate copy of orw_cfm_w2.py's pool sampler, plus the pooled embeddings the critic
-            # reads): M minibatches of CFG-free Euler ODE rollouts of the fixed sampling copy (ORW-CFM-W2's
+            # ---- new epoch: M minibatches of CFG-free ODE rollouts of the fixed sampling copy (ORW-CFM-W2's
             # `last_policy`), scored once; noise for the global batch from (seed, epoch, batch), sliced per rank
-            pool = dict(latents=[], pooled=[], prompt_idx=[], rewards=[], parts={})
+            # copy: pool sampler (orw_cfm_w2.py, acflow.py; tests/test_copies.py keeps them identical)
+            pool = dict(epoch=epoch, latents=[], pooled=[], prompt_idx=[], rewards=[], parts={})
             for b in range(pool_batches):
                 captions, meta, prompt_idx = r.sampler.sample(epoch * pool_batches + b)
                 n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
                 gen = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_009 + b)
                 noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
                 prompt_embeds, pooled = model.encode_prompt(captions)
-                with policy.old() as old:
-                    x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise, solver=args.solver)["latents"]  # (B, C, H, W), paper x_1
+                with policy.old() as old:  # x0: (B, C, H, W), AC-Flow's x_1
+                    x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise, solver=args.solver)["latents"]
                 reward, parts = r.reward_fn(model.decode(x0), captions, meta)
                 r.reward_queries += n * world
                 pool["latents"].append(x0), pool["pooled"].append(pooled), pool["prompt_idx"].append(prompt_idx)
                 pool["rewards"].append(utils.all_gather_cat(reward.to(device)).cpu())  # (B_global,)
                 for k, v in parts.items():
                     pool["parts"].setdefault(k, []).append(v.float().mean().item())
+            # end copy: pool sampler
             # shaping over the whole pool; prompt ids gathered so group statistics are global
             groups = torch.cat([utils.all_gather_cat(p.to(device)).cpu() for p in pool["prompt_idx"]])
             shaped, shaping_stats = shape_rewards(torch.cat(pool["rewards"]).float(), args.shaping, groups,
@@ -329,7 +330,7 @@ if __name__ == "__main__":
         lr_now = optimizer.param_groups[0]["lr"]
         if r.guard.ok(loss, grad_norm, all_rewards, iteration=it):
             optimizer.step()
-            scheduler.step()
+        scheduler.step()  # the warm-up counts iterations, skipped updates included (as orw_cfm_w2.py)
         # ---- critic steps on minibatches of the replay buffer, fresh noised points
         critic_losses = []
         for _ in range(args.critic_steps if args.critic else 0):

@@ -1,17 +1,16 @@
 """AdvantageFlow: advantage-weighted least squares with rollout-policy regularisation (Kveton et al. 2026,
-arXiv 2605.26013), with DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117) as `--nft`.
+arXiv 2605.26013).
 
 A lagging EMA copy of the learner (the rollout policy) samples K images per prompt with a CFG-free ODE; the
 rewards become clipped group-centred advantages A in [-1, 1]; the learner regresses, at a fresh noised point
 x_t of each image, onto  A*x0 + gamma*f_old + lambda*f_ref  (x0-prediction space), which is convex in the
-prediction whenever A + gamma + lambda > 0. Docs: docs/advantageflow.md.
+prediction whenever A + gamma + lambda > 0. DiffusionNFT's loss is its special case gamma = 1 - A, lambda = 0
+(AF Prop. 3); DiffusionNFT as its official code runs it is diffusion_nft.py. Docs: docs/advantageflow.md.
 
     python advantageflow.py                      # embedded shapes world, 2 CPU cores, ~5 min
     python advantageflow.py --lr 1e-4 --gamma-mode one-minus-a
-    python advantageflow.py --nft                # DiffusionNFT's loss, timesteps, reward std and eval EMA
 """
 
-import contextlib
 import os
 import sys
 import time
@@ -40,9 +39,9 @@ class Args(RunArgs):
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     num_steps: int = 10
-    """ODE steps of the rollout sampler (AF, DiffusionNFT: 10)"""
+    """ODE steps of the rollout sampler (AF: 10)"""
     eval_num_steps: int | None = None
-    """ODE steps of evaluation (default: --num-steps; AF / DiffusionNFT papers on SD3.5-M: 40)"""
+    """ODE steps of evaluation (default: --num-steps; AF paper on SD3.5-M: 40)"""
     guidance_scale: float = 1.0
     """CFG of evaluation; AdvantageFlow rolls out CFG-free (AF §4)"""
     gamma: float = 1.1
@@ -54,27 +53,16 @@ class Args(RunArgs):
     adv_clip: float = 1.0
     """A = clip(centred reward / Z, -adv_clip, adv_clip), Z = RMS of the centred rewards (AF: 1)"""
     adaptive_weight: Literal["shared", "none"] = "none"
-    """shared: each sample's loss / sg(max(mean|f_theta - x0|, 1e-5)) (MFA's weighting) | none: the literal AF eq. 5"""
+    """shared: each sample's loss / sg(max(mean|f_theta - x0|, 1e-5)), one weight for all terms | none: the literal
+    AF eq. 5"""
     timestep_sampling: Literal["grid", "uniform"] = "grid"
     """grid: distinct sigmas of the rollout grid per image (DiffusionNFT code) | uniform: U(0, 1)"""
-    timesteps_per_image: int = 0
-    """noised points per image per iteration; 0 = 1 for AF (Algorithm 1), 9 of 10 for --nft (timestep_fraction 0.99)"""
+    timesteps_per_image: int = 1
+    """noised points per image per iteration (AF Algorithm 1: 1)"""
     rollout_ema_rate: float = 0.1
     """rollout policy old <- rho old + (1 - rho) learner, rho_i = min(rate * i, max) (DiffusionNFT code: 0.001)"""
     rollout_ema_max: float = 0.9
     """the cap of rho_i (DiffusionNFT code: 0.5; AF-speech: a constant 0.9)"""
-    nft: bool = False
-    """DiffusionNFT's official loss instead: implicit +/- policies, reward -> optimality probability r"""
-    nft_beta: float = 1.0
-    """DiffusionNFT beta (1.0 GenEval / PickScore; 0.1 OCR / multi-reward)"""
-    nft_adv_clip: float = 5.0
-    """DiffusionNFT code: r = clip(z, -c, c) / c / 2 + 1/2, z over the global std; the loss is multiplied by c"""
-    nft_kl: float = 1e-4
-    """DiffusionNFT code's velocity-space pull to the base model"""
-    nft_weighting: Literal["separate", "shared", "none"] = "separate"
-    """adaptive denominators: one per branch (official code) | one shared | none (AF paper eq. 14)"""
-    nft_eval_ema: float = 0.9
-    """--nft: evaluate and save an EMA of the learner, decay min((1 + s) / (10 + s), this) (official code); 0 = off"""
 
 
 # ----------------------------------------------------------------------------------- advantages
@@ -83,13 +71,6 @@ def af_advantages(rewards_, groups, clip=1.0):
     centred = rewards_ - utils.group_mean(rewards_, groups)
     z = centred.pow(2).mean().sqrt().clamp(min=1e-6)
     return (centred / z).clamp(-clip, clip)
-
-
-def nft_optimality(rewards_, groups, clip=5.0):
-    """DiffusionNFT code: z = (R - group mean) / (std of all rewards + 1e-4), the population std (numpy's ddof 0 in
-    the official stat_tracking.py); r = clip(clip(z,-c,c)/c/2 + 1/2, 0, 1)."""
-    z = (rewards_ - utils.group_mean(rewards_, groups)) / (rewards_.std(unbiased=False) + 1e-4)
-    return (z.clamp(-clip, clip) / clip / 2 + 0.5).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -102,47 +83,27 @@ def af_loss(v, v_old, v_ref, x0, x_t, sigma, adv, gamma, lam, adaptive_weight="n
     f = x_t - s * v
     f_old, f_ref = x_t - s * v_old, x_t - s * v_ref
     per = (a * (f - x0) ** 2 + g * (f - f_old) ** 2 + lam * (f - f_ref) ** 2).mean(dim=(1, 2, 3))
-    if adaptive_weight == "shared":  # MFA's weighting, not AF's: one self-normalising weight for all terms
+    if adaptive_weight == "shared":  # not AF's: one self-normalising weight for all terms
         per = per / (f - x0).abs().mean(dim=(1, 2, 3)).clamp(min=1e-5).detach()
     return per
 
 
-def nft_loss(v, v_old, x0, x_t, sigma, r, beta, weighting="separate"):
-    """DiffusionNFT (official `train_nft_sd3.py`): v+ = beta v + (1-beta) v_old, v- = (1+beta) v_old - beta v;
-    per sample (r P + (1-r) N) / beta with x0-space errors P, N divided by adaptive weights (float64),
-    one per branch (official code), one shared weight sg(max(mean|f_theta - x0|, 1e-5)), or none (AF eq. 14)."""
-    s = sigma.view(-1, 1, 1, 1)
-    x_pos = x_t - s * (beta * v + (1 - beta) * v_old)
-    x_neg = x_t - s * ((1 + beta) * v_old - beta * v)
-    dims = (1, 2, 3)
-    if weighting == "shared":
-        w_pos = w_neg = (x_t - s * v - x0).double().abs().mean(dims).clamp(min=1e-5).detach()
-    elif weighting == "none":
-        w_pos = w_neg = 1.0
-    else:
-        w_pos = (x_pos - x0).double().abs().mean(dims).clamp(min=1e-5).detach()
-        w_neg = (x_neg - x0).double().abs().mean(dims).clamp(min=1e-5).detach()
-    pos = ((x_pos - x0).double() ** 2).mean(dims) / w_pos
-    neg = ((x_neg - x0).double() ** 2).mean(dims) / w_neg
-    return ((r * pos + (1 - r) * neg) / beta).float()
-
-
 def check_method_args(a):
     utils.check_shared(a)  # finite floats before the convexity warning below
-    if a.group_size < 2:  # A = R - prompt mean (AF; DiffusionNFT's r likewise): 0 for a prompt's only image
+    if a.group_size < 2:  # A = R - prompt mean: 0 for a prompt's only image
         utils.fail(f"--group-size {a.group_size} must be >= 2: advantages are relative to each prompt's images, so "
                    "one image per prompt makes every advantage 0")
-    if a.lam < 0 or a.nft_kl < 0 or a.rollout_ema_rate < 0:
-        utils.fail(f"--lam {a.lam}, --nft-kl {a.nft_kl} and --rollout-ema-rate {a.rollout_ema_rate} must be >= 0")
-    if a.gamma_mode == "constant" and a.gamma + a.lam - a.adv_clip <= 0 and not a.nft:  # allowed: the ablation
+    if a.lam < 0 or a.rollout_ema_rate < 0:
+        utils.fail(f"--lam {a.lam} and --rollout-ema-rate {a.rollout_ema_rate} must be >= 0")
+    if a.gamma_mode == "constant" and a.gamma + a.lam - a.adv_clip <= 0:  # allowed: the ablation
         print(f"warning: --gamma {a.gamma}: kappa = A + gamma + lam reaches {a.gamma + a.lam - a.adv_clip:.3g} <= 0, "
               "the per-sample loss is not convex (AF §3)", file=sys.stderr)
-    if a.nft_beta <= 0 or a.adv_clip <= 0 or a.nft_adv_clip <= 0:
-        utils.fail("--nft-beta, --adv-clip and --nft-adv-clip must be > 0")
-    if not 0 <= a.rollout_ema_max < 1 or not 0 <= a.nft_eval_ema < 1:
-        utils.fail("--rollout-ema-max and --nft-eval-ema must be in [0, 1)")
-    if a.timesteps_per_image < 0 or (a.timestep_sampling == "grid" and a.timesteps_per_image > a.num_steps):
-        utils.fail(f"--timesteps-per-image {a.timesteps_per_image} must be in [0, --num-steps {a.num_steps}] "
+    if a.adv_clip <= 0:
+        utils.fail(f"--adv-clip {a.adv_clip} must be > 0")
+    if not 0 <= a.rollout_ema_max < 1:
+        utils.fail(f"--rollout-ema-max {a.rollout_ema_max} must be in [0, 1)")
+    if a.timesteps_per_image < 1 or (a.timestep_sampling == "grid" and a.timesteps_per_image > a.num_steps):
+        utils.fail(f"--timesteps-per-image {a.timesteps_per_image} must be in [1, --num-steps {a.num_steps}] "
                    "(distinct grid sigmas per image)")
     if a.eval_num_steps is not None and a.eval_num_steps < 1:
         utils.fail(f"--eval-num-steps {a.eval_num_steps} must be >= 1")
@@ -155,24 +116,15 @@ if __name__ == "__main__":
     model, policy, rank, world, device = r.model, r.policy, r.rank, r.world, r.device
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
-    # noised points per image: AF draws one fresh (t, eps) per image (Algorithm 1 line 8); DiffusionNFT 9 of 10
-    n_t = args.timesteps_per_image or (int(args.num_steps * 0.99) if args.nft else 1)
-    ema = run.EMA(policy.parameters(), args.nft_eval_ema) if args.nft and args.nft_eval_ema > 0 else None
-
-    def evaluate(step):  # the learner, or under --nft its evaluation EMA (official code)
-        with ema.swapped() if ema else contextlib.nullcontext():
-            return r.evaluate(step)
+    n_t = args.timesteps_per_image  # AF draws one fresh (t, eps) per image (Algorithm 1 line 8)
 
     def state():  # what an AdvantageFlow checkpoint keeps (besides the run's counters)
-        return dict(policy=policy.trainable_state(), optimizer=optimizer.state_dict(),
-                    eval_ema=ema.shadow if ema else None)
+        return dict(policy=policy.trainable_state(), optimizer=optimizer.state_dict())
 
-    ckpt = r.start(evaluate, state)  # --resume: the checkpoint; else the base evaluation
+    ckpt = r.start(r.evaluate, state)  # --resume: the checkpoint; else the base evaluation (of the learner)
     if ckpt:
         policy.load_trainable_state(ckpt["policy"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if ema and ckpt.get("eval_ema") is not None:
-            ema.shadow = utils.to_device(ckpt["eval_ema"], device)
 
     for it in r.iterations("advantageflow"):
         t_iter = utils.now(device)
@@ -193,16 +145,12 @@ if __name__ == "__main__":
         r.reward_queries += n * world
         all_rewards = utils.all_gather_cat(reward.to(device)).cpu()
         groups = utils.all_gather_cat(prompt_idx.to(device)).cpu()
-        # ---- advantages: AF's clipped group-centred A, or DiffusionNFT's optimality probability r (A = 2r - 1)
-        if args.nft:
-            r_opt = nft_optimality(all_rewards, groups, args.nft_adv_clip)
-            adv = 2 * r_opt - 1
-        else:
-            adv = af_advantages(all_rewards, groups, args.adv_clip)
+        # ---- advantages: clipped, group-centred, over the batch's centred RMS
+        adv = af_advantages(all_rewards, groups, args.adv_clip)
         adv_local = adv[local].to(device)
         # ---- loss + update: one optimizer step on the mean over images x timesteps (AF Algorithm 1 line 9), in
-        # micro-batches; grid: each image gets n_t distinct sigmas of its rollout grid (DiffusionNFT: a random
-        # permutation of the 10 grid points, the first 9), every one with fresh noise
+        # micro-batches; grid: each image gets n_t distinct sigmas of its rollout grid (a random permutation of the
+        # grid points, the first n_t), every one with fresh noise
         optimizer.zero_grad(set_to_none=True)
         n_mb = n // args.train_batch_size
         stats, losses = [], []
@@ -222,20 +170,14 @@ if __name__ == "__main__":
                     with policy.old() as old:
                         v_old = sampling.predict(old, x_t, sigma, pe, pp)
                     v_ref = torch.zeros_like(v_old)
-                    if (args.nft and args.nft_kl > 0) or (not args.nft and args.lam > 0):
+                    if args.lam > 0:
                         with policy.ref() as ref:
                             v_ref = sampling.predict(ref, x_t, sigma, pe, pp)
                 v = sampling.predict(policy.transformer, x_t, sigma, pe, pp)
-                if args.nft:
-                    per = nft_loss(v, v_old, x0[mb], x_t, sigma, r_opt[local][mb].to(device), args.nft_beta,
-                                   args.nft_weighting)
-                    kl = ((v - v_ref) ** 2).mean(dim=(1, 2, 3))
-                    loss = args.nft_adv_clip * per.mean() + args.nft_kl * kl.mean()
-                else:
-                    a = adv_local[mb]
-                    gamma = (1 - a) if args.gamma_mode == "one-minus-a" else torch.full_like(a, args.gamma)
-                    per = af_loss(v, v_old, v_ref, x0[mb], x_t, sigma, a, gamma, args.lam, args.adaptive_weight)
-                    loss = per.mean()
+                a = adv_local[mb]
+                gamma = (1 - a) if args.gamma_mode == "one-minus-a" else torch.full_like(a, args.gamma)
+                per = af_loss(v, v_old, v_ref, x0[mb], x_t, sigma, a, gamma, args.lam, args.adaptive_weight)
+                loss = per.mean()
                 (loss / (n_mb * n_t)).backward()  # equal micro-batches: the mean over all n x n_t items
                 losses.append(loss.detach())
                 with torch.no_grad():  # diagnostics: drift of the learner from the rollout / reference model
@@ -245,8 +187,6 @@ if __name__ == "__main__":
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         if r.guard.ok(loss, grad_norm, all_rewards, iteration=it):
             optimizer.step()
-        if ema:  # one optimizer step per iteration: step count s = it + 1
-            ema.step(it + 1)
         # ---- rollout policy: EMA of the learner, rho_i = min(rate * i, max) (DiffusionNFT's eta_i schedule)
         rho = min(args.rollout_ema_rate * (it + 1), args.rollout_ema_max)
         policy.update_old(rho)
@@ -262,18 +202,15 @@ if __name__ == "__main__":
             "charts/reward_queries": r.reward_queries,
             "losses/loss": loss.item(), "losses/grad_norm": grad_norm.item(),
             "losses/adv_abs_mean": adv.abs().mean().item(),
-            "losses/adv_clip_frac": (adv.abs() >= (1 if args.nft else args.adv_clip) - 1e-6).float().mean().item(),
+            "losses/adv_clip_frac": (adv.abs() >= args.adv_clip - 1e-6).float().mean().item(),
             "losses/zero_std_group_frac": (utils.group_mean((all_rewards - utils.group_mean(all_rewards, groups)) ** 2,
                                                             groups) == 0).float().mean().item(),
-            "losses/v_minus_v_old_sq": drift_old, "losses/v_minus_v_ref_sq": drift_ref,
+            "losses/v_minus_v_old_sq": drift_old,
+            **({"losses/v_minus_v_ref_sq": drift_ref} if args.lam > 0 else {}),
             "losses/skipped_updates": r.guard.total,
             **{f"charts/reward_{k}": v.mean().item() for k, v in parts.items()},
         }
         r.end_iteration(it, metrics, (x0, captions, reward), reward=f"{metrics['charts/reward_mean']:.3f}",
                         loss=f"{loss.item():.4f}")
 
-    def save_model():  # under --nft the evaluation EMA, as the official code saves it
-        with ema.swapped() if ema else contextlib.nullcontext():
-            policy.save_pretrained(r.dir)
-
-    r.finish(save_model)
+    r.finish(lambda: policy.save_pretrained(r.dir))

@@ -149,8 +149,10 @@ if __name__ == "__main__":
     gammas = churn_gammas(args.num_steps, args.churn)  # (T+1,)
     neg = model.encode_prompt([""]) if args.guidance_scale > 1 else None  # CFG negative = empty prompt
 
+    # copy: CFG negatives (fdfo.py, flow_grpo.py)
     def negs(b):
         return (neg[0].expand(b, -1, -1), neg[1].expand(b, -1)) if neg is not None else (None, None)
+    # end copy: CFG negatives
 
     def state():  # what an FDFO checkpoint keeps
         return dict(policy=policy.trainable_state(), optimizer=optimizer.state_dict())

@@ -239,12 +239,16 @@ if __name__ == "__main__":
     sigma_max = sigmas[1].item()  # replaces sigma = 1 in sigma_t, as in the sampler
     neg = model.encode_prompt([""]) if args.guidance_scale > 1 else None  # CFG negative = empty prompt
 
+    # copy: CFG negatives (fdfo.py, flow_grpo.py)
     def negs(b):
         return (neg[0].expand(b, -1, -1), neg[1].expand(b, -1)) if neg is not None else (None, None)
+    # end copy: CFG negatives
 
-    def evaluate(step):  # the EMA weights under --ema (official code)
+    # copy: evaluation EMA (diffusion_nft.py, flow_grpo.py)
+    def evaluate(step):  # the evaluation EMA (official code), or the learner where it is off
         with ema.swapped() if ema else contextlib.nullcontext():
             return r.evaluate(step)
+    # end copy: evaluation EMA
 
     def state():  # what a Flow-GRPO checkpoint keeps
         return dict(policy=policy.trainable_state(), optimizer=optimizer.state_dict(),
@@ -363,8 +367,10 @@ if __name__ == "__main__":
         r.end_iteration(it, metrics, (x0, captions, reward), reward=f"{metrics['charts/reward_mean']:.3f}",
                         clipfrac=f"{s[3]:.2f}")
 
-    def save_model():  # the EMA weights under --ema, as the official code saves them
+    # copy: saved EMA (diffusion_nft.py, flow_grpo.py)
+    def save_model():  # the evaluation EMA, as the official code saves it, or the learner where it is off
         with ema.swapped() if ema else contextlib.nullcontext():
             policy.save_pretrained(r.dir)
+    # end copy: saved EMA
 
     r.finish(save_model)

@@ -198,20 +198,23 @@ if __name__ == "__main__":
             # scored once (official `sample_batch` draws them from `last_policy` one per step; theta_old is fixed for
             # the epoch, so drawing them here is the same). Noise for the global batch from (seed, epoch, batch),
             # sliced per rank: resume is exact and 2 processes see the numbers of 1 process.
-            pool = dict(epoch=epoch, latents=[], prompt_idx=[], rewards=[], parts={})
+            # copy: pool sampler (orw_cfm_w2.py, acflow.py; tests/test_copies.py keeps them identical)
+            pool = dict(epoch=epoch, latents=[], pooled=[], prompt_idx=[], rewards=[], parts={})
             for b in range(pool_batches):
                 captions, meta, prompt_idx = r.sampler.sample(epoch * pool_batches + b)
                 n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
                 gen = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_009 + b)
                 noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
-                with policy.old() as old:
-                    x0 = sampling.sample(old, *model.encode_prompt(captions), sigmas, noise, solver=args.solver)["latents"]  # (B, C, H, W)
+                prompt_embeds, pooled = model.encode_prompt(captions)
+                with policy.old() as old:  # x0: (B, C, H, W), AC-Flow's x_1
+                    x0 = sampling.sample(old, prompt_embeds, pooled, sigmas, noise, solver=args.solver)["latents"]
                 reward, parts = r.reward_fn(model.decode(x0), captions, meta)
-                pool["latents"].append(x0), pool["prompt_idx"].append(prompt_idx)
+                r.reward_queries += n * world
+                pool["latents"].append(x0), pool["pooled"].append(pooled), pool["prompt_idx"].append(prompt_idx)
                 pool["rewards"].append(utils.all_gather_cat(reward.to(device)).cpu())  # (B_global,)
                 for k, v in parts.items():
                     pool["parts"].setdefault(k, []).append(v.float().mean().item())
-                r.reward_queries += n * world
+            # end copy: pool sampler
             # weights w = exp(tau * r), detached (eq. 10; official code); --weights centered: w / mean(w) - 1
             all_rewards = torch.stack(pool["rewards"])  # (M, B_global)
             groups = torch.cat([utils.all_gather_cat(p.to(device)).cpu() for p in pool["prompt_idx"]])

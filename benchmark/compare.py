@@ -220,20 +220,22 @@ def launch(job):
 
 
 # ---------------------------------------------------------------------------------------------------------- report
-def report(jobs, eval_samples):
+def report(jobs, eval_samples, own_base=False):
     """The per-seed table and the summary table (markdown) of the finished jobs; raises if a seed's two runs report
-    different base numbers (then their evaluations differ and the gains are not paired)."""
+    different base numbers (then their evaluations differ and the gains are not paired), unless `own_base`: two
+    commands that evaluate differently by design (e.g. --mixed-precision), each gain against its own base."""
     runs = {}
     for j in jobs:
         runs.setdefault(j["seed"], {})[j["name"]] = json.loads((j["dir"] / "summary.json").read_text())
     seeds = sorted(runs)
-    for s in seeds:
+    for s in seeds if not own_base else ():
         a, b = runs[s]["A"]["base"], runs[s]["B"]["base"]
         for _, k, label in METRICS:
             if abs(a[k] - b[k]) > 1e-9:
                 raise SystemExit(f"compare.py: error: seed {s}: A's base {label} is {a[k]:.6f}, B's {b[k]:.6f}: the "
                                  f"two commands evaluate differently (e.g. another --num-steps, --eval-num-steps or "
-                                 f"prompts), so their gains are not paired; compare commands that evaluate alike")
+                                 f"prompts), so their gains are not paired; compare commands that evaluate alike "
+                                 f"(or pass --own-base where they differ by design)")
     gain = {(s, n, k): runs[s][n]["final"][k] - runs[s][n]["base"][k]
             for s in seeds for n in "AB" for _, k, _ in METRICS}
     head = ["seed"]
@@ -259,7 +261,7 @@ def report(jobs, eval_samples):
     notes = [f"Reward queries per run (summary.json): A {', '.join(map(str, sorted(queries['A'], key=str)))}, "
              f"B {', '.join(map(str, sorted(queries['B'], key=str)))}.",
              f"Held-out evaluation: {n_prompts} prompts x {eval_samples} samples, each seed's base on the same noise "
-             f"(the same base in A and B: checked); evaluation noise alone ~{sd:.3f} sd per strict-accuracy number "
+             f"({'each run against its own base (--own-base)' if own_base else 'the same base in A and B: checked'}); evaluation noise alone ~{sd:.3f} sd per strict-accuracy number "
              f"(~{EVAL_SD_AT_8} at 8 samples, measured; 1 / sqrt(samples)).",
              "Gain = final - base; intervals: 95 % percentile bootstrap over seeds resampled in pairs "
              "(scipy.stats.bootstrap, 10,000 resamples); P(B > A): rliable's probability of improvement (every pair of "
@@ -291,6 +293,8 @@ def main(argv=None):
                         "then has a strict-accuracy sd of ~0.01, against ~0.02 measured at the scripts' default 8)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results_compare"), help="where the runs are stored")
+    p.add_argument("--own-base", action="store_true", help="the two commands evaluate differently by design (e.g. "
+                   "--mixed-precision no vs bf16): each gain is taken against its own base, not checked to be equal")
     p.add_argument("--dry-run", action="store_true", help="print the commands (and which runs are stored) only")
     a = p.parse_args(argv)
     if a.budget is not None and a.budget < 1:
@@ -311,7 +315,7 @@ def main(argv=None):
         codes = list(ex.map(launch, jobs))
     if any(codes):
         raise SystemExit(f"compare.py: {sum(c != 0 for c in codes)} of {len(jobs)} runs failed; nothing compared")
-    print(report(jobs, a.eval_samples_per_prompt))
+    print(report(jobs, a.eval_samples_per_prompt, a.own_base))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
+METHODS = ["advantageflow", "diffusion_nft", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 SD35M = "stabilityai/stable-diffusion-3.5-medium"
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 MARKERS = {False: "stable-diffusion-3.5-medium", True: "FLUX.1-dev"}  # how a page's command names its --model
@@ -58,6 +58,7 @@ PROMPTS = ["a photo of a red bicycle leaning against a blue wall", "two cats sle
 # one GPU, the page's micro-batch; fewer images per GPU for Flow-GRPO / FDFO, short epochs for ORW / AC-Flow
 SHORT = {
     "advantageflow": {"--num-iterations": 3},  # --prompts-per-iter: the page's per-GPU share (set below)
+    "diffusion_nft": {"--num-iterations": 2, "--prompts-per-iter": 2, "--timestep-fraction": 0.3},  # 16 images x 3 sigmas
     "orw_cfm_w2": {"--pool-reuse": 1, "--epoch-iters": 2, "--num-iterations": 4},  # 1 pool batch / iteration
     "acflow": {"--pool-reuse": 4, "--epoch-iters": 4, "--num-iterations": 8, "--critic-warmup": 1,
                "--warmup-ev": 0},  # the page's 1 pool batch per 4 iterations
@@ -563,6 +564,7 @@ def main():
               ("flow_grpo", lambda: method_run(ctx, "flow_grpo"), 90),
               ("fdfo", lambda: method_run(ctx, "fdfo"), 130),
               ("advantageflow", lambda: method_run(ctx, "advantageflow", save=True), 60),
+              ("diffusion_nft", lambda: method_run(ctx, "diffusion_nft"), 60),
               ("evaluate_bf16", lambda: evaluate_check(ctx, "bf16"), 30),
               ("orw_cfm_w2", lambda: method_run(ctx, "orw_cfm_w2"), 90),
               ("resume_orw_cfm_w2", lambda: resume_check(ctx, "orw_cfm_w2"), 90),

@@ -74,7 +74,7 @@ FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_sin
 FLUX_VAE = dict(SD35M_VAE, scaling_factor=0.3611, shift_factor=0.1159)
 # reward models (parameters of the released checkpoints): PickScore_v1 = CLIP-H/14, CLIP ViT-L/14, Qwen2.5-VL-7B
 REWARD_PARAMS = {"pickscore": 0.986e9, "clipscore": 0.428e9, "vlm": 8.29e9}
-METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
+METHODS = ["advantageflow", "diffusion_nft", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 CFG_ROLLOUTS = {"flow_grpo", "fdfo"}  # sample (and train) with --guidance-scale; the others roll out CFG-free
 MICRO_BATCHED_ROLLOUTS = {"flow_grpo", "fdfo"}  # rollouts in --train-batch-size chunks; the others: whole batch
 
@@ -354,7 +354,7 @@ def estimate(sd, method, checkpointing=None, flags=None, autocast=True, extra=No
     stored = {"flow_grpo": n * (steps + 1) * lat * 4,  # fp32 SDE trajectory
               "fdfo": n * steps * lat * (2 + 4) + 2 * n * lat * 4,  # bf16 states, fp32 velocities; fp32 finals, dbar
               "orw_cfm_w2": pool, "acflow": pool,
-              "advantageflow": 2 * n * lat * 2,  # x0, eps
+              "advantageflow": 2 * n * lat * 2, "diffusion_nft": 2 * n * lat * 2,  # x0, eps
               }[method] + text
     roll_b = tbs if method in MICRO_BATCHED_ROLLOUTS else n
     eval_b = min(int(f.get("--eval-batch-size", 128)), int(f.get("eval_images", 128)))

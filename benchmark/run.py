@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-METHODS = ("advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo")
+METHODS = ("advantageflow", "diffusion_nft", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

@@ -88,11 +88,24 @@ class Model:
         return self.scheduler.sigmas.float().clone()
 
 
-def default_dtype(device, capability=None):
-    """bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0: A100, H100, RTX 30xx on), fp32 elsewhere (CPU,
-    V100, T4). Not torch.cuda.is_bf16_supported(), which is also true where bf16 is only emulated. `capability`:
-    (major, minor), default the device's own."""
+def cpu_has_bf16():
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX: Intel Cooper Lake / Sapphire Rapids on, AMD
+    Zen 4 on); elsewhere bf16 on CPU is emulated and slower than fp32. CLEANFLOW_CPU_BF16=0 / 1 overrides the
+    detection (the test suite sets 0: its learning margins were measured in fp32 and must hold on any CI CPU)."""
+    if os.environ.get("CLEANFLOW_CPU_BF16") in ("0", "1"):
+        return os.environ["CLEANFLOW_CPU_BF16"] == "1"
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def default_dtype(device, capability=None, cpu_bf16=None):
+    """bf16 where the hardware multiplies it natively: CUDA GPUs of compute capability >= 8.0 (A100, H100, RTX 30xx
+    on) and CPUs with AVX512-BF16 / AMX (`cpu_has_bf16`); fp32 elsewhere (V100, T4, older CPUs). Not
+    torch.cuda.is_bf16_supported(), which is also true where bf16 is only emulated. `capability`: (major, minor),
+    `cpu_bf16`: bool, default the device's own."""
     device = torch.device(device)
+    if device.type == "cpu":
+        return torch.bfloat16 if (cpu_has_bf16() if cpu_bf16 is None else cpu_bf16) else torch.float32
     if device.type != "cuda":
         return torch.float32
     capability = capability or torch.cuda.get_device_capability(device)
@@ -101,13 +114,25 @@ def default_dtype(device, capability=None):
 
 def autocast_forward(module, dtype):
     """Run `module`'s forward under torch.autocast(dtype) and return fp32 outputs - as accelerate's `prepare` wraps
-    a model for mixed precision. Copies made later (copy.deepcopy) keep the wrapper."""
+    a model for mixed precision. Copies made later (copy.deepcopy) keep the wrapper. On CPU, passes that take
+    gradients run attention with PyTorch's math kernel: its bf16 flash-attention backward is ~5x slower than fp32
+    (torch 2.13, `benchmark/compute.py`), the math kernel's is a few bf16 matmuls."""
     from accelerate.utils import convert_outputs_to_fp32
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if dtype == torch.float32:
         return module
     device_type = next(module.parameters()).device.type
     forward = torch.autocast(device_type, dtype=dtype)(type(module).forward)
+    if device_type == "cpu":
+        autocast = forward
+
+        def forward(*args, **kwargs):  # not under gradient checkpointing: its recomputation (in the backward pass,
+            # outside this context) would run the other kernel and fail torch.utils.checkpoint's metadata check
+            if not torch.is_grad_enabled() or getattr(module, "gradient_checkpointing", False):
+                return autocast(*args, **kwargs)
+            with sdpa_kernel(SDPBackend.MATH):
+                return autocast(*args, **kwargs)
     module.forward = types.MethodType(convert_outputs_to_fp32(forward), module)
     return module
 

@@ -22,6 +22,10 @@ from common.evaluate import evaluate_model
 
 @dataclass
 class RunArgs:
+    """Every flag common/ reads. A method's Args extends it and re-declares the fields of the iteration (below) with
+    its own defaults (a re-declared field keeps its place in --help)."""
+    exp_name: str = "cleanflow"
+    """the name of this experiment (a method's Args: its file name)"""
     seed: int = 0
     """seed of the experiment"""
     torch_deterministic: bool = True
@@ -53,6 +57,24 @@ class RunArgs:
     eval_every: int = 20
     """iterations between held-out evaluations"""
     log_images_every: int = 50
+
+    # the iteration: the method's Args sets its defaults
+    num_iterations: int = 100
+    prompts_per_iter: int = 8
+    """prompts per iteration"""
+    group_size: int = 8
+    """images per prompt"""
+    train_batch_size: int = 64
+    """micro-batch of the update"""
+    lr: float = 1e-4
+    """AdamW learning rate"""
+    max_grad_norm: float = 1.0
+    num_steps: int = 10
+    """ODE steps of the rollout sampler"""
+    eval_num_steps: int | None = None
+    """ODE steps of evaluation (default: --num-steps)"""
+    guidance_scale: float = 1.0
+    """classifier-free guidance of evaluation (1 = none)"""
 
     # model, prompts, reward
     model: str = "embedded"

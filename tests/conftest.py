@@ -10,8 +10,13 @@ last, so a script named like a standard module, benchmark/trace.py, does not sha
                                           prompts), and the cross-cutting paths (sd3_path, cuda_path, reliability, hub)
 """
 
+import os
 import sys
 from pathlib import Path
+
+# fp32 on every CPU unless asked (CLEANFLOW_CPU_BF16=1): the learning tests' margins were measured in fp32, and a CI
+# CPU with native bf16 would otherwise run them in bf16 (common.models.default_dtype); subprocesses inherit it
+os.environ.setdefault("CLEANFLOW_CPU_BF16", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -1,11 +1,9 @@
-"""AdvantageFlow: advantage and loss math against hand computations, the DiffusionNFT loss against a transcription
-of the official code, the DiffusionNFT identities, the direction of one update, one iteration of the real loop
-against a one-batch computation, smoke runs on the embedded and tiny SD3 models, and a learning test."""
+"""AdvantageFlow: advantage and loss math against hand computations, the direction of one update, one iteration of
+the real loop against a one-batch computation, smoke runs on the embedded and tiny SD3 models, and a learning test
+(DiffusionNFT, its special case: tests/test_diffusion_nft.py)."""
 
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 import torch
 
 import advantageflow as af
-from common import models, rewards, run, sampling
+from common import models, rewards, sampling
 from tests.helpers.cli_check import check_flags
 from tests.helpers.run_logs import first_iteration, scalars
 
@@ -41,19 +39,6 @@ def test_af_advantages_hand_computed():
     expected = (centred / z).clamp(-1, 1)
     assert torch.allclose(af.af_advantages(rewards, groups), expected)
     assert af.af_advantages(rewards, groups)[5] == 1.0  # clipped
-
-
-def test_nft_optimality_hand_computed():
-    """Official stat_tracking.py: z = (R - group mean) / (np.std of all rewards + 1e-4); np.std is the population
-    std (ddof 0): here sqrt(mean((R - 0.6)^2)) = sqrt(0.14)."""
-    rewards_ = [0.0, 1.0, 0.5, 0.5, 1.0]
-    groups = torch.tensor([0, 0, 1, 1, 1])
-    std = statistics.pstdev(rewards_)
-    assert std == pytest.approx(math.sqrt(0.14))
-    z = torch.tensor([-0.5, 0.5, -1 / 6, -1 / 6, 1 / 3]) / (std + 1e-4)
-    r = af.nft_optimality(torch.tensor(rewards_), groups, 5.0)
-    assert torch.allclose(r, (z.clamp(-5, 5) / 5 / 2 + 0.5).clamp(0, 1), atol=1e-6)
-    assert r[1].item() == pytest.approx(0.5 + 0.5 / (math.sqrt(0.14) + 1e-4) / 10, abs=1e-6)
 
 
 def _grad(loss_fn, batch):
@@ -84,76 +69,6 @@ def test_completed_square_equals_three_term_loss():
     d1 = completed(b["v"].detach()) - loss(b["v"].detach())
     d2 = completed(other) - loss(other)
     assert torch.allclose(d1, d2, atol=1e-5)  # the difference does not depend on theta
-
-
-@pytest.mark.parametrize("weighting", ["none", "shared"])
-def test_af_one_minus_a_equals_nft_beta_one(weighting):
-    """AF paper eq. 14 / Proposition 3: AF(gamma = 1 - A, lambda = 0) and DiffusionNFT(beta = 1, r = (1 + A)/2)
-    have identical gradients with plain prediction losses, and also with one shared adaptive denominator."""
-    b = _batch(seed=3)
-    r = (1 + b["adv"]) / 2
-
-    def af_fn(v):
-        return af.af_loss(v, b["v_old"], b["v_ref"], b["x0"], b["x_t"], b["sigma"], b["adv"], 1 - b["adv"], 0.0,
-                          weighting)
-
-    def nft_fn(v):
-        return af.nft_loss(v, b["v_old"], b["x0"], b["x_t"], b["sigma"], r, 1.0, weighting)
-
-    g_af, g_nft = _grad(af_fn, b), _grad(nft_fn, b)
-    assert torch.allclose(g_af, g_nft, atol=1e-6)
-    assert g_af.abs().max() > 1e-3
-
-
-def test_nft_run_is_af_with_clip5_advantage_and_kappa5():
-    """What a --nft run optimises (plain prediction losses): 5 * NFT(beta = 1, r = clip(z, -5, 5)/10 + 1/2) has the
-    gradient of AF with A = clip(z, -5, 5), gamma = 5 - A, lambda = 0, i.e. curvature kappa = 5 for every sample
-    (docs/advantageflow.md); z is the reward z-score over the global population std."""
-    b = _batch(seed=4)
-    rewards_ = torch.zeros(120)  # 60 pairs; one outlier pair gives |z| ~ 5.5 (clipped), another |z| < 5
-    rewards_[0], rewards_[2] = 1.0, 0.3
-    groups = torch.arange(120) // 2
-    r = af.nft_optimality(rewards_, groups, 5.0)[:6]
-    z = (rewards_ - utils_group_mean(rewards_, groups)) / (rewards_.std(unbiased=False) + 1e-4)
-    a = z.clamp(-5, 5)[:6]
-    assert (a.abs() == 5).any() and (a.abs() < 5).any()  # both regimes occur
-    g_nft = _grad(lambda v: 5 * af.nft_loss(v, b["v_old"], b["x0"], b["x_t"], b["sigma"], r, 1.0, "none"), b)
-    g_af = _grad(lambda v: af.af_loss(v, b["v_old"], b["v_ref"], b["x0"], b["x_t"], b["sigma"], a, 5 - a, 0.0), b)
-    assert torch.allclose(g_nft, g_af, atol=1e-5)
-
-
-def utils_group_mean(x, groups):
-    return torch.stack([x[groups == g].mean() for g in groups.tolist()])
-
-
-def official_nft_loss(v, v_old, x0, x_t, sigma, r, beta):
-    """DiffusionNFT's per-sample loss, transcribed term by term from scripts/train_nft_sd3.py: implicit positive
-    beta v + (1 - beta) v_old and negative (1 + beta) v_old - beta v, each turned into an x0 prediction, squared
-    error divided by its own float64 adaptive weight max(mean|pred - x0|, 1e-5), then r P / beta + (1 - r) N / beta."""
-    out = []
-    for k in range(len(r)):
-        s = sigma[k].item()
-        pos_pred = x_t[k] - s * (beta * v[k] + (1 - beta) * v_old[k])
-        neg_pred = x_t[k] - s * ((1 + beta) * v_old[k] - beta * v[k])
-        w_pos = max((pos_pred.double() - x0[k].double()).abs().mean().item(), 1e-5)
-        w_neg = max((neg_pred.double() - x0[k].double()).abs().mean().item(), 1e-5)
-        p = ((pos_pred - x0[k]) ** 2 / w_pos).mean()
-        n = ((neg_pred - x0[k]) ** 2 / w_neg).mean()
-        out.append(r[k] * p / beta + (1 - r[k]) * n / beta)
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("beta", [0.1, 1.0])
-def test_nft_loss_matches_official_transcription(beta):
-    """At beta = 1, (1 + beta) v_old - beta v and 2 v_old - beta v coincide; beta = 0.1 tells them apart."""
-    b = _batch(seed=7)
-    r = torch.tensor([0.0, 0.2, 0.5, 0.7, 1.0, 0.9])
-    mine = af.nft_loss(b["v"], b["v_old"], b["x0"], b["x_t"], b["sigma"], r, beta, "separate")
-    ref = official_nft_loss(b["v"], b["v_old"], b["x0"], b["x_t"], b["sigma"], r, beta)
-    assert torch.allclose(mine, ref.float(), rtol=1e-5)
-    g_mine = _grad(lambda v: af.nft_loss(v, b["v_old"], b["x0"], b["x_t"], b["sigma"], r, beta, "separate"), b)
-    g_ref = _grad(lambda v: official_nft_loss(v, b["v_old"], b["x0"], b["x_t"], b["sigma"], r, beta), b)
-    assert torch.allclose(g_mine, g_ref.float(), rtol=1e-4, atol=1e-7)
 
 
 def test_af_gradient_hand_computed():
@@ -223,7 +138,7 @@ def _run(tmp_path, *extra, name="run"):
     return out_dir, json.loads((out_dir / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("flags", [[], ["--nft"], ["--gamma-mode", "one-minus-a", "--lora-rank", "4"]])
+@pytest.mark.parametrize("flags", [[], ["--gamma-mode", "one-minus-a", "--lora-rank", "4"]])
 def test_smoke_embedded(tmp_path, flags):
     out_dir, summary = _run(tmp_path, "--num-iterations", "2", *TINY, *flags)
     assert summary["reward_queries"] == 2 * 6
@@ -243,14 +158,13 @@ def test_smoke_tiny_sd3(tmp_path):
     assert summary["reward_queries"] == 6 and "reward_mean" in summary["final"]
 
 
-@pytest.mark.parametrize("nft", [False, True])
-def test_one_iteration_loss_is_the_mean_over_images_and_timesteps(tmp_path, nft):
-    """The gradient the script accumulates over 2 micro-batches x 2 timesteps (AF) or x int(0.99 * 3) = 2 distinct
-    grid timesteps (--nft) must be that of ONE mean over all 6 x 2 (image, timestep) items (Algorithm 1 line 9;
-    NFT: loss / (grad-accumulation x timesteps)): the logged pre-clip gradient norm against this computation."""
+def test_one_iteration_loss_is_the_mean_over_images_and_timesteps(tmp_path):
+    """The gradient the script accumulates over 2 micro-batches x 2 distinct grid timesteps must be that of ONE mean
+    over all 6 x 2 (image, timestep) items (Algorithm 1 line 9): the logged pre-clip gradient norm against this
+    computation."""
     flags = ["--num-iterations", "1", "--threads", "1", "--prompts-per-iter", "2", "--group-size", "3",
              "--train-batch-size", "3", "--num-steps", "3", "--eval-samples-per-prompt", "1", "--no-save-model",
-             "--reward", "jpeg_compressibility"] + (["--nft"] if nft else ["--timesteps-per-image", "2"])
+             "--reward", "jpeg_compressibility", "--timesteps-per-image", "2"]
     out_dir, _ = _run(tmp_path, *flags)
     logged = scalars(out_dir, "losses/grad_norm")[1]
 
@@ -271,32 +185,12 @@ def test_one_iteration_loss_is_the_mean_over_images_and_timesteps(tmp_path, nft)
     with torch.no_grad(), policy.old() as old, policy.ref() as ref:
         v_old, v_ref = sampling.predict(old, x_t, sigma, pe, pooled), sampling.predict(ref, x_t, sigma, pe, pooled)
     v = sampling.predict(policy.transformer, x_t, sigma, pe, pooled)
-    if nft:  # official: 5 * mean[(r P + (1 - r) N) / beta] + 1e-4 * mean (v - v_ref)^2
-        r = af.nft_optimality(reward, groups, 5.0).repeat(n_t)
-        loss = 5 * af.nft_loss(v, v_old, x0, x_t, sigma, r, 1.0).mean() + 1e-4 * ((v - v_ref) ** 2).mean()
-    else:
-        a = af.af_advantages(reward, groups).repeat(n_t)
-        loss = af.af_loss(v, v_old, v_ref, x0, x_t, sigma, a, 1.1, 1e-3).mean()
+    a = af.af_advantages(reward, groups).repeat(n_t)
+    loss = af.af_loss(v, v_old, v_ref, x0, x_t, sigma, a, 1.1, 1e-3).mean()
     loss.backward()
     expected = torch.stack([p.grad.norm() for p in policy.parameters()]).norm().item()
     assert expected > 1e-4
     assert logged == pytest.approx(expected, rel=1e-3)
-
-
-def test_eval_ema_decay_and_swap():
-    """DiffusionNFT's evaluation EMA: after optimizer step s, ema <- d ema + (1 - d) theta, d = min((1+s)/(10+s), 0.9);
-    swapped() shows the EMA and restores the learner."""
-    p = torch.nn.Parameter(torch.zeros(3))
-    ema = run.EMA([p], 0.9)
-    with torch.no_grad():
-        p.fill_(1.0)
-    ema.step(1)  # d = 2/11
-    assert ema.shadow[0][0].item() == pytest.approx(9 / 11)
-    ema.step(100)  # d = 0.9 (capped)
-    assert ema.shadow[0][0].item() == pytest.approx(0.9 * 9 / 11 + 0.1)
-    with ema.swapped():
-        assert p[0].item() == pytest.approx(0.9 * 9 / 11 + 0.1)
-    assert p[0].item() == 1.0
 
 
 @pytest.mark.slow

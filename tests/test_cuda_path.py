@@ -17,7 +17,7 @@ from common import evaluate, models, rewards, utils
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-METHODS = ["advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo"]
+METHODS = ["advantageflow", "diffusion_nft", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo"]
 
 
 def tensors(x):
@@ -128,9 +128,50 @@ def test_default_precision_bf16_only_where_native():
     have. Before, the default went by is_bf16_supported() and fell back to fp16."""
     assert models.default_dtype("cuda", (7, 0)) == models.default_dtype("cuda:1", (7, 5)) == torch.float32
     assert models.default_dtype("cuda", (8, 0)) == models.default_dtype("cuda", (9, 0)) == torch.bfloat16
-    assert models.default_dtype("cpu") == torch.float32
+    # CPUs: bf16 where they multiply it natively (AVX512-BF16 / AMX), fp32 elsewhere; the suite pins fp32
+    # (CLEANFLOW_CPU_BF16=0 in conftest.py) so that its learning margins hold on any CI CPU
+    assert models.default_dtype("cpu", cpu_bf16=True) == torch.bfloat16
+    assert models.default_dtype("cpu", cpu_bf16=False) == models.default_dtype("cpu") == torch.float32
     assert models.load_model(mixed_precision="bf16").dtype == torch.bfloat16  # the flag wins
-    assert models.load_model(mixed_precision=None).dtype == torch.float32  # the device's default (CPU: fp32)
+    assert models.load_model(mixed_precision=None).dtype == torch.float32  # the device's default (pinned: fp32)
+
+
+def test_cpu_bf16_detection_and_override(monkeypatch):
+    native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    monkeypatch.delenv("CLEANFLOW_CPU_BF16", raising=False)
+    assert models.cpu_has_bf16() == native
+    assert models.default_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    for value, expected in (("1", torch.bfloat16), ("0", torch.float32)):
+        monkeypatch.setenv("CLEANFLOW_CPU_BF16", value)
+        assert models.default_dtype("cpu") == expected
+
+
+def test_cpu_bf16_training_pass_matches_fp32():
+    """On CPU the bf16 passes that take gradients run attention with the math kernel (its bf16 flash backward is ~5x
+    slower): forward and gradients stay those of fp32 within bf16 rounding, and the no-grad (flash) forward agrees."""
+    torch.manual_seed(0)
+    out, grads = {}, {}
+    for mp in ("no", "bf16"):
+        tr = models.load_model(mixed_precision=mp).transformer
+        models.Policy(tr)  # trainable weights in fp32, as in a run
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(8, 3, 32, 32, generator=g), torch.rand(8, generator=g) * 1000
+        pe, pooled = torch.randn(8, 10, 64, generator=g), torch.randn(8, 64, generator=g)
+        kw = dict(hidden_states=x, timestep=t, encoder_hidden_states=pe, pooled_projections=pooled, return_dict=False)
+        with torch.no_grad():
+            out[mp, "no_grad"] = tr(**kw)[0]
+        out[mp, "grad"] = tr(**kw)[0]
+        assert out[mp, "grad"].dtype == torch.float32  # outputs back in fp32, as accelerate's prepare
+        out[mp, "grad"].pow(2).mean().backward()
+        grads[mp] = torch.cat([p.grad.flatten() for p in tr.parameters() if p.grad is not None])
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(out["no", "grad"], out["no", "no_grad"]) < 1e-5
+    assert 0 < rel(out["bf16", "grad"], out["no", "grad"]) < 0.03  # bf16 rounding, not another function
+    assert rel(out["bf16", "no_grad"], out["bf16", "grad"]) < 0.03
+    assert torch.nn.functional.cosine_similarity(grads["bf16"], grads["no"], dim=0) > 0.99
 
 
 DTYPE_SPY = '''

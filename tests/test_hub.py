@@ -17,7 +17,7 @@ from common import utils
 from common.tools import hub as hub_tools
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
+METHODS = ["advantageflow", "diffusion_nft", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 SD35 = "stabilityai/stable-diffusion-3.5-medium"
 
 

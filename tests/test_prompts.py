@@ -24,7 +24,7 @@ from common.tools import prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
+METHODS = ["advantageflow", "diffusion_nft", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 
 # small sources in each upstream format: GenEval metadata lines (field order as upstream: tag first), one prompt
 # per line (blank lines and surrounding spaces are dropped), and the DrawBench sheet as CSV (quoted commas)

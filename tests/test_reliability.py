@@ -22,14 +22,16 @@ from common import rewards, utils
 from tests.helpers.cli_check import check_flags
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = [m for m in ("advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo") if (ROOT / f"{m}.py").is_file()]
+METHODS = [m for m in ("advantageflow", "diffusion_nft", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo")
+           if (ROOT / f"{m}.py").is_file()]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # per method: the batch flags of a tiny run (fdfo needs pairs), and one method option with a bad value
 TINY = {m: ["--prompts-per-iter", "2", "--group-size", "2" if m == "fdfo" else "3", "--train-batch-size",
             "2" if m == "fdfo" else "3", "--eval-samples-per-prompt", "1", "--num-steps", "4", "--threads", "1",
             *(["--num-minibatches", "1"] if m == "flow_grpo" else [])]  # one minibatch: divides a 3-image shard
         for m in METHODS}
-BAD_OPTION = {"advantageflow": ("--gamma-mode", "big"), "flow_grpo": ("--noise-level", "-1"),
+BAD_OPTION = {"advantageflow": ("--gamma-mode", "big"), "diffusion_nft": ("--adaptive-weight", "big"),
+              "flow_grpo": ("--noise-level", "-1"),
               "orw_cfm_w2": ("--epoch-iters", "0"), "acflow": ("--shaping", "wild"), "fdfo": ("--group-size", "3")}
 
 
@@ -182,7 +184,7 @@ def test_wrong_type_or_unknown_flag_one_line(method, argv, expected):
 
 
 @pytest.mark.parametrize("method,argv", [("flow_grpo", []), ("flow_grpo", ["--global-std"]), ("advantageflow", []),
-                                         ("advantageflow", ["--nft"])])
+                                         ("diffusion_nft", [])])
 def test_group_size_one_fails_where_advantages_are_group_relative(method, argv):
     """Flow-GRPO's and AdvantageFlow's (and NFT's) advantages are centred per prompt: one image per prompt would
     make every advantage 0 and the run learn nothing."""
@@ -414,7 +416,7 @@ def test_resume_refuses_or_really_applies_a_changed_flag(finished_run, tmp_path)
     runs with it, and the checkpoint's args and summary.json record it."""
     run = _copy(finished_run, tmp_path)
     for argv, expected in ((["--seed", "3"], "was saved with --seed 0, this run has 3"),
-                           (["--nft"], "was saved with --nft False, this run has True"),
+                           (["--gamma-mode", "one-minus-a"], "was saved with --gamma-mode constant, this run has one-minus-a"),
                            (["--num-iterations", "1"], "--num-iterations 1 is below the 2 iterations")):
         code, err = check_flags("advantageflow", ["--resume", str(run), *argv])
         assert code == 2 and len(err) == 1 and expected in err[0], err

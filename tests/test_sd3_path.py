@@ -24,7 +24,7 @@ from common import models, rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-METHODS = ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
+METHODS = ["advantageflow", "diffusion_nft", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"]
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,9 @@ def tiny_sizes(argv, method, model, prompts):
             "--eval-prompts-file": str(prompts), "--num-steps": "3", "--eval-num-steps": "2", "--num-iterations": "2",
             "--eval-every": "1", "--checkpoint-every": "1", "--prompts-per-iter": "2", "--lora-rank": "4",
             "--lora-alpha": "8", "--critic-warmup": "1", "--critic-width": "8", "--ema-every": "1",
-            "--group-size": {"flow_grpo": "2", "advantageflow": "2", "acflow": "2"},
+            "--group-size": {"flow_grpo": "2", "advantageflow": "2", "diffusion_nft": "2", "acflow": "2"},
             "--train-batch-size": {"flow_grpo": "1", "fdfo": "2", "orw_cfm_w2": "2", "advantageflow": "2",
-                                   "acflow": "2"},
+                                   "diffusion_nft": "2", "acflow": "2"},
             "--num-minibatches": {"fdfo": "2"}}
     out, i = [], 0
     while i < len(argv):
@@ -92,23 +92,20 @@ def assert_trainables_fp32(ckpt):
             assert state[k].dtype == torch.float32
 
 
-# + the NFT variant of the AF page; Flow-GRPO without KL (its zero KL was a CPU tensor stacked with CUDA ones: the
-# device mismatch itself needs a GPU, benchmark/gpu_smoke.sh; here the path runs)
-CASES = [(m, []) for m in METHODS] + [("advantageflow", ["--nft"]), ("flow_grpo", ["--beta", "0"])]
+# + Flow-GRPO without KL (its zero KL was a CPU tensor stacked with CUDA ones: the device mismatch itself needs a
+# GPU, benchmark/gpu_smoke.sh; here the path runs)
+CASES = [(m, []) for m in METHODS] + [("flow_grpo", ["--beta", "0"])]
 
 
 @pytest.mark.parametrize("method,extra", CASES, ids=[m + "".join(e) for m, e in CASES])
 def test_documented_sd35_command_runs_in_bf16(tiny, tmp_path, method, extra):
     """Each method page's SD3.5-M command (tiny sizes, T5, LoRA, CFG where documented) + --mixed-precision bf16
     --gradient-checkpointing runs 2 iterations with a mid-run evaluation; trainable weights and AdamW state are fp32.
-    Before this was fixed, advantageflow (and --nft) crashed at the first update: 'Input type (float) and bias type
-    (c10::BFloat16) should be the same'."""
+    Before this was fixed, advantageflow (and DiffusionNFT) crashed at the first update: 'Input type (float) and bias
+    type (c10::BFloat16) should be the same'."""
     model, prompts = tiny
     argv = tiny_sizes(documented_command(method), method, model, prompts)
-    if extra == ["--nft"]:  # docs: replace --gamma 1.1 --lam 1e-3 by --nft --nft-beta 1.0 --nft-kl 1e-3
-        argv += ["--nft", "--nft-beta", "1.0", "--nft-kl", "1e-3"]
-    else:
-        argv += extra
+    argv += extra
     argv += ["--mixed-precision", "bf16", "--gradient-checkpointing", "--eval-samples-per-prompt", "1",
              "--decode-batch-size", "2", "--eval-batch-size", "3"]
     summary = run_script(method, argv, tmp_path / "run")

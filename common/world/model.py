@@ -80,7 +80,8 @@ def load_embedded(device="cpu", dtype=torch.float32, path=ASSETS):
     text_encoder.requires_grad_(False).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
     c = config["transformer"]
-    transformer = transformer.to(device) if dtype == torch.float32 else transformer.to(device=device, dtype=dtype)
+    # nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules, which this transformer has none of
+    transformer = nn.Module.to(transformer, device=device, dtype=dtype)
     return Model(EMBEDDED, transformer, [text_encoder.to(device)], [], None, scheduler,
                  (c["in_channels"], c["sample_size"], c["sample_size"]), torch.device(device), dtype)
 
