@@ -1,15 +1,15 @@
 """AC-Flow: actor-critic fine-tuning of flow-matching models with intermediate feedback (Fan, Cheng, Shen, Zhou,
-Liu 2025, arXiv 2510.18072), with ORW-CFM-W2 (Fan et al., ICLR 2025, arXiv 2502.06061) as `--no-critic`.
+Liu 2025, arXiv 2510.18072), the successor of ORW-CFM-W2 (Fan et al., ICLR 2025, arXiv 2502.06061; orw_cfm_w2.py).
 
 Each epoch a lagged copy of the actor samples a pool of images (CFG-free ODE); rewards are shaped (z-score); a
 small critic V_phi(x_t, sigma, c) regresses the shaped reward at noised points of recent pools, so each (image,
 sigma) gets its own advantage A = r~ - V. The actor minimises  w ||v - (eps - x0)||^2 + alpha ||v - v_ref||^2,
-w = exp(beta clip(A, +-c_A)) / mean, with V treated as 0 until the critic explains fresh rollouts (warm-up).
+w = exp(tau clip(A, +-c_A)) / mean, with V treated as 0 until the critic explains fresh rollouts (warm-up).
 Only AC-Flow's abstract could be read: the weight function, shaping, critic and warm-up gate are reconstructed from
 it and from ORW-CFM-W2's code (what is whose: docs/acflow.md).
 
     python acflow.py                             # reconstructed AC-Flow, embedded shapes world, 2 CPU cores
-    python acflow.py --no-critic --adv-clip 0    # V = 0: ORW-CFM-W2's weights on z-scored rewards
+    python acflow.py --no-critic --adv-clip 0    # ablation V = 0: exp weights of z-scored rewards (not orw_cfm_w2.py)
     python acflow.py --critic-warmup 0 --warmup-ev 0   # ablation: the critic drives the actor from iteration 1
     python acflow.py --weights centered          # not AC-Flow's: w / mean(w) - 1 (docs: the controls)
 """
@@ -61,14 +61,14 @@ class Args(RunArgs):
     """CFG of evaluation; rollouts are CFG-free"""
     alpha: float = 1.0
     """W2 coefficient: alpha ||v - v_ref||^2 (AC-Flow's value is not public; ORW-CFM-W2 code: 1.0)"""
-    beta: float = 1.0
-    """weight temperature: w = exp(beta * A^) on shaped advantages (reconstructed from ORW-CFM-W2's exp(tau r))"""
+    tau: float = 1.0
+    """weight temperature: w = exp(tau * A^) on shaped advantages (reconstructed from ORW-CFM-W2's exp(tau r))"""
     adv_clip: float = 1.0
     """c_A: A^ = clip(A, -c_A, c_A) in shaped-reward units (AC-Flow's advantage clipping); 0 = no clipping"""
     weight_norm: bool = True
     """w / mean(w) over the minibatch, so alpha keeps its meaning (mean w = 1); ORW-CFM-W2's code: raw weights"""
     weights: Literal["exp", "centered"] = "exp"
-    """exp: w = exp(beta A^) (reconstructed) | centered: w / mean(w) - 1, the update without its self-training term
+    """exp: w = exp(tau A^) (reconstructed) | centered: w / mean(w) - 1, the update without its self-training term
     (AdvantageFlow section 4.2, eq. 12; not AC-Flow's; needs --weight-norm and alpha >= 1)"""
     shaping: Literal["batch", "group", "running", "none"] = "batch"
     """reward shaping over the epoch's pool: batch z-score | group (per prompt) | running (EMA) | none"""
@@ -77,7 +77,8 @@ class Args(RunArgs):
     shaping_clamp: float = 0.0
     """clamp shaped rewards to [-c, c] (0 = off)"""
     critic: bool = True
-    """use the critic; --no-critic gives V = 0, i.e. ORW-CFM-W2 on shaped rewards"""
+    """use the critic; --no-critic: the ablation V = 0 (ORW-style weights of shaped rewards, per-minibatch
+    normalisation; orw_cfm_w2.py is ORW-CFM-W2 itself)"""
     critic_lr: float = 1e-3
     """critic AdamW learning rate (not public; ours, SD3 commands: 1e-4)"""
     critic_weight_decay: float = 1e-4
@@ -154,14 +155,14 @@ def shape_rewards(r, mode="batch", groups=None, stats=None, momentum=0.99, clamp
     return (z.clamp(-clamp, clamp) if clamp > 0 else z), stats
 
 
-def actor_weights(iteration, shaped, values, beta, adv_clip, warmup_iterations, normalize=False, centered=False):
+def actor_weights(iteration, shaped, values, tau, adv_clip, warmup_iterations, normalize=False, centered=False):
     """A = r~ - V (AC-Flow's advantage), with V treated as 0 while iteration < warmup_iterations (the
     ORW-CFM-W2 special case); A^ = clip(A, -c_A, c_A) (c_A = 0: no clipping). Returns (w, A^), w detached:
-    w = exp(beta A^) (exponent capped at 30 against overflow; optionally / mean; centered: w - 1)."""
+    w = exp(tau A^) (exponent capped at 30 against overflow; optionally / mean; centered: w - 1)."""
     adv = shaped - values.detach() if iteration >= warmup_iterations else shaped.clone()
     if adv_clip > 0:
         adv = adv.clamp(-adv_clip, adv_clip)
-    w = torch.exp((beta * adv).clamp(max=30.0))
+    w = torch.exp((tau * adv).clamp(max=30.0))
     w = w / utils.all_gather_cat(w).mean() if normalize else w  # mean over every rank's batch
     return (w - 1 if centered else w), adv
 
@@ -191,8 +192,8 @@ def check_method_args(a):
         utils.fail(f"--eval-num-steps {a.eval_num_steps} must be >= 1")
     if a.adv_clip < 0 or a.alpha < 0 or a.critic_lr < 0 or a.shaping_clamp < 0:
         utils.fail("--adv-clip, --alpha, --critic-lr and --shaping-clamp must be >= 0")
-    if a.beta < 0 or a.critic_weight_decay < 0:
-        utils.fail(f"--beta {a.beta} and --critic-weight-decay {a.critic_weight_decay} must be >= 0")
+    if a.tau < 0 or a.critic_weight_decay < 0:
+        utils.fail(f"--tau {a.tau} and --critic-weight-decay {a.critic_weight_decay} must be >= 0")
     if a.critic_width < 4 or min(a.critic_steps, a.critic_buffer, a.timesteps_per_image, a.epoch_iters, a.pool_reuse) < 1:
         utils.fail("--critic-width must be >= 4; --critic-steps, --critic-buffer, --timesteps-per-image, "
                    "--epoch-iters, --pool-reuse >= 1")
@@ -306,9 +307,9 @@ if __name__ == "__main__":
                                 for mb, s, _, xt in points])
         targets = torch.cat([shaped[mb] for mb, _, _, _ in points])  # r~ of each noised point's image
         warm = warmup_end is None
-        w_all, adv = actor_weights(it, targets, values, args.beta, args.adv_clip, it + 1 if warm else warmup_end,
+        w_all, adv = actor_weights(it, targets, values, args.tau, args.adv_clip, it + 1 if warm else warmup_end,
                                    args.weight_norm, args.weights == "centered")
-        w_v0, _ = actor_weights(it, targets, values, args.beta, args.adv_clip, it + 1, args.weight_norm,
+        w_v0, _ = actor_weights(it, targets, values, args.tau, args.adv_clip, it + 1, args.weight_norm,
                                 args.weights == "centered")  # the same weights with V = 0 (the ORW special case)
         critic_effect = ((w_all - w_v0).abs().mean() / w_v0.abs().mean().clamp_min(1e-12)).item()
         t_reward = utils.now(device)
@@ -353,7 +354,9 @@ if __name__ == "__main__":
         t_train = utils.now(device)
         # ---- log
         metrics = {
-            "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+            # this iteration's training images, as in every method file; the epoch's pool separately
+            "charts/reward_mean": pool["rewards"][b].mean().item(), "charts/reward_std": pool["rewards"][b].std().item(),
+            "charts/pool_reward_mean": all_rewards.mean().item(),
             "charts/images_per_sec": n * world / (time.time() - t_iter),
             "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample,
             "perf/train_s": t_train - t_reward, "charts/lr": lr_now, "charts/reward_queries": r.reward_queries,

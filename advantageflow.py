@@ -62,7 +62,7 @@ class Args(RunArgs):
     rollout_ema_rate: float = 0.1
     """rollout policy old <- rho old + (1 - rho) learner, rho_i = min(rate * i, max) (DiffusionNFT code: 0.001)"""
     rollout_ema_max: float = 0.9
-    """the cap of rho_i (DiffusionNFT code: 0.5; AF-speech: a constant 0.9)"""
+    """the cap of rho_i (DiffusionNFT code: 0.5)"""
 
 
 # ----------------------------------------------------------------------------------- advantages

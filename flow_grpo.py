@@ -8,7 +8,7 @@ trained steps, optionally minus beta * KL to the frozen base. An EMA of the trai
 saved. Docs: docs/flow_grpo.md.
 
     python flow_grpo.py                                  # embedded shapes world, 2 CPU cores, ~10 min
-    python flow_grpo.py --global-std --beta 0.04         # std over the whole batch, KL to the base model
+    python flow_grpo.py --global-std --kl-coef 0.04         # std over the whole batch, KL to the base model
 """
 
 import contextlib
@@ -67,7 +67,7 @@ class Args(RunArgs):
     """advantages clipped to [-adv_clip_max, adv_clip_max] (official code)"""
     global_std: bool = False
     """divide by the std of the whole gathered batch instead of each group's (official SD3.5-M configs: on)"""
-    beta: float = 0.5
+    kl_coef: float = 0.5
     """weight of the KL to the reference (base) model (SD3.5-M GenEval / OCR: 0.04, PickScore: 0.01)"""
     ema: bool = True
     """keep an EMA of the trained weights; evaluate and save it (official code)"""
@@ -214,8 +214,8 @@ def check_method_args(a):
                    "cps the last one is deterministic: use a fraction that leaves it out")
     if a.noise_level <= 0:
         utils.fail(f"--noise-level {a.noise_level} must be > 0 (0 is the deterministic ODE: no log-probabilities)")
-    if a.clip_range <= 0 or a.adv_clip_max <= 0 or a.beta < 0:
-        utils.fail("--clip-range and --adv-clip-max must be > 0 and --beta >= 0")
+    if a.clip_range <= 0 or a.adv_clip_max <= 0 or a.kl_coef < 0:
+        utils.fail("--clip-range and --adv-clip-max must be > 0 and --kl-coef >= 0")
     if a.num_inner_epochs < 1 or a.num_minibatches < 1 or a.ema_every < 1 or a.ema_repeat < 1:
         utils.fail("--num-inner-epochs, --num-minibatches, --ema-every and --ema-repeat must be >= 1")
     if a.eval_num_steps is not None and a.eval_num_steps < 1:
@@ -314,13 +314,13 @@ if __name__ == "__main__":
                             sigma_max, args.guidance_scale, *negs(len(mb)), sde_type=args.sde_type)
                         policy_loss, ratio = ppo_clip_loss(log_prob, old_log_probs[mb, j], a, args.clip_range)
                         kl = torch.zeros((), device=device)  # stacked with the step's tensors below
-                        if args.beta > 0:  # KL to the frozen base (paper's KL term in the official code's form)
+                        if args.kl_coef > 0:  # KL to the frozen base (paper's KL term in the official code's form)
                             with torch.no_grad(), policy.ref() as ref:
                                 _, mean_ref, _ = step_log_prob(ref, x, x_next, sigmas[j], sigmas[j + 1], pe, pp,
                                                                args.noise_level, sigma_max, args.guidance_scale,
                                                                *negs(len(mb)), sde_type=args.sde_type)
                             kl = kl_loss(mean, mean_ref, sigma_t)
-                        loss = policy_loss + args.beta * kl
+                        loss = policy_loss + args.kl_coef * kl
                         (loss / (n_micro * n_train)).backward()
                         losses.append(loss.detach())
                         with torch.no_grad():  # PPO diagnostics (official code)

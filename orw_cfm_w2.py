@@ -278,7 +278,9 @@ if __name__ == "__main__":
         fm_mean, wfm_mean, w2_mean = torch.stack(stats).mean(0).tolist()
         w_pos = weights + 1 if args.weights == "centered" else weights  # the positive weights exp(tau r) / mean
         metrics = {
-            "charts/reward_mean": all_rewards.mean().item(), "charts/reward_std": all_rewards.std().item(),
+            # this iteration's training images, as in every method file; the epoch's pool separately
+            "charts/reward_mean": all_rewards[b].mean().item(), "charts/reward_std": all_rewards[b].std().item(),
+            "charts/pool_reward_mean": all_rewards.mean().item(),
             "charts/images_per_sec": n * world / (time.time() - t_iter),
             "perf/sample_s": t_sample - t_iter, "perf/reward_s": t_reward - t_sample, "perf/train_s": t_train - t_reward,
             "charts/lr": lr_now, "charts/reward_queries": r.reward_queries, "charts/epoch": epoch,

@@ -6,7 +6,7 @@ HF_HUB_OFFLINE=1).
     bash benchmark/gpu_smoke.sh --dry-run --estimates   # ... plus the memory estimate of each run (~1 min of CPU)
 
 Each method runs its docs page's SD3.5-M command (docs/<method>.md) on one GPU at the page's micro-batch per GPU,
-with CFG, T5, LoRA r32, its --beta / --ema / reward dtype, for a few iterations: ORW-CFM-W2 and AC-Flow with short
+with CFG, T5, LoRA r32, its --kl-coef / --ema / reward dtype, for a few iterations: ORW-CFM-W2 and AC-Flow with short
 epochs (two pool samplings each, the page's pool-to-iteration ratio), Flow-GRPO and FDFO with fewer images per GPU
 (`--full-batch`: the page's 144 / 108). The real reward model when the local Hugging Face cache has it, otherwise
 a named fallback (Flow-GRPO's GenEval server: GENEVAL_URL with prompts/geneval_*.jsonl; else the VLM judge the page

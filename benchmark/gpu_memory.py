@@ -18,7 +18,7 @@ The transformer phases run as the scripts run them on CUDA: fp32 LoRA weights, t
 CUDA's torch.autocast(bf16) (`AutocastPolicy`: CUDA keeps layer_norm, pow, softmax, sum in fp32, CPU autocast does
 not; checked against the real CPU autocast by benchmark/autocast_memory.py), fp32 outputs. A training micro-step is
 forward + backward at --train-batch-size (doubled under CFG when the method trains through CFG); Flow-GRPO's
-reference forward (--beta > 0) runs while the learner's graph is alive, so it is traced inside the step. Attention
+reference forward (--kl-coef > 0) runs while the learner's graph is alive, so it is traced inside the step. Attention
 is counted as a fused kernel (flash / memory-efficient, what SDPA picks on CUDA).
 
 Not counted: the CUDA context (~0.5-1 GiB, outside PyTorch's allocator), allocator fragmentation, reward-model
@@ -340,7 +340,7 @@ def estimate(sd, method, checkpointing=None, flags=None, autocast=True, extra=No
     reward_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[f.get("--reward-dtype", "fp32")]
     ema = f.get("--ema", True) is not False and "--no-ema" not in f  # flow_grpo: on by default
     with_old = method != "fdfo" and (method != "flow_grpo" or ema)  # flow_grpo: run.EMA's fp32 shadow, same size
-    beta = float(f.get("--beta", 0.5)) if method == "flow_grpo" else 0.0
+    kl_coef = float(f.get("--kl-coef", 0.5)) if method == "flow_grpo" else 0.0
     lat = 16 * (res // 8) ** 2  # latent elements per image
     img = 3 * res * res * 4  # a decoded fp32 image
     weights = (sd.n_transformer + sd.n_clip + (nparams(sd.t5) if t5 else 0)) * 2 + nparams(sd.vae) * 4
@@ -361,7 +361,7 @@ def estimate(sd, method, checkpointing=None, flags=None, autocast=True, extra=No
     decode_b = int(f.get("--decode-batch-size", 16))
     train_b = tbs * (2 if cfg and method == "flow_grpo" else 1)
     phases = {
-        "train": sd.phase("train", train_b, res, checkpointing=checkpointing, ref=beta > 0, autocast=autocast),
+        "train": sd.phase("train", train_b, res, checkpointing=checkpointing, ref=kl_coef > 0, autocast=autocast),
         "rollout": sd.phase("forward", roll_b * (2 if cfg and method in CFG_ROLLOUTS else 1), res, autocast=autocast),
         "eval": sd.phase("forward", eval_b * (2 if cfg else 1), res, autocast=autocast) + 3 * eval_b * img,
         "vae": sd.phase("vae", min(decode_b, n), res) + max(n - decode_b, 0) * img,  # + the chunks decoded so far

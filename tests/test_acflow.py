@@ -56,9 +56,9 @@ def test_zero_critic_with_clip_is_orw_on_clipped_rewards():
 def test_clipping_bounds_weights():
     g = torch.Generator().manual_seed(1)
     shaped, values = 10 * torch.randn(1000, generator=g), 10 * torch.randn(1000, generator=g)
-    for beta, c in [(1.0, 1.0), (0.5, 2.0), (3.0, 0.25)]:
-        w, adv = acflow.actor_weights(5, shaped, values, beta, c, 0)
-        lo, hi = math.exp(-beta * c), math.exp(beta * c)
+    for tau, c in [(1.0, 1.0), (0.5, 2.0), (3.0, 0.25)]:
+        w, adv = acflow.actor_weights(5, shaped, values, tau, c, 0)
+        lo, hi = math.exp(-tau * c), math.exp(tau * c)
         assert w.min().item() >= lo * (1 - 1e-6) and w.max().item() <= hi * (1 + 1e-6)
         assert w.min().item() == pytest.approx(lo) and w.max().item() == pytest.approx(hi)  # bounds are attained
         assert adv.abs().max().item() == pytest.approx(c)
@@ -68,12 +68,12 @@ def test_clipping_bounds_weights():
 
 def test_warmup_switch_at_configured_iteration():
     shaped, values = torch.tensor([0.5, -0.5, 1.5]), torch.tensor([0.4, -1.0, 2.0])
-    K, beta, c = 4, 1.0, 1.0
+    K, tau, c = 4, 1.0, 1.0
     for it in range(8):
-        w, adv = acflow.actor_weights(it, shaped, values, beta, c, K)
+        w, adv = acflow.actor_weights(it, shaped, values, tau, c, K)
         expected_adv = [0.5, -0.5, 1.0] if it < K else [0.1, 0.5, -0.5]  # r~ (V treated as 0) before K, r~ - V after
         assert adv.tolist() == pytest.approx(expected_adv), it
-        assert w.tolist() == pytest.approx([math.exp(beta * a) for a in expected_adv])
+        assert w.tolist() == pytest.approx([math.exp(tau * a) for a in expected_adv])
 
 
 def test_weight_norm():
@@ -194,13 +194,13 @@ def test_smoke_tiny_sd3_lora(tmp_path):
 
 
 # The named variant `--weights centered` (32 prompts x 1 image, each batch used twice per 20-iteration epoch, alpha 3,
-# beta 3) for 100 iterations (1,600 reward queries) against its own base, evaluated on the same held-out noise (what
+# tau 3) for 100 iterations (1,600 reward queries) against its own base, evaluated on the same held-out noise (what
 # `--lr 0` gives). The default (AC-Flow's reconstructed positive weights) does not learn on this world (docs/acflow.md,
 # Results), so this test pins the variant that does. One thread pins the trajectory (the thread count changes float
 # rounding). Measured at 100 iterations over seeds 0 / 1 / 2: strict +0.039 / +0.031 / +0.012, partial +0.047 /
 # +0.019 / +0.023 (docs/acflow.md). The test runs seed 0; the 0.01 margins are what a broken update misses (ignored
 # weights, centered: all 0, leave only the W2 pull; inverted ones lose), not the seed spread.
-CENTERED = ["--weights", "centered", "--alpha", "3", "--beta", "3", "--pool-reuse", "2"]
+CENTERED = ["--weights", "centered", "--alpha", "3", "--tau", "3", "--pool-reuse", "2"]
 
 
 @pytest.mark.slow
@@ -227,7 +227,7 @@ def test_critic_learns_jpeg_value_and_opens_gate(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "acflow.py"), "--threads", "1", "--reward", "jpeg_compressibility",
            "--prompts-per-iter", "16", "--group-size", "2", "--pool-reuse", "4", "--num-iterations", "22",
-           "--alpha", "3", "--beta", "3", "--weights", "centered", "--weight-norm",  # the configuration it was measured with
+           "--alpha", "3", "--tau", "3", "--weights", "centered", "--weight-norm",  # the configuration it was measured with
            "--eval-samples-per-prompt", "1", "--eval-every", "1000", "--checkpoint-every", "1000", "--no-save-model",
            "--output-dir", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)

@@ -220,7 +220,7 @@ def test_bad_flags_fail_before_loading(flags, message):
 
 
 def test_smoke_embedded_with_kl_and_resume(tmp_path):
-    s = _run([*TINY, "--beta", "0.04", "--checkpoint-every", "1"], tmp_path)
+    s = _run([*TINY, "--kl-coef", "0.04", "--checkpoint-every", "1"], tmp_path)
     assert {"base", "final", "wall_time_s", "reward_queries"} <= set(s)
     assert s["reward_queries"] == 2 * 4 and s["skipped_updates"] == 0
     for k in ("reward_mean", "strict_accuracy", "accuracy"):
@@ -228,7 +228,7 @@ def test_smoke_embedded_with_kl_and_resume(tmp_path):
     assert (tmp_path / "run" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     # resuming a finished 2-iteration run for 3 iterations continues the counters
-    s3 = _run([*TINY, "--beta", "0.04", "--num-iterations", "3", "--resume", str(tmp_path / "run")], tmp_path)
+    s3 = _run([*TINY, "--kl-coef", "0.04", "--num-iterations", "3", "--resume", str(tmp_path / "run")], tmp_path)
     assert s3["reward_queries"] == 3 * 4 and s3["base"] == s["base"]
 
 
@@ -237,7 +237,7 @@ def test_smoke_tiny_sd3_lora_cfg(tmp_path):
 
     path = build_tiny_sd3(tmp_path / "sd3")
     s = _run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4", "--guidance-scale", "2.0",
-             "--global-std", "--timestep-sampling", "first", "--beta", "0.01", "--no-ema"], tmp_path)
+             "--global-std", "--timestep-sampling", "first", "--kl-coef", "0.01", "--no-ema"], tmp_path)
     assert {"base", "final", "wall_time_s", "reward_queries"} <= set(s)
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     s = _run([*TINY, "--model", str(path), "--resolution", "32", "--lora-rank", "4"], tmp_path, "ema")

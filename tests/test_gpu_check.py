@@ -82,7 +82,7 @@ def test_plan_keeps_each_pages_micro_batch_and_shortens_epochs(capsys):
         world, doc = gpu_check.documented(m)
         f = plan[m]
         assert f["--train-batch-size"] == doc["--train-batch-size"] and f["--no-save-model"] is True
-        for k in ("--guidance-scale", "--lora-rank", "--num-steps", "--beta", "--ema", "--use-t5"):
+        for k in ("--guidance-scale", "--lora-rank", "--num-steps", "--kl-coef", "--ema", "--use-t5"):
             assert f.get(k) == doc.get(k), (m, k)
     assert int(plan["advantageflow"]["--prompts-per-iter"]) * 4 == 16  # the page's 16 images per GPU
     assert plan["orw_cfm_w2"]["--num-iterations"] == 2 * plan["orw_cfm_w2"]["--epoch-iters"]  # two pool samplings

@@ -94,7 +94,7 @@ def assert_trainables_fp32(ckpt):
 
 # + Flow-GRPO without KL (its zero KL was a CPU tensor stacked with CUDA ones: the device mismatch itself needs a
 # GPU, benchmark/gpu_smoke.sh; here the path runs)
-CASES = [(m, []) for m in METHODS] + [("flow_grpo", ["--beta", "0"])]
+CASES = [(m, []) for m in METHODS] + [("flow_grpo", ["--kl-coef", "0"])]
 
 
 @pytest.mark.parametrize("method,extra", CASES, ids=[m + "".join(e) for m, e in CASES])
