@@ -194,16 +194,20 @@ def iteration_times(run_dir, skip=1):
 
 
 def time_passes(calls, reps=3):
-    """Seconds of each recorded transformer pass timed alone on the embedded model, one thread: forward under
-    no_grad, or forward + backward (all parameters trainable, as in the default full fine-tuning)."""
+    """(seconds, FLOPs) of each recorded transformer pass timed alone on the embedded model, one thread, in the
+    runs' precision (`common.models.load_model`'s default: bf16 autocast on CPUs with native bf16): forward under
+    no_grad, or forward + backward (all parameters trainable, as in the default full fine-tuning). FLOPs:
+    torch.utils.flop_counter of the forward, x3 with the backward."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
-    from common.models import load_model
+    from common.models import Policy, load_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    tr = load_model("embedded", "cpu").transformer.requires_grad_(True)
-    cache = {}
+    tr = load_model("embedded", "cpu").transformer
+    Policy(tr)  # trainable weights in fp32, as in a run
+    cache, flops = {}, {}
     for hs, ehs, pp, grad, _ in calls:
         key = (tuple(hs), tuple(ehs), tuple(pp), grad)
         if key in cache:
@@ -218,13 +222,27 @@ def time_passes(calls, reps=3):
                     tr.zero_grad(set_to_none=True)
 
         once()  # warm-up
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            tr(hidden_states=x, encoder_hidden_states=e, pooled_projections=p, timestep=t)
+        flops[key] = fc.get_total_flops() * (3 if grad else 1)
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
             once()
             ts.append(time.perf_counter() - t0)
         cache[key] = statistics.median(ts)
-    return [cache[(tuple(hs), tuple(ehs), tuple(pp), grad)] for hs, ehs, pp, grad, _ in calls]
+    keys = [(tuple(hs), tuple(ehs), tuple(pp), grad) for hs, ehs, pp, grad, _ in calls]
+    return [cache[k] for k in keys], [flops[k] for k in keys]
+
+
+def matmul_peaks():
+    """GFLOP/s of one 2048^3 matmul on one thread, fp32 and bf16 (benchmark/compute.py's yardstick)."""
+    import torch
+
+    from compute import matmul_peak
+
+    torch.set_num_threads(1)
+    return {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
 
 
 def cost_one(method, out, iterations=4):
@@ -238,12 +256,16 @@ def cost_one(method, out, iterations=4):
                "--num-iterations", str(iterations), "--output-dir", str(d / "run"), *NO_EVAL]
         subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, check=True)
         rec = json.loads((d / "record.json").read_text())
-        secs = time_passes(rec["calls"])
+        secs, flops = time_passes(rec["calls"])
         n = rec["iterations"]
         pure = {ph: sum(s for s, c in zip(secs, rec["calls"]) if c[4] == ph) / n for ph in ("sample", "train")}
+        gflop = {ph: sum(f for f, c in zip(flops, rec["calls"]) if c[4] == ph) / n / 1e9 for ph in ("sample", "train")}
         passes = {k: sum(c[3] == g for c in rec["calls"]) / n for k, g in (("forward", False), ("forward_backward", True))}
         measured = iteration_times(d / "run")
-        (d / "cost.json").write_text(json.dumps(dict(measured=measured, pure=pure, passes=passes, iterations=n)))
+        from common.models import default_dtype
+
+        (d / "cost.json").write_text(json.dumps(dict(measured=measured, pure=pure, passes=passes, iterations=n,
+                                                     gflop=gflop, dtype=str(default_dtype("cpu")), peak=matmul_peaks())))
         (d / "run_key.json").write_text(json.dumps(key))
     c = json.loads((d / "cost.json").read_text())
     print(f"{method} cost: {c}", flush=True)
@@ -322,15 +344,23 @@ def queries_to_reach(curve, target):
 
 def cost_table(costs):
     rows = ["| method | measured s/iter: sample / reward / train (total) | pure model compute s/iter: sample / train "
-            "(total) | ratio | passes per iter: forward / forward+backward |", "|---|---|---|---|---|"]
+            "(total) | ratio | passes per iter: forward / forward+backward | achieved GFLOP/s in the run: sample / "
+            "train (of the matmul peak) |", "|---|---|---|---|---|---|"]
     notes = []
     for m, c in costs.items():
         me, pu, pa = c["measured"], c["pure"], c["passes"]
         tot_m, tot_p = sum(me.values()), sum(pu.values())
         ratio = tot_m / tot_p
+        if "gflop" in c:  # FLOPs of the iteration's passes over the measured seconds, against one-thread matmul
+            peak = c["peak"]["bf16" if "bfloat16" in c["dtype"] else "fp32"]
+            g = {ph: c["gflop"][ph] / me[ph] if me[ph] > 0 else float("nan") for ph in ("sample", "train")}
+            achieved = (f"{g['sample']:.0f} / {g['train']:.0f} ({g['sample'] / peak:.0%} / {g['train'] / peak:.0%} "
+                        f"of {peak:.0f}, {'bf16' if 'bfloat16' in c['dtype'] else 'fp32'})")
+        else:
+            achieved = "-"
         rows.append(f"| {m} | {me['sample']:.2f} / {me['reward']:.2f} / {me['train']:.2f} ({tot_m:.2f}) | "
                     f"{pu['sample']:.2f} / {pu['train']:.2f} ({tot_p:.2f}) | {ratio:.2f} | "
-                    f"{pa['forward']:.0f} / {pa['forward_backward']:.0f} |")
+                    f"{pa['forward']:.0f} / {pa['forward_backward']:.0f} | {achieved} |")
         if ratio > 1.15:
             notes.append(f"- **{m}** ({ratio:.2f}): of the {tot_m - tot_p:.2f} s per iteration above pure compute, "
                          f"{me['reward']:.2f} s is the reward (the programmatic scorer and the reward gathers; no "
