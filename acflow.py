@@ -40,11 +40,11 @@ class Args(RunArgs):
     train_batch_size: int = 32
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
     epoch_iters: int = 20
-    """K: iterations per epoch; the sampling copy is fixed for an epoch, then old <- actor (ORW-CFM-W2 official code's
+    """E: iterations per epoch; the sampling copy is fixed for an epoch, then old <- actor (ORW-CFM-W2 official code's
     `last_policy`); 1 = on-policy"""
     pool_reuse: int = 1
     """iterations that train on each sampled batch: 1 = a fresh batch from the sampling copy at every iteration
-    (ORW-CFM-W2 official code); R > 1 samples K / R batches per epoch and visits each R times"""
+    (ORW-CFM-W2 official code); R > 1 samples E / R batches per epoch and visits each R times"""
     lr: float = 3e-5
     """actor AdamW learning rate after the warm-up"""
     warmup_iters: int = 10
@@ -99,7 +99,7 @@ class Args(RunArgs):
     """the warm-up ends only at an epoch start whose fresh pool the critic explains with EV > this (reconstructed
     gate); 0 = end after --critic-warmup iterations"""
     timesteps_per_image: int = 1
-    """M noised points per image per iteration"""
+    """noised points per image per iteration"""
 
 
 # ----------------------------------------------------------------------------------- critic
@@ -225,7 +225,7 @@ if __name__ == "__main__":
                         args.critic_zero_init).to(device)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.critic_weight_decay)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
-    pool_batches = math.ceil(args.epoch_iters / args.pool_reuse)  # batches sampled per epoch (K with no reuse)
+    pool_batches = math.ceil(args.epoch_iters / args.pool_reuse)  # batches sampled per epoch (E with no reuse)
     warmup_min = args.critic_warmup if args.critic_warmup >= 0 else args.num_iterations // 10
 
     def noised(x0, n, gen):  # global-batch draws sliced per rank: sigma ~ U(0, 1) (ORW code), x_t (paper t = 1 - sigma)
@@ -254,7 +254,7 @@ if __name__ == "__main__":
         t_iter = utils.now(device)
         epoch, j = divmod(it, args.epoch_iters)
         if j == 0 or not buffer:
-            # ---- new epoch: M minibatches of CFG-free ODE rollouts of the fixed sampling copy (ORW-CFM-W2's
+            # ---- new epoch: E / R batches of CFG-free ODE rollouts of the fixed sampling copy (ORW-CFM-W2's
             # `last_policy`), scored once; noise for the global batch from (seed, epoch, batch), sliced per rank
             # copy: pool sampler (orw_cfm_w2.py, acflow.py; tests/test_copies.py keeps them identical)
             pool = dict(epoch=epoch, latents=[], pooled=[], prompt_idx=[], rewards=[], parts={})

@@ -30,9 +30,9 @@ class Args(RunArgs):
     """the name of this experiment"""
     num_iterations: int = 120
     prompts_per_iter: int = 8
-    """L prompts per iteration (paper, SD3.5-M: 48)"""
+    """L prompts per iteration (official SD3.5-M: 48)"""
     group_size: int = 8
-    """K images per prompt (paper, SD3.5-M: 24)"""
+    """K images per prompt (official SD3.5-M: 8)"""
     train_batch_size: int = 64
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
     lr: float = 1e-4

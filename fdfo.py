@@ -6,7 +6,7 @@ final images are near-identical counterfactuals. The reward difference times the
 final latents is a finite-difference estimate of the reward gradient in latent space; it is copied, without
 backpropagating through the sampler, to every visited state of both trajectories as a velocity target
 u = v_old - dbar, trained with an FPO-style likelihood-free ratio inside the SPO surrogate (a soft trust
-region), over K shuffled optimizer steps per iteration. Docs: docs/fdfo.md.
+region), over --num-minibatches shuffled optimizer steps per iteration. Docs: docs/fdfo.md.
 
     python fdfo.py                                       # embedded shapes world, 2 CPU cores, ~10 min
     python fdfo.py --churn 0.0025 --eps-clip 0.03        # the paper's churn and trust region
@@ -52,8 +52,8 @@ class Args(RunArgs):
     eps_clip: float = 0.03
     """SPO trust region epsilon (paper: 0.03)"""
     num_minibatches: int = 4
-    """K optimizer steps per iteration over the shuffled (image, step) items (official gradient_steps_per_epoch)"""
-    kl_weight: float = 0.0
+    """optimizer steps per iteration over the shuffled (image, step) items (official gradient_steps_per_epoch)"""
+    kl_coef: float = 0.0
     """weight of mean((v - v_base)^2), a velocity-space pull to the base model (paper: 0)"""
 
 
@@ -131,8 +131,8 @@ def check_method_args(a):
                    "each process must hold whole pairs")
     if a.churn <= 0:
         utils.fail(f"--churn {a.churn} must be > 0 (0 gives identical branches and no finite difference)")
-    if a.eps_clip <= 0 or a.kl_weight < 0:
-        utils.fail("--eps-clip must be > 0 and --kl-weight >= 0")
+    if a.eps_clip <= 0 or a.kl_coef < 0:
+        utils.fail("--eps-clip must be > 0 and --kl-coef >= 0")
     if a.num_minibatches < 1:
         utils.fail(f"--num-minibatches {a.num_minibatches} must be >= 1")
     if a.eval_num_steps is not None and a.eval_num_steps < 1:
@@ -190,7 +190,7 @@ if __name__ == "__main__":
         # ---- finite difference: half reward differences and normalised endpoint directions
         adv, dbar = finite_difference(reward.to(device), x0)
         pair_adv = utils.all_gather_cat(adv)[0::2].cpu()  # (R_A - R_B) / 2 of every pair, for logging
-        # ---- loss + update: K optimizer steps over the globally shuffled (image, step) items, uniform weights
+        # ---- loss + update: --num-minibatches optimizer steps over the globally shuffled (image, step) items, uniform weights
         # (official code); each rank takes its own items of a chunk, scaled so the rank average is the chunk mean
         T = args.num_steps
         perm = torch.randperm(n * world * T, generator=gen)  # global item index = global image * T + step
@@ -199,7 +199,7 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
             mine = chunk[(chunk >= rank * n * T) & (chunk < (rank + 1) * n * T)] - rank * n * T
             # items with a = 0 (equal rewards) contribute exactly zero to the SPO loss: skip their forward pass
-            active = mine if args.kl_weight > 0 else mine[adv[mine // T].cpu() != 0]
+            active = mine if args.kl_coef > 0 else mine[adv[mine // T].cpu() != 0]
             chunk_losses = []
             for mb in active.split(args.train_batch_size) if len(active) else []:
                 b, i = mb // T, mb % T  # local image index, step index
@@ -208,14 +208,14 @@ if __name__ == "__main__":
                                      args.guidance_scale, *negs(len(mb)))
                 per, rho = spo_loss(v, v_old[b, i], dbar[b], adv[b], args.eps_clip)
                 kl = torch.zeros((), device=device)
-                if args.kl_weight > 0:  # velocity-space pull to the base model
+                if args.kl_coef > 0:  # velocity-space pull to the base model
                     with torch.no_grad(), policy.ref() as ref:
                         v_base = sampling.predict(ref, states[b, i], sigmas[i].to(device), pe, pp,
                                                   args.guidance_scale, *negs(len(mb)))
                     kl = ((v - v_base) ** 2).mean(dim=tuple(range(1, v.ndim)))
-                loss = (per + args.kl_weight * kl).sum() * world / len(chunk)  # the mean over the chunk
+                loss = (per + args.kl_coef * kl).sum() * world / len(chunk)  # the mean over the chunk
                 loss.backward()
-                chunk_losses.append((per + args.kl_weight * kl).mean().detach())
+                chunk_losses.append((per + args.kl_coef * kl).mean().detach())
                 with torch.no_grad():  # SPO / ratio diagnostics
                     d = rho - 1
                     stats.append(torch.stack([per.mean(), kl.mean(), rho.mean(),

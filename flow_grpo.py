@@ -34,7 +34,7 @@ class Args(RunArgs):
     prompts_per_iter: int = 4
     """prompts per iteration (SD3.5-M: 48)"""
     group_size: int = 8
-    """G images per prompt (SD3.5-M: 24)"""
+    """K images per prompt (SD3.5-M: 24)"""
     train_batch_size: int = 8
     """micro-batch of rollouts and of the update (the same, so recomputed log-probs match, as the official code)"""
     lr: float = 1e-4

@@ -1,7 +1,7 @@
 """ORW-CFM-W2: online reward-weighted conditional flow matching with a Wasserstein-2 regulariser (Fan et al.,
 ICLR 2025, arXiv 2502.06061; official code github.com/markerthu/orw-cfm, finetune_fm.py).
 
-Epochs as in the official code: a lagged sampling copy theta_old (`last_policy`) is fixed for K iterations and
+Epochs as in the official code: a lagged sampling copy theta_old (`last_policy`) is fixed for E iterations and
 draws a fresh batch of images with the CFG-free ODE sampler at every iteration, each scored once and weighted
 w = exp(tau * r); the learner does weighted flow matching on that batch at fresh noised points x_t, plus
 alpha * ||v_theta - v_ref||^2 towards the frozen base at the same (x_t, sigma), whose time integral bounds the
@@ -42,10 +42,10 @@ class Args(RunArgs):
     train_batch_size: int = 32
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
     epoch_iters: int = 20
-    """K: iterations per epoch; theta_old is fixed for an epoch, then old <- learner (official `update_last_policy`)"""
+    """E: iterations per epoch; theta_old is fixed for an epoch, then old <- learner (official `update_last_policy`)"""
     pool_reuse: int = 1
     """iterations that train on each sampled batch: 1 = a fresh batch from theta_old at every iteration (official
-    code); R > 1 samples K / R batches per epoch and visits each R times at fresh noised points"""
+    code); R > 1 samples E / R batches per epoch and visits each R times at fresh noised points"""
     lr: float = 3e-5
     """AdamW learning rate after the warm-up"""
     warmup_iters: int = 10
@@ -164,7 +164,7 @@ if __name__ == "__main__":
     # linear warm-up (official code: LambdaLR(min(step, 5000) / 5000), whose first step has lr 0; ours lr / W)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_iters)))
     sigmas = model.sigmas(args.num_steps)  # (T+1,) sampling grid, shift from the scheduler config
-    pool_batches = math.ceil(args.epoch_iters / args.pool_reuse)  # batches sampled per epoch (K with no reuse)
+    pool_batches = math.ceil(args.epoch_iters / args.pool_reuse)  # batches sampled per epoch (E with no reuse)
     pool = None
 
     def evaluate(step):
@@ -216,7 +216,7 @@ if __name__ == "__main__":
                     pool["parts"].setdefault(k, []).append(v.float().mean().item())
             # end copy: pool sampler
             # weights w = exp(tau * r), detached (eq. 10; official code); --weights centered: w / mean(w) - 1
-            all_rewards = torch.stack(pool["rewards"])  # (M, B_global)
+            all_rewards = torch.stack(pool["rewards"])  # (E / R batches, B_global)
             groups = torch.cat([utils.all_gather_cat(p.to(device)).cpu() for p in pool["prompt_idx"]])
             pool["weights"] = orw_weights(all_rewards.flatten(), args.tau, args.weight_norm, groups, args.max_exponent,
                                           args.weights == "centered").view_as(all_rewards)

@@ -181,7 +181,7 @@ def test_bad_flags_fail_before_loading(flags, world, line):
     assert code != 0 and err == [line]
 
 
-@pytest.mark.parametrize("flags", [[], ["--lora-rank", "4", "--kl-weight", "0.01", "--guidance-scale", "2.0"]])
+@pytest.mark.parametrize("flags", [[], ["--lora-rank", "4", "--kl-coef", "0.01", "--guidance-scale", "2.0"]])
 def test_smoke_embedded(tmp_path, flags):
     out_dir, summary = _run(tmp_path, "--num-iterations", "2", *TINY, *flags)
     assert summary["reward_queries"] == 2 * 4
