@@ -65,11 +65,12 @@ class Args(RunArgs):
     """weight temperature: w = exp(tau * A^) on shaped advantages (reconstructed from ORW-CFM-W2's exp(tau r))"""
     adv_clip: float = 1.0
     """c_A: A^ = clip(A, -c_A, c_A) in shaped-reward units (AC-Flow's advantage clipping); 0 = no clipping"""
-    weight_norm: bool = True
-    """w / mean(w) over the minibatch, so alpha keeps its meaning (mean w = 1); ORW-CFM-W2's code: raw weights"""
+    weight_norm: Literal["minibatch", "none"] = "minibatch"
+    """minibatch: w / mean(w) over the minibatch, so alpha keeps its meaning (mean w = 1) | none: raw weights
+    (ORW-CFM-W2's code)"""
     weights: Literal["exp", "centered"] = "exp"
     """exp: w = exp(tau A^) (reconstructed) | centered: w / mean(w) - 1, the update without its self-training term
-    (AdvantageFlow section 4.2, eq. 12; not AC-Flow's; needs --weight-norm and alpha >= 1)"""
+    (AdvantageFlow section 4.2, eq. 12; not AC-Flow's; needs --weight-norm minibatch and alpha >= 1)"""
     shaping: Literal["batch", "group", "running", "none"] = "batch"
     """reward shaping over the epoch's pool: batch z-score | group (per prompt) | running (EMA) | none"""
     shaping_momentum: float = 0.99
@@ -108,7 +109,7 @@ class Critic(nn.Module):
     embedding, concatenated into an MLP with LayerNorm. zero_init: last layer 0, so V = 0 at the
     start and AC-Flow starts as ORW-CFM-W2."""
 
-    def __init__(self, in_channels, pooled_dim, width=32, zero_init=True):
+    def __init__(self, in_channels, pooled_dim, width=32, zero_init=False):
         super().__init__()
         c = width
 
@@ -205,8 +206,8 @@ def check_method_args(a):
     if a.weights == "centered" and a.alpha < 1:
         # per noised point the quadratic coefficient is E[w - 1 | x_t] + alpha, and w - 1 reaches -1 (see orw_cfm_w2.py)
         utils.fail(f"--weights centered needs --alpha >= 1 (got {a.alpha}): below it the objective is unbounded below")
-    if a.weights == "centered" and not a.weight_norm:
-        utils.fail("--weights centered needs --weight-norm (w - 1 has mean 0 only for normalised w)")
+    if a.weights == "centered" and a.weight_norm == "none":
+        utils.fail("--weights centered needs --weight-norm minibatch (w - 1 has mean 0 only for normalised w)")
     if a.shaping == "group" and a.group_size < 2:
         utils.fail("--shaping group needs --group-size >= 2 (a z-score within each prompt's images)")
 
@@ -228,7 +229,7 @@ if __name__ == "__main__":
     pool_batches = math.ceil(args.epoch_iters / args.pool_reuse)  # batches sampled per epoch (E with no reuse)
     warmup_min = args.critic_warmup if args.critic_warmup >= 0 else args.num_iterations // 10
 
-    def noised(x0, n, gen):  # global-batch draws sliced per rank: sigma ~ U(0, 1) (ORW code), x_t (paper t = 1 - sigma)
+    def noised(x0, n, local, gen):  # global draws sliced per rank: sigma ~ U(0, 1) (ORW code), x_t (paper t = 1 - sigma)
         sigma = torch.rand(n * world, generator=gen)[local].to(device)
         eps = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
         return sigma, eps, (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
@@ -261,6 +262,7 @@ if __name__ == "__main__":
             for b in range(pool_batches):
                 captions, meta, prompt_idx = r.sampler.sample(epoch * pool_batches + b)
                 n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
+                # one stream per (seed, epoch, batch): the primes 1,000,003 and 1,009 exceed any epoch / batch count
                 gen = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_009 + b)
                 noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
                 prompt_embeds, pooled = model.encode_prompt(captions)
@@ -280,9 +282,11 @@ if __name__ == "__main__":
             pool["shaped"] = list(shaped.view(pool_batches, -1))
             # out-of-sample explained variance: the critic has not trained on this pool yet (the warm-up gate)
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+            pv = []  # (V, r~) of each pool batch at fresh noised points
             with torch.no_grad():
-                pv = [(critic(xt, s, pool["pooled"][b]), pool["shaped"][b][local].to(device)) for b in range(pool_batches)
-                      for s, _, xt in [noised(pool["latents"][b], n, gen)]]
+                for b in range(pool_batches):
+                    s, _, xt = noised(pool["latents"][b], n, local, gen)
+                    pv.append((critic(xt, s, pool["pooled"][b]), pool["shaped"][b][local].to(device)))
             pool_ev = explained_variance(*(utils.all_gather_cat(torch.cat(t)).cpu() for t in zip(*pv)))
             if warmup_end is None and it >= warmup_min and (args.warmup_ev == 0 or (args.critic and pool_ev > args.warmup_ev)):
                 warmup_end = it  # the critic drives the actor once it explains fresh rollouts
@@ -297,10 +301,10 @@ if __name__ == "__main__":
         n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
         prompt_embeds, _ = model.encode_prompt(captions)
         shaped, all_rewards = pool["shaped"][b][local].to(device), torch.cat(pool["rewards"])
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)  # one stream per (seed, iteration)
         points = []  # (micro-batch indices, sigma, eps, x_t)
         for _ in range(args.timesteps_per_image):
-            pts = noised(x0, n, gen)
+            pts = noised(x0, n, local, gen)
             points += [(mb, *(t[mb] for t in pts)) for mb in torch.arange(n).split(args.train_batch_size)]
         with torch.no_grad():  # the critic baseline V(x_t, sigma, c), read before this iteration's critic steps
             values = torch.cat([critic(xt, s, pooled[mb]) if args.critic else torch.zeros(len(mb), device=device)
@@ -308,8 +312,8 @@ if __name__ == "__main__":
         targets = torch.cat([shaped[mb] for mb, _, _, _ in points])  # r~ of each noised point's image
         warm = warmup_end is None
         w_all, adv = actor_weights(it, targets, values, args.tau, args.adv_clip, it + 1 if warm else warmup_end,
-                                   args.weight_norm, args.weights == "centered")
-        w_v0, _ = actor_weights(it, targets, values, args.tau, args.adv_clip, it + 1, args.weight_norm,
+                                   args.weight_norm == "minibatch", args.weights == "centered")
+        w_v0, _ = actor_weights(it, targets, values, args.tau, args.adv_clip, it + 1, args.weight_norm == "minibatch",
                                 args.weights == "centered")  # the same weights with V = 0 (the ORW special case)
         critic_effect = ((w_all - w_v0).abs().mean() / w_v0.abs().mean().clamp_min(1e-12)).item()
         t_reward = utils.now(device)
@@ -337,7 +341,7 @@ if __name__ == "__main__":
         for _ in range(args.critic_steps if args.critic else 0):
             p = buffer[int(torch.randint(len(buffer), (1,), generator=gen))]
             cb = int(torch.randint(len(p["latents"]), (1,), generator=gen))
-            s, _, xt = noised(p["latents"][cb], n, gen)
+            s, _, xt = noised(p["latents"][cb], n, local, gen)
             critic_opt.zero_grad(set_to_none=True)
             c_loss = critic_loss_fn(critic(xt, s, p["pooled"][cb]), p["shaped"][cb][local].to(device), args.critic_loss)
             c_loss.backward()

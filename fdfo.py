@@ -166,7 +166,7 @@ if __name__ == "__main__":
         t_iter = utils.now(device)
         # noise is drawn for the global batch from (seed, iteration) and sliced per rank: resume is exact and
         # a 2-process run sees the same numbers as a 1-process run with the same global batch
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)  # one stream per (seed, iteration)
         # ---- sample: one shared noise per pair, two branches with independent churn (paper §3), in micro-batches
         captions, meta, prompt_idx = r.sampler.sample(it)  # each prompt twice, pairs adjacent, never split over ranks
         n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))

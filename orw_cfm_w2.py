@@ -203,6 +203,7 @@ if __name__ == "__main__":
             for b in range(pool_batches):
                 captions, meta, prompt_idx = r.sampler.sample(epoch * pool_batches + b)
                 n, local = len(captions), slice(rank * len(captions), (rank + 1) * len(captions))
+                # one stream per (seed, epoch, batch): the primes 1,000,003 and 1,009 exceed any epoch / batch count
                 gen = torch.Generator().manual_seed((args.seed * 1_000_003 + epoch) * 1_009 + b)
                 noise = utils.randn_for_rank(gen, n * world, model.latent_shape, local, device, model.dtype)
                 prompt_embeds, pooled = model.encode_prompt(captions)
@@ -233,7 +234,7 @@ if __name__ == "__main__":
         prompt_embeds, pooled = model.encode_prompt(captions)
         w_local = pool["weights"][b][local].to(device)
         all_rewards, weights = torch.stack(pool["rewards"]), pool["weights"]
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)  # one stream per (seed, iteration)
         t_reward = utils.now(device)
         # ---- loss + update: weighted CFM + W2 (eq. 10), one optimizer step, micro-batches x timesteps accumulated
         optimizer.zero_grad(set_to_none=True)
