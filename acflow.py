@@ -40,11 +40,9 @@ class Args(RunArgs):
     train_batch_size: int = 32
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
     epoch_iters: int = 20
-    """E: iterations per epoch; the sampling copy is fixed for an epoch, then old <- actor (ORW-CFM-W2 official code's
-    `last_policy`); 1 = on-policy"""
+    """E: iterations per epoch; the sampling copy is fixed for an epoch, then old <- actor (ORW `last_policy`)"""
     pool_reuse: int = 1
-    """iterations that train on each sampled batch: 1 = a fresh batch from the sampling copy at every iteration
-    (ORW-CFM-W2 official code); R > 1 samples E / R batches per epoch and visits each R times"""
+    """R: iterations that train on each sampled batch (1: a fresh batch every iteration, ORW official code)"""
     lr: float = 3e-5
     """actor AdamW learning rate after the warm-up"""
     warmup_iters: int = 10
@@ -56,7 +54,7 @@ class Args(RunArgs):
     solver: Literal["euler", "heun"] = "euler"
     """ODE solver of the rollouts (evaluation: Euler)"""
     eval_num_steps: int | None = None
-    """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
+    """ODE steps of evaluation (None: --num-steps; SD3.5-M: 40)"""
     guidance_scale: float = 1.0
     """CFG of evaluation; rollouts are CFG-free"""
     alpha: float = 1.0
@@ -66,11 +64,9 @@ class Args(RunArgs):
     adv_clip: float = 1.0
     """c_A: A^ = clip(A, -c_A, c_A) in shaped-reward units (AC-Flow's advantage clipping); 0 = no clipping"""
     weight_norm: Literal["minibatch", "none"] = "minibatch"
-    """minibatch: w / mean(w) over the minibatch, so alpha keeps its meaning (mean w = 1) | none: raw weights
-    (ORW-CFM-W2's code)"""
+    """minibatch: w / mean(w) over the minibatch (mean w = 1) | none: raw weights (ORW-CFM-W2 code)"""
     weights: Literal["exp", "centered"] = "exp"
-    """exp: w = exp(tau A^) (reconstructed) | centered: w / mean(w) - 1, the update without its self-training term
-    (AdvantageFlow section 4.2, eq. 12; not AC-Flow's; needs --weight-norm minibatch and alpha >= 1)"""
+    """exp: w = exp(tau A^) | centered: w / mean(w) - 1 (AdvantageFlow eq. 12; not AC-Flow's; alpha >= 1)"""
     shaping: Literal["batch", "group", "running", "none"] = "batch"
     """reward shaping over the epoch's pool: batch z-score | group (per prompt) | running (EMA) | none"""
     shaping_momentum: float = 0.99
@@ -78,27 +74,24 @@ class Args(RunArgs):
     shaping_clamp: float = 0.0
     """clamp shaped rewards to [-c, c] (0 = off)"""
     critic: bool = True
-    """use the critic; --no-critic: the ablation V = 0 (ORW-style weights of shaped rewards, per-minibatch
-    normalisation; orw_cfm_w2.py is ORW-CFM-W2 itself)"""
+    """use the critic; --no-critic: the ablation V = 0 (exp weights of shaped rewards; not orw_cfm_w2.py)"""
     critic_lr: float = 1e-3
     """critic AdamW learning rate (not public; ours, SD3 commands: 1e-4)"""
     critic_weight_decay: float = 1e-4
     critic_width: int = 32
     """base channels c of the critic (conv c, 2c, 4c, 4c; MLP 8c); SD3: 64"""
     critic_zero_init: bool = False
-    """zero-initialise the critic's last layer (V = 0 at the start, AC-Flow starts as ORW-CFM-W2); default: PyTorch
-    init, a naive critic that predicts noise until it has trained"""
+    """zero-initialise the critic's last layer (V = 0 at the start); off: PyTorch's init"""
     critic_steps: int = 8
     """critic minibatch steps per iteration on the buffer (AC-Flow's value is not public; ours)"""
     critic_buffer: int = 2
     """epochs' pools kept for the critic (the current one and the previous ones): a small replay buffer"""
     critic_loss: Literal["mse", "huber"] = "mse"
     """critic regression loss: mse | huber (delta = 1)"""
-    critic_warmup: int = -1
-    """K_warm: minimum iterations in which the critic trains but does not drive the actor; -1 = 10%"""
+    critic_warmup: int | None = None
+    """minimum iterations in which the critic trains but does not drive the actor (None: 10 % of --num-iterations)"""
     warmup_ev: float = 0.3
-    """the warm-up ends only at an epoch start whose fresh pool the critic explains with EV > this (reconstructed
-    gate); 0 = end after --critic-warmup iterations"""
+    """warm-up ends at an epoch whose fresh pool the critic explains with EV > this; 0: after --critic-warmup"""
     timesteps_per_image: int = 1
     """noised points per image per iteration"""
 
@@ -198,9 +191,9 @@ def check_method_args(a):
     if a.critic_width < 4 or min(a.critic_steps, a.critic_buffer, a.timesteps_per_image, a.epoch_iters, a.pool_reuse) < 1:
         utils.fail("--critic-width must be >= 4; --critic-steps, --critic-buffer, --timesteps-per-image, "
                    "--epoch-iters, --pool-reuse >= 1")
-    if a.warmup_iters < 0 or a.warmup_ev < 0 or a.critic_warmup < -1:
-        utils.fail(f"--warmup-iters {a.warmup_iters}, --warmup-ev {a.warmup_ev} must be >= 0, --critic-warmup "
-                   f"{a.critic_warmup} >= 0 or -1 (10% of --num-iterations)")
+    if a.warmup_iters < 0 or a.warmup_ev < 0 or (a.critic_warmup is not None and a.critic_warmup < 0):
+        utils.fail(f"--warmup-iters {a.warmup_iters}, --warmup-ev {a.warmup_ev} and --critic-warmup {a.critic_warmup} "
+                   "must be >= 0")
     if not 0 <= a.shaping_momentum < 1:
         utils.fail(f"--shaping-momentum {a.shaping_momentum} must be in [0, 1)")
     if a.weights == "centered" and a.alpha < 1:
@@ -227,7 +220,7 @@ if __name__ == "__main__":
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.critic_weight_decay)
     sigmas = model.sigmas(args.num_steps)  # (T+1,) rollout grid, shift from the scheduler config
     pool_batches = math.ceil(args.epoch_iters / args.pool_reuse)  # batches sampled per epoch (E with no reuse)
-    warmup_min = args.critic_warmup if args.critic_warmup >= 0 else args.num_iterations // 10
+    warmup_min = args.critic_warmup if args.critic_warmup is not None else args.num_iterations // 10
 
     def noised(x0, n, local, gen):  # global draws sliced per rank: sigma ~ U(0, 1) (ORW code), x_t (paper t = 1 - sigma)
         sigma = torch.rand(n * world, generator=gen)[local].to(device)

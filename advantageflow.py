@@ -41,7 +41,7 @@ class Args(RunArgs):
     num_steps: int = 10
     """ODE steps of the rollout sampler (AF: 10)"""
     eval_num_steps: int | None = None
-    """ODE steps of evaluation (default: --num-steps; AF paper on SD3.5-M: 40)"""
+    """ODE steps of evaluation (None: --num-steps; AF paper on SD3.5-M: 40)"""
     guidance_scale: float = 1.0
     """CFG of evaluation; AdvantageFlow rolls out CFG-free (AF §4)"""
     gamma: float = 1.1
@@ -53,8 +53,7 @@ class Args(RunArgs):
     adv_clip: float = 1.0
     """A = clip(centred reward / Z, -adv_clip, adv_clip), Z = RMS of the centred rewards (AF: 1)"""
     adaptive_weight: Literal["shared", "none"] = "none"
-    """shared: each sample's loss / sg(max(mean|f_theta - x0|, 1e-5)), one weight for all terms | none: the literal
-    AF eq. 5"""
+    """shared: each sample's loss / sg(mean|f_theta - x0|), one weight for all terms | none: AF eq. 5"""
     timestep_sampling: Literal["grid", "uniform"] = "grid"
     """grid: distinct sigmas of the rollout grid per image (DiffusionNFT code) | uniform: U(0, 1)"""
     timesteps_per_image: int = 1

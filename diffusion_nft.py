@@ -42,14 +42,13 @@ class Args(RunArgs):
     num_steps: int = 10
     """ODE steps of the rollout sampler (official: 10)"""
     eval_num_steps: int | None = None
-    """ODE steps of evaluation (default: --num-steps; official SD3.5-M: 40)"""
+    """ODE steps of evaluation (None: --num-steps; official SD3.5-M: 40)"""
     guidance_scale: float = 1.0
     """CFG of evaluation; DiffusionNFT rolls out CFG-free"""
     beta: float = 1.0
     """beta of the implicit policies v+- (official: 1.0 GenEval / PickScore, 0.1 OCR / multi-reward)"""
     adv_clip: float = 5.0
-    """c: r = clip(z, -c, c) / c / 2 + 1/2 with z the group-centred reward over the batch std; the loss is x c
-    (official adv_clip_max)"""
+    """c: r = clip(z, -c, c) / 2c + 1/2, z = centred reward / batch std; the loss is x c (official adv_clip_max)"""
     kl_coef: float = 1e-4
     """weight of the velocity MSE to the base model (official kl_beta)"""
     adaptive_weight: Literal["separate", "shared", "none"] = "separate"

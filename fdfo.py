@@ -44,7 +44,7 @@ class Args(RunArgs):
     num_steps: int = 10
     """churned sampler steps of the rollouts (SD3.5-M: 40, official num_solver_steps)"""
     eval_num_steps: int | None = None
-    """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
+    """ODE steps of evaluation (None: --num-steps; SD3.5-M: 40)"""
     guidance_scale: float = 1.0
     """CFG of rollouts, training forward and evaluation (negative = empty prompt; paper: 1.0 = none)"""
     churn: float = 0.0025

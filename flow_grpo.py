@@ -44,15 +44,13 @@ class Args(RunArgs):
     num_steps: int = 10
     """SDE steps of the rollouts (paper's Denoising Reduction: 10)"""
     eval_num_steps: int | None = None
-    """ODE steps of evaluation (default: --num-steps; paper / official SD3.5-M configs: 40)"""
+    """ODE steps of evaluation (None: --num-steps; paper / official SD3.5-M configs: 40)"""
     guidance_scale: float = 1.0
     """CFG of rollouts, training log-probs and evaluation (negative = empty prompt; SD3.5-M: 4.5)"""
     noise_level: float = 0.7
-    """a in the SDE's std sigma_t = a * sqrt(t / (1 - t)) (paper, ODE-to-SDE conversion); with --sde-type cps the
-    step std is sigma_next * sin(a pi / 2)"""
+    """a in the SDE's std sigma_t = a sqrt(t / (1 - t)) (paper); --sde-type cps: step std sigma_next sin(a pi / 2)"""
     sde_type: Literal["sde", "cps"] = "sde"
-    """sde: the paper's ODE-to-SDE step | cps: Coefficients-Preserving Sampling (official `sample.sde_type`, its
-    Flow-GRPO-Fast configs); with cps the last step (to sigma 0) is deterministic and never trained"""
+    """sde: the paper's ODE-to-SDE step | cps: Coefficients-Preserving Sampling (official; last step not trained)"""
     timestep_fraction: float = 0.3
     """trains int(num_steps * fraction) steps of each trajectory (SD3.5-M: 0.99, i.e. 9 of 10)"""
     timestep_sampling: Literal["random", "first"] = "random"
@@ -76,8 +74,7 @@ class Args(RunArgs):
     ema_every: int = 1
     """optimizer steps between EMA updates (official code: 8)"""
     ema_repeat: int = 1
-    """EMA updates applied at each update event (official code: one per micro-batch per GPU, e.g. 8 with the
-    GenEval config on 8 GPUs, i.e. 0.9^8 = 0.43 of the EMA kept per event)"""
+    """EMA updates per update event (official: one per micro-batch per GPU, e.g. 8 on 8 GPUs)"""
 
 
 # ----------------------------------------------------------------------------------- SDE sampler (paper's ODE-to-SDE)

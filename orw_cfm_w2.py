@@ -37,15 +37,13 @@ class Args(RunArgs):
     prompts_per_iter: int = 32
     """prompts per gradient step (the minibatch; SD3.5-M: 32)"""
     group_size: int = 1
-    """images per prompt; the paper's weights are per image (no groups needed); --weight-norm prompt normalises over
-    each prompt's images"""
+    """images per prompt (the paper's weights are per image; --weight-norm prompt uses the groups)"""
     train_batch_size: int = 32
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
     epoch_iters: int = 20
     """E: iterations per epoch; theta_old is fixed for an epoch, then old <- learner (official `update_last_policy`)"""
     pool_reuse: int = 1
-    """iterations that train on each sampled batch: 1 = a fresh batch from theta_old at every iteration (official
-    code); R > 1 samples E / R batches per epoch and visits each R times at fresh noised points"""
+    """R: iterations that train on each sampled batch (1: a fresh batch from theta_old every iteration, official)"""
     lr: float = 3e-5
     """AdamW learning rate after the warm-up"""
     warmup_iters: int = 10
@@ -57,7 +55,7 @@ class Args(RunArgs):
     solver: Literal["euler", "heun"] = "euler"
     """ODE solver of the rollouts (evaluation: Euler)"""
     eval_num_steps: int | None = None
-    """ODE steps of evaluation (default: --num-steps; SD3.5-M: 40)"""
+    """ODE steps of evaluation (None: --num-steps; SD3.5-M: 40)"""
     guidance_scale: float = 1.0
     """CFG of evaluation; rollouts are CFG-free (the paper does not state its SD3 CFG)"""
     tau: float = 1.0
@@ -65,11 +63,9 @@ class Args(RunArgs):
     alpha: float = 1.0
     """W2 coefficient: weight of ||v_theta - v_ref||^2 (official code 1.0; 0 = ORW-CFM without W2)"""
     weight_norm: Literal["none", "pool", "prompt"] = "none"
-    """none: raw exp(tau r) (official code) | pool: w / mean(w) over the epoch's batches | prompt: over each
-    prompt's images"""
+    """none: raw exp(tau r) (official) | pool: w / mean(w) over the epoch | prompt: over each prompt's images"""
     weights: Literal["paper", "centered"] = "paper"
-    """paper: w (eq. 10) | centered: w / mean(w) - 1, the paper's gradient without its self-training term
-    (AdvantageFlow section 4.2, eq. 12; not the paper's objective; needs --weight-norm pool|prompt, alpha >= 1)"""
+    """paper: w (eq. 10) | centered: w / mean(w) - 1 (AdvantageFlow eq. 12; not the paper's; alpha >= 1)"""
     max_exponent: float = 20.0
     """clamp tau * r at this value before exp (raw weights only; a guard against overflow)"""
     offline: bool = False
@@ -77,8 +73,7 @@ class Args(RunArgs):
     timesteps_per_image: int = 1
     """noised points per image per iteration (official code: 1)"""
     sigma_sampling: Literal["uniform", "logit_normal"] = "uniform"
-    """training noise levels: uniform (sigma ~ U(0, 1), paper / official code, whose base model was pretrained the
-    same way) | logit_normal (sigmoid(N(0, 1)), the density the embedded base and SD3 were pretrained with)"""
+    """training noise levels: uniform (paper, official code) | logit_normal (the embedded base and SD3 pretraining)"""
     w2_eval_samples: int = 32
     """held-out samples on which the W2 bound to the base model is estimated at each evaluation"""
 

@@ -38,18 +38,17 @@ class RunArgs:
     """also log to Weights & Biases (TensorBoard is always on)"""
     wandb_project_name: str = "cleanflow"
     wandb_entity: str | None = None
-    """the wandb entity (user or team) of the project (default: your wandb default)"""
+    """the wandb entity (user or team) of the project (None: your wandb default)"""
     output_dir: str | None = None
-    """run directory (default runs/{task}__{exp_name}__{seed}__{time})"""
+    """run directory (None: runs/{task}__{exp_name}__{seed}__{time})"""
     save_model: bool = True
     """save lora/ (or transformer/) in diffusers format at the end"""
     upload_model: bool = False
     """upload the saved model, summary.json and a model card to the Hugging Face Hub at the end"""
     hf_entity: str | None = None
-    """user or organisation of the Hub model repo {hf_entity}/{task}-{exp_name}-seed{seed} (default: your account)"""
+    """user or organisation of the Hub model repo {hf_entity}/{task}-{exp_name}-seed{seed} (None: your account)"""
     resume: str | None = None
-    """a run directory or checkpoint.pt to continue from (the flags not given take its values; README: which
-    flags may change)"""
+    """a run directory or checkpoint.pt to continue (flags not given take its values; README: which may change)"""
     overwrite: bool = False
     """let a new run replace the run in --output-dir (its checkpoint, summary, weights and TensorBoard logs)"""
     checkpoint_every: int = 20
@@ -72,50 +71,45 @@ class RunArgs:
     num_steps: int = 10
     """ODE steps of the rollout sampler"""
     eval_num_steps: int | None = None
-    """ODE steps of evaluation (default: --num-steps)"""
+    """ODE steps of evaluation (None: --num-steps)"""
     guidance_scale: float = 1.0
     """classifier-free guidance of evaluation (1 = none)"""
 
     # model, prompts, reward
     model: str = "embedded"
-    """'embedded' or a diffusers SD3 / FLUX.1 id or local path (e.g. stabilityai/stable-diffusion-3.5-medium,
-    black-forest-labs/FLUX.1-dev)"""
+    """'embedded', or a diffusers SD3 / FLUX.1 id or local path (e.g. stabilityai/stable-diffusion-3.5-medium)"""
     resolution: int = 512
     """SD3 / FLUX image size (the embedded model is 32x32)"""
     use_t5: bool = False
     """SD3: also load the T5 text encoder (FLUX always loads it: its only sequence encoder)"""
     max_t5_length: int = 128
-    """SD3 with --use-t5, FLUX: T5 prompt tokens (DiffusionNFT and Flow-GRPO code: 128; diffusers' default 256 for
-    SD3, 512 for FLUX)"""
+    """T5 prompt tokens, SD3 with --use-t5 and FLUX (official NFT / Flow-GRPO code: 128)"""
     flux_guidance: float | None = None
-    """FLUX.1-dev: the value of its transformer's guidance embedding (distilled guidance, not CFG; default 3.5 as
-    FluxPipeline and Flow-GRPO's FLUX configs); refused for FLUX.1-schnell, SD3 and the embedded model"""
+    """FLUX.1-dev's guidance-embedding value (None: 3.5, as FluxPipeline); refused for other models"""
     mixed_precision: str | None = None
-    """no | bf16: frozen weights in this dtype, forward under autocast, trained weights in fp32 (default: bf16 on
-    CUDA GPUs with native bf16, compute capability >= 8.0, else no; fp16 is refused: training it needs loss scaling)"""
+    """no | bf16 autocast with fp32 trained weights (None: bf16 where native: CUDA >= 8.0, AVX512-BF16 / AMX CPUs)"""
     gradient_checkpointing: bool = False
     """recompute the transformer's activations in the backward pass (less memory, ~30 % slower; SD3.5)"""
     decode_batch_size: int = 16
     """images the VAE decodes and a reward model scores at once"""
     reward_device: str | None = None
-    """device of the reward models (default: the training device), e.g. cuda:1"""
+    """device of the reward models (None: the training device), e.g. cuda:1"""
     reward_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """dtype of the reward models (fp32 as the official Flow-GRPO code scores PickScore, ImageReward and the
-    aesthetic predictor; bf16 / fp16 save memory, e.g. for the 7B VLM)"""
+    """dtype of the reward models (fp32: as the official Flow-GRPO code; bf16 / fp16 save memory)"""
     eval_batch_size: int = 128
     """images generated at once in held-out evaluation"""
     lora_rank: int = 0
     """0 = full fine-tuning (embedded default); SD3.5-M: 32"""
     lora_alpha: int | None = None
-    """LoRA alpha (default 2 * rank)"""
+    """LoRA alpha (None: 2 * rank)"""
     reward: str = "shapes"
     """weighted rewards, e.g. shapes=1.0,jpeg_compressibility=0.1 (choices in common/rewards.py)"""
     reward_paths: str | None = None
     """local weights of real rewards: name=path[|processor],... e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth"""
     prompts_file: str | None = None
-    """training prompts, one per line (default: the shapes grammar's train split)"""
+    """training prompts, one per line (None: the shapes grammar's train split)"""
     eval_prompts_file: str | None = None
-    """held-out prompts (default: the shapes test split)"""
+    """held-out prompts (None: the shapes test split)"""
     eval_samples_per_prompt: int = 8
 
 
