@@ -89,7 +89,7 @@ class Args(RunArgs):
     critic_loss: Literal["mse", "huber"] = "mse"
     """critic regression loss: mse | huber (delta = 1)"""
     critic_warmup: int | None = None
-    """minimum iterations in which the critic trains but does not drive the actor (None: 10 % of --num-iterations)"""
+    """minimum iterations in which the critic trains but does not drive the actor (None: a tenth of the iterations)"""
     warmup_ev: float = 0.3
     """warm-up ends at an epoch whose fresh pool the critic explains with EV > this; 0: after --critic-warmup"""
     timesteps_per_image: int = 1

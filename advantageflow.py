@@ -45,7 +45,7 @@ class Args(RunArgs):
     guidance_scale: float = 1.0
     """CFG of evaluation; AdvantageFlow rolls out CFG-free (AF §4)"""
     gamma: float = 1.1
-    """rollout-policy regularisation weight for --gamma-mode constant (AF(1.1))"""
+    """rollout-policy regularisation weight gamma of the constant gamma mode (AF(1.1))"""
     gamma_mode: Literal["constant", "one-minus-a"] = "constant"
     """constant: gamma = --gamma (AF(1.1)) | one-minus-a: gamma = 1 - A (AF(1-A))"""
     lam: float = 1e-3

@@ -37,7 +37,7 @@ class Args(RunArgs):
     prompts_per_iter: int = 32
     """prompts per gradient step (the minibatch; SD3.5-M: 32)"""
     group_size: int = 1
-    """images per prompt (the paper's weights are per image; --weight-norm prompt uses the groups)"""
+    """images per prompt (the paper's weights are per image: no groups needed)"""
     train_batch_size: int = 32
     """micro-batch of the update; gradients are accumulated into one optimizer step per iteration"""
     epoch_iters: int = 20

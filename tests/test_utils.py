@@ -103,7 +103,7 @@ utils.cleanup_distributed()
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
 
 
-@pytest.mark.parametrize("script", ["advantageflow", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"])
+@pytest.mark.parametrize("script", ["advantageflow", "diffusion_nft", "orw_cfm_w2", "acflow", "fdfo", "flow_grpo"])
 def test_help_lists_the_methods_flags_before_the_shared_ones(script, capsys):
     """`--help` reads method-first, as the file does: every flag the method's Args declares (its own and the shared
     ones it re-defaults) comes before every flag it only inherits from RunArgs; parsing is unchanged."""
