@@ -186,7 +186,7 @@ def spy(*a, **k):  # the reward the script builds, then stop before any training
     raise Built(str(real(*a, **k).fns["pickscore"].model.dtype))
 rewards.build_reward = spy
 clip, out, seen = sys.argv[1], sys.argv[2], {}
-for name, extra in [(m, []) for m in ("advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo",
+for name, extra in [(m, []) for m in ("advantageflow", "diffusion_nft", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo",
                                         "common.tools.evaluate")] + [("fdfo", ["--reward-dtype", "bf16"]),
                                                                ("common.tools.evaluate", ["--reward-dtype", "bf16"])]:
     sys.argv = [name, "--reward", "pickscore", "--reward-paths", f"pickscore={clip}|{clip}", "--mixed-precision",
