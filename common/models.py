@@ -127,12 +127,12 @@ def autocast_forward(module, dtype):
     if device_type == "cpu":
         autocast = forward
 
-        def forward(*args, **kwargs):  # not under gradient checkpointing: its recomputation (in the backward pass,
-            # outside this context) would run the other kernel and fail torch.utils.checkpoint's metadata check
-            if not torch.is_grad_enabled() or getattr(module, "gradient_checkpointing", False):
-                return autocast(*args, **kwargs)
+        def forward(self, *args, **kwargs):  # not under gradient checkpointing: its recomputation (in the backward
+            # pass, outside this context) would run the other kernel and fail torch.utils.checkpoint's metadata check
+            if not torch.is_grad_enabled() or getattr(self, "gradient_checkpointing", False):
+                return autocast(self, *args, **kwargs)
             with sdpa_kernel(SDPBackend.MATH):
-                return autocast(*args, **kwargs)
+                return autocast(self, *args, **kwargs)
     module.forward = types.MethodType(convert_outputs_to_fp32(forward), module)
     return module
 
