@@ -8,7 +8,7 @@ regresses v+ onto the image with weight r and v- with weight 1 - r (paper eq. 8)
 are an EMA of the learner. AdvantageFlow (advantageflow.py) contains this loss as a special case (AF Prop. 3).
 Docs: docs/diffusion_nft.md.
 
-    python diffusion_nft.py                      # embedded shapes world, 2 CPU cores, ~15 min
+    python diffusion_nft.py                      # embedded shapes world, 2 CPU cores, ~10 min
     python diffusion_nft.py --beta 0.1           # the paper's multi-reward / OCR value
 """
 
