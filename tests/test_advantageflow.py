@@ -14,20 +14,13 @@ import torch
 import advantageflow as af
 from common import models, rewards, sampling
 from tests.helpers.cli_check import check_flags
+from tests.helpers.loss_batch import grad_v as _grad, loss_batch as _batch
 from tests.helpers.run_logs import first_iteration, scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["--threads", "1", "--prompts-per-iter", "2", "--group-size", "3", "--train-batch-size", "3",
         "--eval-samples-per-prompt", "1", "--num-steps", "3"]
-
-
-def _batch(b=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda: torch.randn(b, 3, 4, 4, generator=g)  # noqa: E731
-    sigma = torch.rand(b, generator=g) * 0.9 + 0.05
-    return dict(v=r().requires_grad_(), v_old=r(), v_ref=r(), x0=r(), x_t=r(), sigma=sigma,
-                adv=torch.rand(b, generator=g) * 2 - 1)
 
 
 def test_af_advantages_hand_computed():
@@ -39,12 +32,6 @@ def test_af_advantages_hand_computed():
     expected = (centred / z).clamp(-1, 1)
     assert torch.allclose(af.af_advantages(rewards, groups), expected)
     assert af.af_advantages(rewards, groups)[5] == 1.0  # clipped
-
-
-def _grad(loss_fn, batch):
-    v = batch["v"].detach().clone().requires_grad_()
-    loss_fn(v).sum().backward()
-    return v.grad
 
 
 def test_completed_square_equals_three_term_loss():
