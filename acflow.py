@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 
 from common import run, sampling, utils
+from common import reward_models, world  # noqa: F401 (they register the real rewards and the embedded world)
+from common.tools import hub  # noqa: F401 (registers --upload-model)
 from common.run import RunArgs
 
 

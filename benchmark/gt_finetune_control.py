@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import models  # noqa: E402
+from common import reward_models, world  # noqa: E402,F401 (they register the real rewards and the embedded world)
 from common.world import shapes  # noqa: E402
 from common.evaluate import evaluate_model  # noqa: E402
 

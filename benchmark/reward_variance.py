@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import models, rewards, sampling, utils  # noqa: E402
+from common import reward_models, world  # noqa: E402,F401 (they register the real rewards and the embedded world)
 
 
 @dataclass

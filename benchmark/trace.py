@@ -23,6 +23,7 @@ from diffusers import SD3Transformer2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.rewards import RewardFn
+from common import reward_models, world  # noqa: E402,F401 (they register the real rewards and the embedded world)
 
 record_path, argv = sys.argv[1], sys.argv[2:]
 trace = argv[0] == "--calls"

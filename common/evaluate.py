@@ -8,7 +8,6 @@ import math
 import torch
 
 from common import rewards
-from common.world import shapes
 from common.sampling import sample
 
 
@@ -67,11 +66,11 @@ def diversity(images, groups):
 
 def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guidance_scale=1.0, num_steps=10,
                    reward_fn=None, captions=None, return_images=False, batch_size=128, rank=0, world=1):
-    """Generate `samples_per_prompt` samples per prompt. Shapes specs are scored with the mini-GenEval scorer
+    """Generate `samples_per_prompt` samples per prompt. Shapes specs are scored with the scene scorer (rewards.SCORER, the mini-GenEval one)
     (reward_mean = partial credit); prompts without a spec (None or other metadata) need `reward_fn`, whose mean is
     then `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well. Shapes specs also
     give strict accuracy and partial credit (overall, per category), `clean_fraction` (images with no extra object)
-    and `texture` (the mean fraction of speckled pixels, `shapes.texture`). A weighted reward
+    and `texture` (the mean fraction of speckled pixels, the scorer's `texture`). A weighted reward
     (common.rewards.RewardFn) also reports each of its rewards: `rewards` = {name: {weight, mean, std}}.
 
     Sharded (world > 1, every rank calls it): each rank generates and scores its contiguous slice of the prompts on
@@ -90,7 +89,8 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
     local.update({f"reward/{name}": [] for name in weights})
     images = torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     if rep:  # scored batch by batch; kept as uint8 (4x less host memory than fp32 for a large held-out set)
-        by_spec = all(shapes.is_spec(s) for s in rep_specs)
+        scorer = rewards.SCORER
+        by_spec = scorer is not None and all(scorer.is_spec(s) for s in rep_specs)
         if not by_spec and reward_fn is None:
             raise ValueError("prompts without a shapes spec need a reward_fn to be evaluated")
         was_training = transformer.training
@@ -106,11 +106,11 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
                 for name in weights:
                     local[f"reward/{name}"] += parts[name].tolist()
             if by_spec:
-                values, strict, checks = shapes.score(batch, specs_)
+                values, strict, checks = scorer.score(batch, specs_)
                 local["values"] += values.tolist()
                 local["strict"] += strict.float().tolist()
                 local["extra"] += [c["extra"] for c in checks]
-                local["texture"] += shapes.texture(batch).tolist()
+                local["texture"] += scorer.texture(batch).tolist()
                 local["cat"] += [s["category"] for s in specs_]
             carry = torch.cat([carry, batch])  # diversity: the k float samples of each prompt
             whole = len(carry) // k * k
@@ -133,7 +133,7 @@ def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guid
                           for name, w in weights.items()}
     if gathered["strict"] and len(gathered["strict"]) == len(values):  # every prompt has a shapes spec
         strict, cat = torch.tensor(gathered["strict"]), gathered["cat"]
-        cats = [c for c in shapes.CATEGORIES if c in cat]
+        cats = [c for c in rewards.SCORER.CATEGORIES if c in cat]
         mask = {c: torch.tensor([x == c for x in cat]) for c in cats}
         res.update(strict_accuracy=float(strict.mean()), clean_fraction=sum(not e for e in gathered["extra"]) / len(cat),
                    texture=float(torch.tensor(gathered["texture"]).mean()),

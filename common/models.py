@@ -1,6 +1,6 @@
-"""Model loading: the embedded base (common/world/model.py: tiny SD3 transformer in pixel space + word-level text
-encoder) or a diffusers pipeline (id or local path) of a family in common/pipelines/ (SD3, FLUX.1), behind one small
-interface, plus LoRA via peft.
+"""Model loading: a registered base (BASES; common/world registers "embedded", the tiny SD3 transformer in pixel
+space + word-level text encoder) or a diffusers pipeline (id or local path) of a family in common/pipelines/ (SD3,
+FLUX.1), behind one small interface, plus LoRA via peft.
 
     model = load_model("embedded")            # or "stabilityai/stable-diffusion-3.5-medium"
     prompt_embeds, pooled_prompt_embeds = model.encode_prompt(["a red circle"])
@@ -32,6 +32,9 @@ from common import pipelines
 from common.pipelines import PIPELINES
 
 EMBEDDED = "embedded"
+# a base registered by name -> namespace(check() -> SystemExit with one line, load(device, dtype) -> Model); common/world
+# registers EMBEDDED when imported
+BASES = {}
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_PRECISIONS = ("no", "bf16")  # fp16 training would need a GradScaler; evaluation (no gradients) takes fp16 too
 # the 8 attention projections of every SD3 joint block (Flow-GRPO and diffusers' SD3 LoRA example; the embedded
@@ -140,10 +143,8 @@ def autocast_forward(module, dtype):
 def check_model_available(name):
     """Fail with one line (no hub is reachable) before any loading. Returns the family of a pipeline (a key of
     common.pipelines.PIPELINES, `pipelines.check_available`)."""
-    if name == EMBEDDED:
-        from common.world.model import check_weights
-
-        return check_weights()
+    if name in BASES:
+        return BASES[name].check()
     return pipelines.check_available(name)
 
 
@@ -151,12 +152,12 @@ def check_model_flags(name, guidance_scale=1.0, flux_guidance=None):
     """The flags whose rules depend on --model's family (a pipelines/ module's `check_flags`; --flux-guidance is
     FLUX.1-dev's alone), before any loading: SystemExit with one line. Returns the family (`check_model_available`)."""
     kind = check_model_available(name)
-    module = importlib.import_module(PIPELINES[kind]) if name != EMBEDDED else None
+    module = importlib.import_module(PIPELINES[kind]) if name not in BASES else None
     if hasattr(module, "check_flags"):
         module.check_flags(name, guidance_scale, flux_guidance)
     elif flux_guidance is not None:
         raise SystemExit(f"error: --flux-guidance is the guidance-embedding value of FLUX.1-dev; --model {name!r} "
-                         f"({'the embedded model' if name == EMBEDDED else kind}) has none: drop it")
+                         f"({'the ' + name + ' model' if name in BASES else kind}) has none: drop it")
     return kind
 
 
@@ -166,10 +167,8 @@ def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=F
     `flux_guidance`: FLUX.1-dev's guidance-embedding value (default 3.5; refused for other models)."""
     kind = check_model_flags(name, flux_guidance=flux_guidance)
     dtype = dtype or (default_dtype(device) if mixed_precision is None else PRECISIONS[mixed_precision])
-    if name == EMBEDDED:
-        from common.world.model import load_embedded
-
-        model = load_embedded(device, dtype)
+    if name in BASES:
+        model = BASES[name].load(device, dtype)
     else:
         options = {} if flux_guidance is None else {"guidance": flux_guidance}  # only FLUX accepts it (checked)
         model = importlib.import_module(PIPELINES[kind]).load(name, device, dtype, resolution, use_t5, max_t5_length,

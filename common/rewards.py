@@ -7,15 +7,15 @@ world: the prompt's shapes spec) or None.
     reward_fn = build_reward("shapes=1.0,jpeg_compressibility=0.1", device)
     rewards, parts = reward_fn(images, prompts, metadata)      # parts: {name: (N,)} for logging
 
-Embedded (no weights): shapes, shapes_strict, jpeg_compressibility (DDPO's scale), jpeg_compressibility_flowgrpo
-(Flow-GRPO's), jpeg_incompressibility. Real (REAL_REWARDS: classes in common/reward_models/, imported when a reward is
-built; a hub id in the local cache by default, or local weights via --reward-paths name=path[|processor],...); each
-class's docstring says whose scale it is, and a rescaled variant loads the weights of the reward it rescales
-(SAME_WEIGHTS). `remote:<url>`: a Flow-GRPO reward server (GenEval, DeQA, UnifiedReward) over HTTP, options in the
-URL's query, e.g. `remote:http://127.0.0.1:18085?retries=5&timeout=60` (`reward_models.remote.remote_server`).
+The core's own rewards are the JPEG sizes: jpeg_compressibility (DDPO's scale), jpeg_compressibility_flowgrpo
+(Flow-GRPO's), jpeg_incompressibility. The others are registered (`register`) by the packages that hold them, when
+imported (the method scripts import them): common/world the mini-GenEval scorer (shapes, shapes_strict, and
+SCORER, the scene scorer); common/reward_models the real reward models (imported
+when a reward is built; a hub id in the local cache by default, or local weights via --reward-paths
+name=path[|processor],...) and `remote:<url>`, a Flow-GRPO reward server over HTTP, options in the URL's query,
+e.g. `remote:http://127.0.0.1:18085?retries=5&timeout=60`.
 """
 
-import importlib
 import io
 import os
 
@@ -23,7 +23,30 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.world import shapes
+# name -> build(device, model_path, processor_path, dtype, **kw) -> a reward callable
+REWARDS = {}
+WEIGHTED = {}  # a reward that loads model weights (the names --reward-paths takes) -> the reward whose weights
+NEEDS_PATH = {}  # a reward whose weights have no default -> the --reward-paths entry it needs
+SCHEMES = {}  # a URL prefix ("remote:") -> namespace(parse(name) -> ValueError, check(name) -> ConnectionError, build)
+# the scene scorer (common/world/shapes.py: is_spec, parse_caption, split_specs, score, texture, CATEGORIES): the
+# default prompts, the metadata a prompt parses to, and what evaluation's strict accuracy is
+SCORER = None
+
+
+def register(name, reward=None, build=None, weights_of=None, needs_path=None):
+    """Add reward `name`: a callable `reward` (no weights, no options), or `build` (the signature above);
+    `weights_of`: it loads model weights - its own name, or the reward whose weights and --reward-paths entry a
+    rescaled variant shares (e.g. pickscore_flowgrpo -> pickscore); `needs_path`: the --reward-paths entry it
+    cannot run without (weights with no default)."""
+    REWARDS[name] = build or (lambda *args, **kw: reward)
+    if weights_of:
+        WEIGHTED[name] = weights_of
+    if needs_path:
+        NEEDS_PATH[name] = needs_path
+
+
+def choices():
+    return ", ".join([*sorted(REWARDS), *(f"{prefix}<url>" for prefix in SCHEMES)])
 
 
 def uint8_images(images):
@@ -36,21 +59,6 @@ def uint8_images(images):
 def to_uint8(images):
     """(N, 3, H, W) in [0, 1] (or uint8) -> a uint8 (N, H, W, 3) numpy array."""
     return uint8_images(images).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _specs(prompts, metadata):
-    metadata = metadata or [None] * len(prompts)
-    return [m if shapes.is_spec(m) else shapes.parse_caption(p) for p, m in zip(prompts, metadata)]
-
-
-def shapes_partial(images, prompts, metadata=None):
-    """Mini-GenEval partial credit in [0, 1] (common/world/shapes.py `score`)."""
-    return shapes.score(images, _specs(prompts, metadata))[0]
-
-
-def shapes_strict(images, prompts, metadata=None):
-    """Mini-GenEval strict pass/fail as 0/1."""
-    return shapes.score(images, _specs(prompts, metadata))[1].float()
 
 
 def jpeg_size_kb(images, quality=95):
@@ -79,30 +87,16 @@ def jpeg_incompressibility(images, prompts=None, metadata=None):
     return jpeg_size_kb(images)
 
 
-EMBEDDED_REWARDS = {"shapes": shapes_partial, "shapes_strict": shapes_strict,
-                    "jpeg_compressibility": jpeg_compressibility,
-                    "jpeg_compressibility_flowgrpo": jpeg_compressibility_flowgrpo,
-                    "jpeg_incompressibility": jpeg_incompressibility}
-# name -> "module.Class" in common/reward_models/, imported by `real_reward` when the reward is built
-REAL_REWARDS = {"pickscore": "clip.PickScore", "pickscore_flowgrpo": "clip.PickScoreFlowGRPO",
-                "clipscore": "clip.CLIPScore", "clipscore_cosine": "clip.CLIPScore",
-                "clipscore_torchmetrics": "clip.CLIPScoreTorchmetrics", "clipscore_hessel": "clip.CLIPScoreHessel",
-                "hpsv2": "clip.HPSv2", "imagereward": "imagereward.ImageReward", "aesthetic": "clip.Aesthetic",
-                "ocr": "ocr.OCR", "vlm": "vlm.VLMYesNo"}
-# a rescaled variant -> the reward whose model it runs: the same default weights, and that reward's --reward-paths
-# entry when the variant has none of its own
-SAME_WEIGHTS = {"pickscore_flowgrpo": "pickscore", "clipscore_cosine": "clipscore",
-                "clipscore_torchmetrics": "clipscore", "clipscore_hessel": "clipscore"}
-REWARDS = sorted([*EMBEDDED_REWARDS, *REAL_REWARDS])
-CHOICES = ", ".join([*REWARDS, "remote:<url>"])
-AESTHETIC_HINT = ("--reward-paths aesthetic=sac+logos+ava1-l14-linearMSE.pth "
-                  "(christophschuhmann/improved-aesthetic-predictor)")
+for _name, _fn in (("jpeg_compressibility", jpeg_compressibility),
+                  ("jpeg_compressibility_flowgrpo", jpeg_compressibility_flowgrpo),
+                  ("jpeg_incompressibility", jpeg_incompressibility)):
+    register(_name, _fn)
 
 
 def _name_and_weight(part):
     """'name=w' -> (name, w). A reward server URL keeps its query options; its weight follows the last option's
     value: 'remote:http://h:18085?retries=5&timeout=60=0.5' -> ('remote:http://h:18085?retries=5&timeout=60', '0.5')."""
-    if not (part.startswith("remote:") and "?" in part):
+    if not (part.startswith(tuple(SCHEMES)) and "?" in part):
         name, _, w = part.partition("=")
         return name.strip(), w
     head, _, query = part.partition("?")
@@ -117,12 +111,11 @@ def parse_reward_spec(spec):
     weights = {}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, w = _name_and_weight(part)
-        if name.startswith("remote:"):
-            from common.reward_models.remote import remote_server
-
-            remote_server(name)
+        scheme = next((v for k, v in SCHEMES.items() if name.startswith(k)), None)
+        if scheme:
+            scheme.parse(name)
         elif name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r}; choose from: {CHOICES}")
+            raise ValueError(f"unknown reward {name!r}; choose from: {choices()}")
         try:
             weights[name] = float(w) if w else 1.0
         except ValueError:
@@ -131,7 +124,7 @@ def parse_reward_spec(spec):
         if not np.isfinite(weights[name]):
             raise ValueError(f"reward weight for {name!r} must be finite, got {w!r}")
     if not weights:
-        raise ValueError(f"empty --reward {spec!r}; choose from: {CHOICES}")
+        raise ValueError(f"empty --reward {spec!r}; choose from: {choices()}")
     return weights
 
 
@@ -142,9 +135,9 @@ def parse_reward_paths(text, spec=None):
     paths = {}
     for part in [p.strip() for p in (text or "").split(",") if p.strip()]:
         name, eq, path = (x.strip() for x in part.partition("="))
-        if name not in REAL_REWARDS:
+        if name not in WEIGHTED:
             raise ValueError(f"unknown reward {name!r} in --reward-paths {text!r}; "
-                             f"choose from: {', '.join(REAL_REWARDS)}")
+                             f"choose from: {', '.join(WEIGHTED)}")
         if not path:
             raise ValueError(f"--reward-paths {text!r} gives no path for {name!r}; use name=path pairs, e.g. "
                              "aesthetic=sac+logos+ava1-l14-linearMSE.pth")
@@ -153,20 +146,15 @@ def parse_reward_paths(text, spec=None):
                     and not os.path.exists(os.path.expanduser(p)):
                 raise ValueError(f"--reward-paths {name}={path}: {p!r} does not exist")
         paths[name] = os.path.expanduser(path)
-    if spec and "aesthetic" in parse_reward_spec(spec) and "aesthetic" not in paths:
-        raise ValueError(f"reward 'aesthetic' needs its MLP head: {AESTHETIC_HINT}")
+    for name in parse_reward_spec(spec) if spec else []:
+        if name in NEEDS_PATH and name not in paths:
+            raise ValueError(f"reward {name!r} needs {NEEDS_PATH[name]}")
     return paths
 
 
 # --reward-dtype: the official Flow-GRPO code scores PickScore, ImageReward and the aesthetic predictor in fp32 (in
 # bf16, PickScore's logit scale exp(ln 100) is 99.0: scores ~1 % low); bf16 / fp16 save memory (e.g. the 7B VLM)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def real_reward(name):
-    """The class of real reward `name` ("remote": the reward server client), imported from common/reward_models/."""
-    module, _, cls = ("remote.RemoteReward" if name == "remote" else REAL_REWARDS[name]).partition(".")
-    return getattr(importlib.import_module(f"common.reward_models.{module}"), cls)
 
 
 class RewardFn:
@@ -181,17 +169,13 @@ class RewardFn:
         self.fns = {}
         for name in self.weights:
             kw = {"batch_size": batch_size} if batch_size else {}
-            m, _, p = paths.get(name, paths.get(SAME_WEIGHTS.get(name), "")).partition("|")
+            m, _, p = paths.get(name, paths.get(WEIGHTED.get(name), "")).partition("|")
+            scheme = next((v for k, v in SCHEMES.items() if name.startswith(k)), None)
             try:
-                if name in EMBEDDED_REWARDS:
-                    self.fns[name] = EMBEDDED_REWARDS[name]
-                elif name.startswith("remote:"):
-                    from common.reward_models.remote import remote_server
-
-                    url, options = remote_server(name)
-                    self.fns[name] = real_reward("remote")(url, **options, **kw)
+                if scheme:
+                    self.fns[name] = scheme.build(name, **kw)
                 else:
-                    self.fns[name] = real_reward(name)(device, m or None, p or None, dtype=dtype, **kw)
+                    self.fns[name] = REWARDS[name](device, m or None, p or None, dtype=dtype, **kw)
             except Exception as e:
                 first = (str(e).strip().splitlines() or [""])[0]  # the rest is in the chained traceback
                 raise RuntimeError(f"reward {name!r} could not be set up: {type(e).__name__}: {first}") from e

@@ -16,7 +16,6 @@ import torch
 from tqdm import tqdm
 
 from common import models, rewards, utils
-from common.tools import hub
 from common.evaluate import evaluate_model
 
 
@@ -166,7 +165,7 @@ class Run:
 
     def log_eval(self, res, step):
         """Held-out metrics under eval/: reward, strict accuracy, diversity, clean fraction, texture (speckled-pixel
-        fraction, shapes.texture), per-category accuracy, and the method's `eval_scalars`."""
+        fraction, the scorer's texture), per-category accuracy, and the method's `eval_scalars`."""
         if self.writer is None:
             return
         keys = ("reward_mean", "strict_accuracy", "diversity", "clean_fraction", "texture", *self.eval_scalars)
@@ -263,7 +262,8 @@ class Run:
                   f"{b.get('strict_accuracy', float('nan')):.3f} -> {f.get('strict_accuracy', float('nan')):.3f}"
                   f"{extra}; {self.summary['wall_time_s'] / 60:.1f} min; run dir {self.dir}")
             self.writer.close()
-            hub.upload_to_hub(self.dir, a)  # --upload-model: lora/ (or transformer/) + model card to the Hub
+            if a.upload_model:  # lora/ (or transformer/) + model card to the Hub
+                utils.HOOKS["upload"](self.dir, a)
         utils.cleanup_distributed()
 
 

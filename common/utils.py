@@ -23,7 +23,11 @@ import torch.distributed as dist
 
 from common import models, rewards
 from common.text import fail, quote, read_text  # noqa: F401 (utils.fail is the scripts' one-line error)
-from common.world import shapes
+
+
+# --upload-model's two steps, registered by common/tools/hub.py: "check_upload"(args) before any loading (one-line
+# SystemExit), "upload"(run_dir, args) at the end of a run
+HOOKS = {}
 
 
 # ----------------------------------------------------------------------------------- argument checks
@@ -137,12 +141,11 @@ def check_device(flag, value):
 
 def check_reward_servers(spec):
     """Every `remote:<url>` reward must answer a connection now, not after the models have loaded."""
-    from common.reward_models import remote
-
     for name in rewards.parse_reward_spec(spec) if spec else []:
-        if name.startswith("remote:"):
+        for prefix, scheme in rewards.SCHEMES.items():
             try:
-                remote.check_server(name.removeprefix("remote:"))
+                if name.startswith(prefix):
+                    scheme.check(name)
             except ConnectionError as e:
                 fail(f"--reward {name}: {e}; start the server or pick another reward")
 
@@ -206,9 +209,9 @@ def check_args(args, world_size=1):
     if a.output_dir:
         check_writable_dir("--output-dir", a.output_dir)
     if getattr(a, "upload_model", False):
-        from common.tools import hub
-
-        hub.check_upload(a)
+        if "check_upload" not in HOOKS:
+            fail("--upload-model needs the Hub tool: import common.tools.hub (the method scripts do)")
+        HOOKS["check_upload"](a)
     check_reward_servers(a.reward)
     prompts = load_prompts(a.prompts_file, a.model, "train")
     eval_file = getattr(a, "eval_prompts_file", None)
@@ -275,8 +278,11 @@ def load_prompts(prompts_file, model=models.EMBEDDED, split="train", flag="--pro
     error names the line). metadata: the shapes spec of a prompt the grammar parses, else the line's JSON object
     (handed to the reward as is, e.g. GenEval's "include" or OCR's "text"), else None. No file: the shapes
     grammar's `split`."""
+    scorer = rewards.SCORER
     if not prompts_file:
-        specs = shapes.split_specs(split)
+        if scorer is None:
+            fail(f"no {flag} and no scene world to take prompts from: import common.world (the method scripts do)")
+        specs = scorer.split_specs(split)
         return [s["caption"] for s in specs], specs
     if not os.path.isfile(prompts_file):
         fail(f"{flag} {prompts_file!r} does not exist")
@@ -297,7 +303,9 @@ def load_prompts(prompts_file, model=models.EMBEDDED, split="train", flag="--pro
             line = record["prompt"]
         prompts.append(line)
         try:
-            meta.append(shapes.parse_caption(line))
+            if scorer is None:
+                raise ValueError(f"no scene grammar parses {line!r}")
+            meta.append(scorer.parse_caption(line))
         except ValueError as e:
             if model == models.EMBEDDED:  # the grammar's message, the prompt cut short
                 fail(f"{prompts_file} line {i}: {str(e).replace(repr(line), quote(line))}")

@@ -23,3 +23,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 if str(ROOT / "benchmark") not in sys.path:
     sys.path.append(str(ROOT / "benchmark"))
+
+# the leaves register with the core (the embedded world, the real rewards, --upload-model), as the method scripts do
+import common.reward_models  # noqa: E402,F401
+import common.tools.hub  # noqa: E402,F401
+import common.world  # noqa: E402,F401

@@ -21,6 +21,7 @@ from common import models, rewards, utils
 from common.evaluate import evaluate_model
 from common.tools.evaluate import save_geneval_layout
 from common.tools import prompts
+from common.world import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -156,7 +157,7 @@ def test_built_files_feed_the_scripts_with_their_metadata(source_dir, tmp_path):
     assert meta[0]["objects"][0]["count"] == 2 and meta[1] == {"prompt": "a photo of a cat", "tag": "x"}
     assert meta[2] is None
     with pytest.raises(ValueError, match="cannot parse prompt 'a photo of a cat'"):  # not a KeyError on the dict
-        rewards.shapes_partial(torch.rand(1, 3, 32, 32), caps[1:2], meta[1:2])
+        shapes.reward_partial(torch.rand(1, 3, 32, 32), caps[1:2], meta[1:2])
 
     seen = []
 

@@ -138,8 +138,8 @@ def test_weighted_combination_equals_hand_sum():
     x[::2] = torch.rand_like(x[::2])  # half of them wrong, so the shapes part is not constant
     prompts = [s["caption"] for s in specs]
     total, parts = rewards.build_reward("shapes=1.0,jpeg_compressibility=0.1,shapes_strict=-2")(x, prompts, specs)
-    hand = (rewards.shapes_partial(x, prompts, specs) + 0.1 * -rewards.jpeg_size_kb(x)
-            - 2 * rewards.shapes_strict(x, prompts, specs))
+    hand = (shapes.reward_partial(x, prompts, specs) + 0.1 * -rewards.jpeg_size_kb(x)
+            - 2 * shapes.reward_strict(x, prompts, specs))
     assert set(parts) == {"shapes", "jpeg_compressibility", "shapes_strict"}
     assert total.shape == (6,) and total.dtype == torch.float32
     torch.testing.assert_close(total, hand)
@@ -157,11 +157,11 @@ def test_shapes_on_ground_truth_renders():
     specs = shapes.all_specs()
     x = shapes.render_batch(specs, seed=0)
     prompts = [s["caption"] for s in specs]
-    partial = rewards.shapes_partial(x, prompts, specs)
+    partial = shapes.reward_partial(x, prompts, specs)
     assert partial.shape == (len(specs),) and partial.mean() > 0.97
-    torch.testing.assert_close(rewards.shapes_partial(x, prompts, None), partial)  # metadata parsed from captions
-    assert rewards.shapes_strict(x, prompts).mean() > 0.95
-    noise = rewards.shapes_partial(images(len(specs)), prompts, specs)
+    torch.testing.assert_close(shapes.reward_partial(x, prompts, None), partial)  # metadata parsed from captions
+    assert shapes.reward_strict(x, prompts).mean() > 0.95
+    noise = shapes.reward_partial(images(len(specs)), prompts, specs)
     assert noise.mean() < partial.mean() - 0.3
 
 
@@ -254,7 +254,7 @@ def test_pickscore_and_clipscore_scales(mixed_clip_dir):
     torch.testing.assert_close(total, sum(expected.values()), atol=1e-4, rtol=1e-4)
     assert type(fn.fns["clipscore_hessel"]) is reward_models.CLIPScoreHessel
     assert all(reward_models.REAL_DEFAULT_PATHS[v] == reward_models.REAL_DEFAULT_PATHS[b]
-               for v, b in rewards.SAME_WEIGHTS.items())  # the same default weights too
+               for v, b in reward_models.SAME_WEIGHTS.items())  # the same default weights too
 
 
 def test_vlm_yes_no_llava(llava_dir):
@@ -599,7 +599,7 @@ def test_remote_reward_url_options(monkeypatch):
         total, parts = fn(x, PROMPTS[:3])
         assert s.paths == ["/score"] * 3 and slept == [0.25, 0.5]
         torch.testing.assert_close(parts[name], torch.tensor(s.scores))
-        torch.testing.assert_close(total, 3 * torch.tensor(s.scores) + rewards.shapes_partial(x, PROMPTS[:3]))
+        torch.testing.assert_close(total, 3 * torch.tensor(s.scores) + shapes.reward_partial(x, PROMPTS[:3]))
     finally:
         s.close()
 
@@ -692,3 +692,15 @@ def test_evaluate_takes_reward_paths(aesthetic_paths, tmp_path):
                                 reward="aesthetic", reward_paths=aesthetic_paths, json=str(tmp_path / "r.json")))
     res = json.loads((tmp_path / "r.json").read_text())
     assert np.isfinite(res["train_reward_mean"]) and res["train_reward_mean"] != res["reward_mean"]
+
+
+def test_a_registered_reward_of_ones_own(monkeypatch):
+    """`rewards.register` (what README's Rewards section tells a fork to call): the new name builds, combines with
+    the registered ones by weight, and is listed among the choices."""
+    monkeypatch.setitem(rewards.REWARDS, "brightness", None)  # restored after the test
+    rewards.register("brightness", lambda x, prompts, metadata=None: x.mean((1, 2, 3)))
+    x = images(3)
+    total, parts = rewards.build_reward("shapes=1,brightness=0.5")(x, PROMPTS[:3])
+    torch.testing.assert_close(parts["brightness"], x.mean((1, 2, 3)))
+    torch.testing.assert_close(total, shapes.reward_partial(x, PROMPTS[:3]) + 0.5 * x.mean((1, 2, 3)))
+    assert "brightness" in rewards.choices()

@@ -8,7 +8,8 @@ import os
 import torch
 
 from common.reward_models.weights import REAL_DEFAULT_PATHS, hub_file
-from common.rewards import AESTHETIC_HINT, to_uint8
+from common.reward_models import AESTHETIC_HINT
+from common.rewards import to_uint8
 
 
 class PickScore:
@@ -173,7 +174,7 @@ class Aesthetic:
         from transformers import AutoProcessor, CLIPModel
 
         if not model_path:
-            raise ValueError(f"reward 'aesthetic' needs its MLP head: {AESTHETIC_HINT}")
+            raise ValueError(f"reward 'aesthetic' needs {AESTHETIC_HINT}")
         clip = processor_path or REAL_DEFAULT_PATHS["aesthetic"][1]
         self.processor = AutoProcessor.from_pretrained(clip)
         self.model = CLIPModel.from_pretrained(clip, dtype=dtype).eval().requires_grad_(False).to(device)

@@ -2,7 +2,7 @@
 
 import os
 
-from common.rewards import SAME_WEIGHTS
+from common.reward_models import SAME_WEIGHTS
 
 REAL_DEFAULT_PATHS = {
     "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),  # (model, processor)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common import rewards
 from common.evaluate import evaluate_model
+from common import reward_models, world  # noqa: F401 (they register the real rewards and the embedded world)
 from common.world import shapes
 
 
@@ -131,26 +132,24 @@ def format_rewards(res):
 @dataclass
 class Args:
     checkpoint: str | None = None
-    """a method's run directory, its lora/ or transformer/ directory (default: the base model)"""
+    """a method's run directory, its lora/ or transformer/ directory (None: the base model)"""
     model: str = "embedded"
-    """'embedded' or a diffusers SD3 id / local path (default with --checkpoint of a run: the run's model, resolution
-    and text-encoder flags)"""
+    """'embedded' or a diffusers SD3 / FLUX.1 id or local path (with --checkpoint of a run: the run's, and its flags)"""
     resolution: int = 512
     """SD3 image size"""
     use_t5: bool = False
     """SD3: also load the T5 text encoder (as the run did)"""
     max_t5_length: int = 128
     flux_guidance: float | None = None
-    """FLUX.1-dev: its guidance embedding's value (default 3.5; as the run had it)"""
+    """FLUX.1-dev's guidance-embedding value (None: 3.5, or the run's)"""
     mixed_precision: str | None = None
-    """no | bf16 | fp16 (default: bf16 on CUDA GPUs with native bf16, else no): weights in this dtype, forward under
-    autocast"""
+    """no | bf16 | fp16: weights in this dtype, forward under autocast (None: bf16 where the device has it, else no)"""
     batch_size: int = 128
     """images generated at once"""
     decode_batch_size: int = 16
     """images the VAE decodes and a reward model scores at once"""
     reward_device: str | None = None
-    """device of the reward models (default: the model's device)"""
+    """device of the reward models (None: the model's device)"""
     reward_dtype: str = "fp32"
     """fp32 | bf16 | fp16: dtype of the reward models (fp32 as the official Flow-GRPO code scores)"""
     reward_paths: str | None = None
@@ -164,8 +163,7 @@ class Args:
     guidance_scale: float = 1.0
     num_steps: int = 10
     reward: str | None = None
-    """also score with these rewards, e.g. shapes,jpeg_compressibility (a row each; needed for prompts outside the
-    shapes grammar, where the weighted sum is reward_mean)"""
+    """also score with these rewards, e.g. shapes,jpeg_compressibility (needed for prompts outside the grammar)"""
     json: str | None = None
     """write the metrics here"""
     grid: str | None = None

@@ -52,15 +52,13 @@ SHARED = ("checkpoint", "model", "resolution", "use_t5", "max_t5_length", "mixed
 @dataclass
 class Args:
     checkpoint: str | None = None
-    """a method's run directory, its lora/ or transformer/ directory (default: the base model)"""
+    """a method's run directory, its lora/ or transformer/ directory (None: the base model)"""
     model: str = "stabilityai/stable-diffusion-3.5-medium"
     """'embedded' or a diffusers SD3 id (in the local Hugging Face cache) / local path"""
     server: str = "http://127.0.0.1:18085"
-    """the GenEval reward server (reward-server's gunicorn.conf.py port); options retries, timeout, backoff as a
-    query, e.g. http://127.0.0.1:18085?retries=10&timeout=300"""
+    """the GenEval reward server, options in the query, e.g. http://127.0.0.1:18085?retries=10&timeout=300"""
     prompts: str = "prompts/geneval_bench_test.jsonl"
-    """GenEval's JSON-lines metadata (prompt, tag, include[, exclude] a line); `python -m common.tools.prompts --sets
-    geneval_bench` writes the benchmark's 553 prompts here"""
+    """GenEval's JSON-lines metadata (`python -m common.tools.prompts --sets geneval_bench` writes its 553 prompts)"""
     samples_per_prompt: int = 4
     num_steps: int = 40
     guidance_scale: float = 4.5
@@ -69,7 +67,7 @@ class Args:
     """SD3: load the T5 text encoder, as Flow-GRPO trains and evaluates (--no-use-t5 for a run trained without)"""
     max_t5_length: int = 128
     mixed_precision: str | None = None
-    """no | bf16 | fp16 (default: bf16 on CUDA GPUs with native bf16, else no)"""
+    """no | bf16 | fp16: weights in this dtype, forward under autocast (None: bf16 where the device has it, else no)"""
     seed: int = 0
     batch_size: int = 128
     """images generated at once (sent to the server 64 at a time, as Flow-GRPO's client)"""

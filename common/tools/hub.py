@@ -130,6 +130,9 @@ def upload_to_hub(run_dir, args, api=None):
     return repo_id
 
 
+utils.HOOKS.update(check_upload=check_upload, upload=upload_to_hub)  # what --upload-model runs
+
+
 @dataclass
 class Args:
     run_dir: str

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
+from common.models import EMBEDDED, Model
 from common.world import shapes
 
 ASSETS = Path(__file__).parent / "assets"  # the committed base weights (fp16) and config.json
@@ -66,7 +67,6 @@ def check_weights(path=ASSETS):
 def load_embedded(device="cpu", dtype=torch.float32, path=ASSETS):
     from safetensors.torch import load_file
 
-    from common.models import EMBEDDED, Model
 
     path = Path(path)
     try:

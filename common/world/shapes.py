@@ -336,3 +336,20 @@ def score(images, specs):
     """Returns (partial credit (N,) in [0, 1], strict exact-scene pass (N,) bool, per-image check dicts)."""
     results = [check(s, d) for s, d in zip(specs, detect(images))]
     return (torch.tensor([r["partial"] for r in results]), torch.tensor([r["strict"] for r in results]), results)
+
+
+# ----------------------------------------------------------------------------------- as rewards (`--reward shapes`)
+def _specs(prompts, metadata):
+    metadata = metadata or [None] * len(prompts)
+    return [m if is_spec(m) else parse_caption(p) for p, m in zip(prompts, metadata)]
+
+
+def reward_partial(images, prompts, metadata=None):
+    """The reward `shapes`: mini-GenEval partial credit in [0, 1] (`score`); metadata: specs, else parsed from the
+    prompts."""
+    return score(images, _specs(prompts, metadata))[0]
+
+
+def reward_strict(images, prompts, metadata=None):
+    """The reward `shapes_strict`: mini-GenEval strict pass/fail as 0/1."""
+    return score(images, _specs(prompts, metadata))[1].float()
