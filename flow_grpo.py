@@ -4,7 +4,7 @@
 The learner samples `group_size` images per prompt with Flow-GRPO's SDE sampler, which turns every denoising
 step into a Gaussian policy with a closed-form log-probability; rewards become group-relative advantages
 A = (r - group mean) / (std + 1e-4); the learner then maximises the PPO-clipped ratio objective over the
-trained steps, optionally minus beta * KL to the frozen base. An EMA of the trained weights is evaluated and
+trained steps, optionally minus kl_coef * KL to the frozen base. An EMA of the trained weights is evaluated and
 saved. Docs: docs/flow_grpo.md.
 
     python flow_grpo.py                                  # embedded shapes world, 2 CPU cores, ~10 min
