@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+METHODS = ("advantageflow", "diffusion_nft", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo")  # benchmark/run.py's
 
 
 def code_hash(tree, method):
@@ -69,7 +70,7 @@ def common_part(old, new, path=""):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", required=True, help="the commit whose stored runs to carry over")
-    p.add_argument("--methods", nargs="+", default=["advantageflow", "flow_grpo", "orw_cfm_w2", "acflow", "fdfo"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--iterations", type=int, default=24, help="length of the comparison runs")
     p.add_argument("--old-args", nargs=argparse.REMAINDER, default=[],
                    help="flags for the old code's runs (last on the line): a change of defaults, spelled out in the "
