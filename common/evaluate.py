@@ -66,12 +66,13 @@ def diversity(images, groups):
 
 def evaluate_model(model, transformer, specs, samples_per_prompt=4, seed=0, guidance_scale=1.0, num_steps=10,
                    reward_fn=None, captions=None, return_images=False, batch_size=128, rank=0, world=1):
-    """Generate `samples_per_prompt` samples per prompt. Shapes specs are scored with the scene scorer (rewards.SCORER, the mini-GenEval one)
-    (reward_mean = partial credit); prompts without a spec (None or other metadata) need `reward_fn`, whose mean is
-    then `reward_mean`. With both, the training reward is reported as `train_reward_mean` as well. Shapes specs also
-    give strict accuracy and partial credit (overall, per category), `clean_fraction` (images with no extra object)
-    and `texture` (the mean fraction of speckled pixels, the scorer's `texture`). A weighted reward
-    (common.rewards.RewardFn) also reports each of its rewards: `rewards` = {name: {weight, mean, std}}.
+    """Generate `samples_per_prompt` samples per prompt. Shapes specs are scored with the scene scorer
+    (rewards.SCORER, the mini-GenEval one; reward_mean = partial credit); prompts without a spec (None or other
+    metadata) need `reward_fn`, whose mean is then `reward_mean`. With both, the training reward is reported as
+    `train_reward_mean` as well. Shapes specs also give strict accuracy and partial credit (overall, per category),
+    `clean_fraction` (images with no extra object) and `texture` (the mean fraction of speckled pixels, the scorer's
+    `texture`). A weighted reward (common.rewards.RewardFn) also reports each of its rewards: `rewards` = {name:
+    {weight, mean, std}}.
 
     Sharded (world > 1, every rank calls it): each rank generates and scores its contiguous slice of the prompts on
     the noise one process would use, the per-sample results are gathered, and every rank returns the metrics of the

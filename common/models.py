@@ -32,8 +32,8 @@ from common import pipelines
 from common.pipelines import PIPELINES
 
 EMBEDDED = "embedded"
-# a base registered by name -> namespace(check() -> SystemExit with one line, load(device, dtype) -> Model); common/world
-# registers EMBEDDED when imported
+# a base registered by name -> namespace(check() -> SystemExit with one line, load(device, dtype) -> Model);
+# common/world registers EMBEDDED when imported
 BASES = {}
 PRECISIONS = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_PRECISIONS = ("no", "bf16")  # fp16 training would need a GradScaler; evaluation (no gradients) takes fp16 too

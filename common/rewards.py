@@ -10,10 +10,10 @@ world: the prompt's shapes spec) or None.
 The core's own rewards are the JPEG sizes: jpeg_compressibility (DDPO's scale), jpeg_compressibility_flowgrpo
 (Flow-GRPO's), jpeg_incompressibility. The others are registered (`register`) by the packages that hold them, when
 imported (the method scripts import them): common/world the mini-GenEval scorer (shapes, shapes_strict, and
-SCORER, the scene scorer); common/reward_models the real reward models (imported
-when a reward is built; a hub id in the local cache by default, or local weights via --reward-paths
-name=path[|processor],...) and `remote:<url>`, a Flow-GRPO reward server over HTTP, options in the URL's query,
-e.g. `remote:http://127.0.0.1:18085?retries=5&timeout=60`.
+SCORER, the scene scorer); common/reward_models the real reward models (imported when a reward is built; a hub id
+in the local cache by default, or local weights via --reward-paths name=path[|processor],...) and `remote:<url>`,
+a Flow-GRPO reward server over HTTP, options in the URL's query, e.g.
+`remote:http://127.0.0.1:18085?retries=5&timeout=60`.
 """
 
 import io

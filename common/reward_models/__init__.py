@@ -70,5 +70,4 @@ for _name in REAL_REWARDS:
     rewards.register(_name, build=_builder(_name), weights_of=SAME_WEIGHTS.get(_name, _name),
                      needs_path=AESTHETIC_HINT if _name == "aesthetic" else None)
 rewards.SCHEMES["remote:"] = types.SimpleNamespace(
-    parse=lambda name: remote.remote_server(name), check=lambda name: remote.check_server(name.removeprefix("remote:")),
-    build=_remote)
+    parse=remote.remote_server, check=lambda name: remote.check_server(name.removeprefix("remote:")), build=_remote)
