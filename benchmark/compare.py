@@ -4,16 +4,17 @@
     python benchmark/compare.py "orw_cfm_w2.py" "acflow.py" --seeds 0 1 2 --budget 2560 --dry-run
 
 A command is a method script (a top-level file of this repository, a fork included) and its flags. Each runs as
-`python <script> <flags> --seed S --num-iterations N [--eval-every N] --eval-samples-per-prompt E --threads 1`
-with OMP_NUM_THREADS=1 (--eval-every N unless the command sets it: the base and the final model are evaluated,
-nothing between). N is set per command so that both make the same number of reward queries, counted as the
-script counts them. The two runs of a seed evaluate their base on the same held-out noise; they must report the
-same base (checked). Gain = final - base on the held-out prompts, in strict accuracy and in partial credit
-(summary.json's `strict_accuracy`, `reward_mean`); the effect of a seed = B's gain - A's gain. Printed: every
-seed's gains and effect, then the mean effect with its 95 % bootstrap interval (percentile, seeds resampled in
-pairs, scipy.stats.bootstrap) and the probability of improvement P(B > A), the interval estimates of rliable
-(Agarwal et al. 2021). Runs are stored under --out keyed by the hash of their code and resolved arguments (as
-benchmark/run.py keys its runs): a command run again prints its table from the stored runs.
+`python <script> <flags> --seed S --num-iterations N [--eval-every N] --eval-samples-per-prompt E --threads 1` with
+OMP_NUM_THREADS=1 (--eval-every N unless the command sets it: the base and the final model are evaluated, nothing
+between). N is set per command so that both make the same number of reward queries, counted as the script counts
+them. The two runs of a seed evaluate their base on the same held-out noise; they must report the same base
+(checked). Gain = final - base on the held-out prompts, in strict accuracy and in partial credit (summary.json's
+`strict_accuracy`, `reward_mean`); the effect of a seed = B's gain - A's gain. Printed: every seed's gains and
+effect, then the mean effect with its 95 % bootstrap interval (percentile, seeds resampled in pairs,
+scipy.stats.bootstrap) and the probability of improvement P(B > A), the interval estimates of rliable (Agarwal et
+al. 2021), then each command's mean gain with its own interval (does it learn at all?). Runs are stored under --out
+keyed by the hash of their code and resolved arguments (as benchmark/run.py keys its runs): a command run again
+prints its table from the stored runs.
 """
 
 import argparse
@@ -78,6 +79,23 @@ def paired_stats(gain_a, gain_b, resamples=10_000, seed=0):
                 ci = stats.bootstrap((a, b), stat, paired=True, vectorized=True, n_resamples=resamples,
                                      confidence_level=0.95, method="percentile", rng=np.random.default_rng(seed))
             res[name] = (float(ci.confidence_interval.low), float(ci.confidence_interval.high))
+    return res
+
+
+def gain_stats(gains, resamples=10_000, seed=0):
+    """Mean of one command's gains over the seeds with its 95 % percentile bootstrap interval (seeds resampled,
+    scipy.stats.bootstrap) and the number of seeds with a positive gain. Fewer than 2 seeds: no interval (nan)."""
+    from scipy import stats
+
+    g = np.asarray(gains, float)
+    res = dict(n=len(g), mean=float(g.mean()), sd=float(g.std(ddof=1)) if len(g) > 1 else float("nan"),
+               wins=int((g > 0).sum()), ci=(math.nan,) * 2)
+    if len(g) > 1:
+        with warnings.catch_warnings():  # all gains equal: a zero-width interval is right
+            warnings.simplefilter("ignore")
+            ci = stats.bootstrap((g,), np.mean, vectorized=True, n_resamples=resamples, confidence_level=0.95,
+                                 method="percentile", rng=np.random.default_rng(seed))
+        res["ci"] = (float(ci.confidence_interval.low), float(ci.confidence_interval.high))
     return res
 
 
@@ -255,6 +273,15 @@ def report(jobs, eval_samples, own_base=False):
         summary.append(f"| {label} | {st['mean']:+.4f} | [{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}] | {st['p']:.2f} "
                        f"[{st['p_ci'][0]:.2f}, {st['p_ci'][1]:.2f}] | {st['wins']} of {st['n']} seeds | "
                        f"{verdict(st)} |")
+    gains = ["| command | metric | mean gain | 95 % interval | gain > 0 in | verdict |", "|---|---|---|---|---|---|"]
+    for n in "AB":
+        for _, k, label in METRICS:
+            st = gain_stats([gain[s, n, k] for s in seeds])
+            lo, hi = st["ci"]
+            v = ("one seed: no interval" if st["n"] < 2 else f"{'gains' if lo > 0 else 'loses'} at {st['n']} seeds "
+                 f"(the interval excludes 0)" if lo > 0 or hi < 0 else f"not decidable at {st['n']} seeds")
+            gains.append(f"| {n} | {label} | {st['mean']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {st['wins']} of {st['n']} "
+                         f"seeds | {v} |")
     queries = {n: {runs[s][n].get("reward_queries") for s in seeds} for n in "AB"}
     sd = EVAL_SD_AT_8 * math.sqrt(8 / eval_samples)
     n_prompts = runs[seeds[0]]["A"]["base"].get("n", 0) // eval_samples
@@ -266,7 +293,7 @@ def report(jobs, eval_samples, own_base=False):
              "Gain = final - base; intervals: 95 % percentile bootstrap over seeds resampled in pairs "
              "(scipy.stats.bootstrap, 10,000 resamples); P(B > A): rliable's probability of improvement (every pair of "
              "one A and one B run, ties 1/2)."]
-    return "\n".join([*rows, "", *summary, "", *(textwrap.fill(n, 116) for n in notes)])
+    return "\n".join([*rows, "", *summary, "", *gains, "", *(textwrap.fill(n, 116) for n in notes)])
 
 
 def parse_seeds(values):

@@ -33,6 +33,21 @@ def test_paired_statistics_against_a_direct_computation():
     assert compare.paired_stats(a, b) == s  # a fixed resampling seed: the same printed numbers every time
 
 
+def test_gain_statistics_against_a_direct_computation():
+    """One command's mean gain, its interval (against resampling the seeds by hand) and its positive-seed count."""
+    import compare
+
+    g = np.array([0.04, -0.01, 0.06, 0.03, 0.05])
+    s = compare.gain_stats(g)
+    assert math.isclose(s["mean"], 0.034) and s["wins"] == 4 and s["n"] == 5
+    idx = np.random.default_rng(1).integers(0, len(g), (20_000, len(g)))
+    lo2, hi2 = np.percentile(g[idx].mean(axis=1), [2.5, 97.5])
+    assert g.min() <= s["ci"][0] <= s["mean"] <= s["ci"][1] <= g.max()
+    assert abs(s["ci"][0] - lo2) <= 0.004 and abs(s["ci"][1] - hi2) <= 0.004, (s["ci"], lo2, hi2)
+    assert s["ci"][0] > 0  # every resampled mean of these gains is positive except all -0.01: (1/5)^5
+    assert math.isnan(compare.gain_stats([0.1])["ci"][0])
+
+
 def test_interval_shrinks_with_seeds_and_decides():
     """The same effect (+0.02, differences with sd 0.03) is not decidable at 4 seeds and decided at 64; the
     interval narrows as ~1/sqrt(seeds); the seed estimate is (1.96 sd / mean)^2."""
@@ -106,7 +121,9 @@ def test_runs_of_a_seed_with_different_bases_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="seed 0: A's base strict accuracy is 0.250000, B's 0.281250"):
         compare.report(jobs, 1)
     (tmp_path / "B" / "summary.json").write_text((tmp_path / "A" / "summary.json").read_text())
-    assert "| 0 | 0.250 | +0.030 | +0.030 | +0.000 |" in compare.report(jobs, 1)
+    out = compare.report(jobs, 1)
+    assert "| 0 | 0.250 | +0.030 | +0.030 | +0.000 |" in out
+    assert "| A | strict accuracy | +0.0300 | [+nan, +nan] | 1 of 1 seeds | one seed: no interval |" in out, out
 
 
 TINY = "--prompts-per-iter 2 --group-size 2 --train-batch-size 2 --num-steps 3"
