@@ -331,6 +331,16 @@ def mean_std(xs):
     return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
 
 
+def gain_cell(gains):
+    """"**mean** [95 % interval]; per seed" of a list of per-seed gains (the interval: compare.py's percentile
+    bootstrap over seeds; one seed: none)."""
+    from compare import gain_stats  # compare imports this module
+
+    st = gain_stats(gains)
+    ci = "" if st["n"] < 2 else f" [{st['ci'][0]:+.3f}, {st['ci'][1]:+.3f}]"
+    return f"**{st['mean']:+.3f}**{ci}; {', '.join(f'{g:+.3f}' for g in gains)}"
+
+
 def base_to_final(base, final, key):
     """"base -> final" of a held-out metric, each the mean over seeds; "n/a" when a run's results lack it (a run
     stored before the metric existed)."""
@@ -381,8 +391,9 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8,
     img.mkdir(parents=True, exist_ok=True)
     grpo = [r["summary"]["final"]["reward_mean"] for r in res.get("flow_grpo", [])]
     target = statistics.mean(grpo) if grpo else None
-    rows = ["| method | seeds | reward queries | strict accuracy: base -> final (gain, per seed) | train prompts' strict "
-            "accuracy: base -> final (gain, per seed) | partial credit: base -> final | best partial credit (queries) "
+    rows = ["| method | seeds | reward queries | strict accuracy: base -> final (gain [95 % interval]; per seed) | "
+            "train prompts' strict accuracy: base -> final (gain [95 % interval]; per seed) | partial credit: base -> "
+            "final | best partial credit (queries) "
             "| extra-object rate: base -> final | texture: base -> final | diversity | queries to Flow-GRPO's final | "
             "wall time (min) | s/iter: sample / reward / train | peak RSS (MB) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -406,9 +417,8 @@ def report(res, out, budget, seeds, docs, costs=None, scale=None, eval_points=8,
         p = runs[0]["perf"]
         rss = [r["peak_rss_mb"] for r in runs if r["peak_rss_mb"]]
         rows.append(f"| {m} | {len(runs)} | {runs[0]['curve'][-1][0]:.0f} | {mean_std([b['strict_accuracy'] for b in base])[0]:.3f} -> "
-                    f"{ms([f['strict_accuracy'] for f in fin])} (**{mean_std(gains)[0]:+.3f}**; "
-                    f"{', '.join(f'{g:+.3f}' for g in gains)}) | {mean_std(tb)[0]:.3f} -> {ms(tf)} "
-                    f"(**{mean_std(tgains)[0]:+.3f}**; {', '.join(f'{g:+.3f}' for g in tgains)}) | "
+                    f"{ms([f['strict_accuracy'] for f in fin])} ({gain_cell(gains)}) | {mean_std(tb)[0]:.3f} -> {ms(tf)} "
+                    f"({gain_cell(tgains)}) | "
                     f"{mean_std([b['reward_mean'] for b in base])[0]:.3f} -> "
                     f"{ms([f['reward_mean'] for f in fin])} | {best_s} | {mean_std([extra(b) for b in base])[0]:.3f} -> "
                     f"{mean_std([extra(f) for f in fin])[0]:.3f} | {base_to_final(base, fin, 'texture')} | "
@@ -443,7 +453,10 @@ Every run is keyed by the hash of its code and its resolved arguments; a stored 
 ![curves](img/{page}.png)
 
 Strict accuracy = exact scenes (every object, count, colour and position right); the gain is final minus the
-same seed's base (the base is evaluated on the run's own noise). The train prompts' column evaluates the saved
+same seed's base (the base is evaluated on the run's own noise); "±" is the standard deviation of the finals over
+seeds, "[ ]" the 95 % percentile bootstrap interval of the mean gain (seeds resampled, `scipy.stats.bootstrap`, as
+`benchmark/compare.py`): with 3 seeds it spans little more than the seeds' own range and undercovers, so a
+statement that rests on it takes 5 seeds ([claims.md](claims.md)). The train prompts' column evaluates the saved
 model on the 85 prompts the methods train on (16 samples each, the seed's noise, so a strict-accuracy standard
 deviation of ~0.013 from the evaluation alone; `python -m common.tools.evaluate --split train`): what a method learns, where the held-out column shows how far it generalises. Extra-object rate = the fraction of images with
 an object the prompt did not ask for (clutter, the reward-hacking signature of world v1). Texture = the fraction of

@@ -47,7 +47,7 @@ def _fake_run(texture=None, seed=0):
 
 def test_benchmark_table_has_a_texture_column(tmp_path):
     """The table's texture column is base -> final, each the mean over seeds, of the runs' held-out `texture`;
-    a run stored before the metric existed shows n/a (no crash)."""
+    a run stored before the metric existed shows n/a (no crash). The gain column: mean, 95 % interval, per seed."""
     import run as bench
 
     res = {"flow_grpo": [_fake_run((0.001, 0.1), 0), _fake_run((0.002, 0.06), 1)], "advantageflow": [_fake_run()]}
@@ -59,6 +59,8 @@ def test_benchmark_table_has_a_texture_column(tmp_path):
     col = cells[0].index("texture: base -> final")
     rows = {c[0]: c[col] for c in cells[2:]}
     assert rows == {"flow_grpo": "0.002 -> 0.080", "advantageflow": "n/a"}, rows
+    gain = {c[0]: c[3].split("(", 1)[1] for c in cells[2:]}  # held-out gains 0.05 and 0.06: mean, interval, seeds
+    assert gain == {"flow_grpo": "**+0.055** [+0.050, +0.060]; +0.050, +0.060)", "advantageflow": "**+0.050**; +0.050)"}
 
 
 def test_rekey_compares_every_number_the_old_code_computed():
