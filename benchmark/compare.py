@@ -9,12 +9,12 @@ OMP_NUM_THREADS=1 (--eval-every N unless the command sets it: the base and the f
 between). N is set per command so that both make the same number of reward queries, counted as the script counts
 them. The two runs of a seed evaluate their base on the same held-out noise; they must report the same base
 (checked). Gain = final - base on the held-out prompts, in strict accuracy and in partial credit (summary.json's
-`strict_accuracy`, `reward_mean`); the effect of a seed = B's gain - A's gain. Printed: every seed's gains and
-effect, then the mean effect with its 95 % bootstrap interval (percentile, seeds resampled in pairs,
-scipy.stats.bootstrap) and the probability of improvement P(B > A), the interval estimates of rliable (Agarwal et
-al. 2021), then each command's mean gain with its own interval (does it learn at all?). Runs are stored under --out
-keyed by the hash of their code and resolved arguments (as benchmark/run.py keys its runs): a command run again
-prints its table from the stored runs.
+`strict_accuracy`, `reward_mean`; and the trained reward, `train_reward_mean`, where it is another reward); the
+effect of a seed = B's gain - A's gain. Printed: every seed's gains and effect, then the mean effect with its 95 %
+bootstrap interval (percentile, seeds resampled in pairs, scipy.stats.bootstrap) and the probability of improvement
+P(B > A), the interval estimates of rliable (Agarwal et al. 2021), then each command's mean gain with its own
+interval (does it learn at all?). Runs are stored under --out keyed by the hash of their code and resolved arguments
+(as benchmark/run.py keys its runs): a command run again prints its table from the stored runs.
 """
 
 import argparse
@@ -46,6 +46,9 @@ OWN_FLAGS = {"--seed": "give --seeds", "--num-iterations": "give --budget (rewar
 # x 8 samples per prompt; it falls as 1 / sqrt(samples per prompt)
 EVAL_SD_AT_8 = 0.02
 METRICS = (("strict", "strict_accuracy", "strict accuracy"), ("partial", "reward_mean", "partial credit"))
+# the held-out mean of the reward the runs train on (summary.json's `train_reward_mean`): a third metric where it is
+# not the scene scorer's partial credit (e.g. --reward jpeg_compressibility)
+TRAINED = ("reward", "train_reward_mean", "trained reward")
 
 
 def fail(msg):
@@ -246,36 +249,39 @@ def report(jobs, eval_samples, own_base=False):
     for j in jobs:
         runs.setdefault(j["seed"], {})[j["name"]] = json.loads((j["dir"] / "summary.json").read_text())
     seeds = sorted(runs)
+    trained = any(abs(r[e].get("train_reward_mean", r[e]["reward_mean"]) - r[e]["reward_mean"]) > 1e-9
+                  for s in seeds for r in runs[s].values() for e in ("base", "final"))
+    metrics = (*METRICS, TRAINED) if trained else METRICS
     for s in seeds if not own_base else ():
         a, b = runs[s]["A"]["base"], runs[s]["B"]["base"]
-        for _, k, label in METRICS:
+        for _, k, label in metrics:
             if abs(a[k] - b[k]) > 1e-9:
                 raise SystemExit(f"compare.py: error: seed {s}: A's base {label} is {a[k]:.6f}, B's {b[k]:.6f}: the "
                                  f"two commands evaluate differently (e.g. another --num-steps, --eval-num-steps or "
                                  f"prompts), so their gains are not paired; compare commands that evaluate alike "
                                  f"(or pass --own-base where they differ by design)")
     gain = {(s, n, k): runs[s][n]["final"][k] - runs[s][n]["base"][k]
-            for s in seeds for n in "AB" for _, k, _ in METRICS}
+            for s in seeds for n in "AB" for _, k, _ in metrics}
     head = ["seed"]
-    for short, _, _ in METRICS:
+    for short, _, _ in metrics:
         head += [f"{short}: base", f"{short}: gain A", f"{short}: gain B", f"{short}: B - A"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in seeds:
         cells = [str(s)]
-        for _, k, _ in METRICS:
+        for _, k, _ in metrics:
             ga, gb = gain[s, "A", k], gain[s, "B", k]
             cells += [f"{runs[s]['A']['base'][k]:.3f}", f"{ga:+.3f}", f"{gb:+.3f}", f"{gb - ga:+.3f}"]
         rows.append("| " + " | ".join(cells) + " |")
     summary = ["| metric | mean B - A | 95 % interval | P(B > A) [95 % interval] | B > A in | verdict |",
                "|---|---|---|---|---|---|"]
-    for _, k, label in METRICS:
+    for _, k, label in metrics:
         st = paired_stats([gain[s, "A", k] for s in seeds], [gain[s, "B", k] for s in seeds])
         summary.append(f"| {label} | {st['mean']:+.4f} | [{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}] | {st['p']:.2f} "
                        f"[{st['p_ci'][0]:.2f}, {st['p_ci'][1]:.2f}] | {st['wins']} of {st['n']} seeds | "
                        f"{verdict(st)} |")
     gains = ["| command | metric | mean gain | 95 % interval | gain > 0 in | verdict |", "|---|---|---|---|---|---|"]
     for n in "AB":
-        for _, k, label in METRICS:
+        for _, k, label in metrics:
             st = gain_stats([gain[s, n, k] for s in seeds])
             lo, hi = st["ci"]
             v = ("one seed: no interval" if st["n"] < 2 else f"{'gains' if lo > 0 else 'loses'} at {st['n']} seeds "

@@ -124,6 +124,14 @@ def test_runs_of_a_seed_with_different_bases_are_refused(tmp_path):
     out = compare.report(jobs, 1)
     assert "| 0 | 0.250 | +0.030 | +0.030 | +0.000 |" in out
     assert "| A | strict accuracy | +0.0300 | [+nan, +nan] | 1 of 1 seeds | one seed: no interval |" in out, out
+    assert "trained reward" not in out  # the trained reward is the scene scorer's partial credit: two metrics
+    for name, gain in (("A", 0.05), ("B", 0.02)):  # trained on another reward (e.g. JPEG): its gain is a third metric
+        d = json.loads((tmp_path / name / "summary.json").read_text())
+        d["base"]["train_reward_mean"], d["final"]["train_reward_mean"] = -1.13, -1.13 + gain
+        (tmp_path / name / "summary.json").write_text(json.dumps(d))
+    out = compare.report(jobs, 1)
+    assert "| 0 | 0.250 | +0.030 | +0.030 | +0.000 | 0.350 | +0.030 | +0.030 | +0.000 | -1.130 | +0.050 | +0.020 | -0.030 |" in out, out
+    assert "| trained reward | -0.0300 |" in out and "| B | trained reward | +0.0200 |" in out, out
 
 
 TINY = "--prompts-per-iter 2 --group-size 2 --train-batch-size 2 --num-steps 3"
