@@ -68,8 +68,6 @@ def paired_stats(gain_a, gain_b, resamples=10_000, seed=0):
     """Mean of B - A over the seeds with its 95 % bootstrap interval, and P(B > A) with its interval; both
     percentile intervals (as rliable's) over resampled seeds, each seed keeping its pair (scipy.stats.bootstrap,
     paired=True). Fewer than 2 seeds: no intervals (nan)."""
-    from scipy import stats
-
     a, b = np.asarray(gain_a, float), np.asarray(gain_b, float)
     d = b - a
     res = dict(n=len(d), mean=float(d.mean()), sd=float(d.std(ddof=1)) if len(d) > 1 else float("nan"),
@@ -77,28 +75,29 @@ def paired_stats(gain_a, gain_b, resamples=10_000, seed=0):
                p_ci=(math.nan,) * 2)
     if len(d) > 1:
         for name, stat in (("ci", lambda x, y, axis: (y - x).mean(axis=axis)), ("p_ci", probability_of_improvement)):
-            with warnings.catch_warnings():  # all differences equal: a degenerate, zero-width interval is right
-                warnings.simplefilter("ignore")
-                ci = stats.bootstrap((a, b), stat, paired=True, vectorized=True, n_resamples=resamples,
-                                     confidence_level=0.95, method="percentile", rng=np.random.default_rng(seed))
-            res[name] = (float(ci.confidence_interval.low), float(ci.confidence_interval.high))
+            res[name] = percentile_interval((a, b), stat, True, resamples, seed)
     return res
+
+
+def percentile_interval(data, stat, paired, resamples, seed):
+    """95 % percentile bootstrap interval of `stat` over the seeds (scipy.stats.bootstrap) -> (low, high)."""
+    from scipy import stats
+
+    with warnings.catch_warnings():  # all values equal: a degenerate, zero-width interval is right
+        warnings.simplefilter("ignore")
+        ci = stats.bootstrap(data, stat, paired=paired, vectorized=True, n_resamples=resamples, confidence_level=0.95,
+                             method="percentile", rng=np.random.default_rng(seed))
+    return float(ci.confidence_interval.low), float(ci.confidence_interval.high)
 
 
 def gain_stats(gains, resamples=10_000, seed=0):
     """Mean of one command's gains over the seeds with its 95 % percentile bootstrap interval (seeds resampled,
     scipy.stats.bootstrap) and the number of seeds with a positive gain. Fewer than 2 seeds: no interval (nan)."""
-    from scipy import stats
-
     g = np.asarray(gains, float)
     res = dict(n=len(g), mean=float(g.mean()), sd=float(g.std(ddof=1)) if len(g) > 1 else float("nan"),
                wins=int((g > 0).sum()), ci=(math.nan,) * 2)
     if len(g) > 1:
-        with warnings.catch_warnings():  # all gains equal: a zero-width interval is right
-            warnings.simplefilter("ignore")
-            ci = stats.bootstrap((g,), np.mean, vectorized=True, n_resamples=resamples, confidence_level=0.95,
-                                 method="percentile", rng=np.random.default_rng(seed))
-        res["ci"] = (float(ci.confidence_interval.low), float(ci.confidence_interval.high))
+        res["ci"] = percentile_interval((g,), np.mean, False, resamples, seed)
     return res
 
 
@@ -120,6 +119,15 @@ def verdict(s):
     more = (f"; ~{n} seeds might decide it (estimate: n ~ (1.96 sd / mean)^2, sd {s['sd']:.3f} of the paired "
             f"differences)" if n else "; the mean difference is 0")
     return f"not decidable at {s['n']} seeds (the interval contains 0){more}"
+
+
+def gain_verdict(s):
+    if s["n"] < 2:
+        return "one seed: no interval"
+    lo, hi = s["ci"]
+    if lo > 0 or hi < 0:
+        return f"{'gains' if lo > 0 else 'loses'} at {s['n']} seeds (the interval excludes 0)"
+    return f"not decidable at {s['n']} seeds"
 
 
 # -------------------------------------------------------------------------------------------------------- the plan
@@ -283,11 +291,8 @@ def report(jobs, eval_samples, own_base=False):
     for n in "AB":
         for _, k, label in metrics:
             st = gain_stats([gain[s, n, k] for s in seeds])
-            lo, hi = st["ci"]
-            v = ("one seed: no interval" if st["n"] < 2 else f"{'gains' if lo > 0 else 'loses'} at {st['n']} seeds "
-                 f"(the interval excludes 0)" if lo > 0 or hi < 0 else f"not decidable at {st['n']} seeds")
-            gains.append(f"| {n} | {label} | {st['mean']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {st['wins']} of {st['n']} "
-                         f"seeds | {v} |")
+            gains.append(f"| {n} | {label} | {st['mean']:+.4f} | [{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}] | "
+                         f"{st['wins']} of {st['n']} seeds | {gain_verdict(st)} |")
     queries = {n: {runs[s][n].get("reward_queries") for s in seeds} for n in "AB"}
     sd = EVAL_SD_AT_8 * math.sqrt(8 / eval_samples)
     n_prompts = runs[seeds[0]]["A"]["base"].get("n", 0) // eval_samples
