@@ -455,7 +455,7 @@ Every run is keyed by the hash of its code and its resolved arguments; a stored 
 Strict accuracy = exact scenes (every object, count, colour and position right); the gain is final minus the
 same seed's base (the base is evaluated on the run's own noise); "±" is the standard deviation of the finals over
 seeds, "[ ]" the 95 % percentile bootstrap interval of the mean gain (seeds resampled, `scipy.stats.bootstrap`, as
-`benchmark/compare.py`): with 3 seeds it spans little more than the seeds' own range and undercovers, so a
+`benchmark/compare.py`): with 3 seeds it spans at most the seeds' own range and undercovers, so a
 statement that rests on it takes 5 seeds ([claims.md](claims.md)). The train prompts' column evaluates the saved
 model on the 85 prompts the methods train on (16 samples each, the seed's noise, so a strict-accuracy standard
 deviation of ~0.013 from the evaluation alone; `python -m common.tools.evaluate --split train`): what a method learns, where the held-out column shows how far it generalises. Extra-object rate = the fraction of images with
