@@ -7,6 +7,8 @@ sampling pass (forward under no_grad) and training pass (forward + backward, eve
 default fine-tunes) in GFLOP/s (FLOPs counted by torch.utils.flop_counter; backward = 2x forward) and as a fraction
 of that peak, for fp32 and for bf16 autocast as a run sets it up (`common.models.load_model` + `Policy`: trainable
 weights in fp32, the forward under torch.autocast, attention with the math kernel in passes that take gradients).
+Each precision twice: with the embedded model's fast CPU kernels (the runs' default: attention as two matmuls,
+tanh-GELU via sigmoid; common/world/model.py) and with diffusers' own ("torch kernels", `--no-fast-cpu-kernels`).
 `--compile` adds torch.compile of the sampling pass (its one-off compile time printed; inductor caches it on disk).
 Timings are medians over --reps, the variants interleaved so that a slow minute hits all of them; run it alone.
 """
@@ -52,9 +54,10 @@ def main():
           f"bf16 {peak['bf16']:.0f} GFLOP/s")
     variants = {}
     for mp in ("no", "bf16"):
-        model = models.load_model("embedded", mixed_precision=mp)
-        models.Policy(model.transformer)  # trainable weights in fp32, as in a run
-        variants[mp] = model.transformer
+        for fast in (False, True):
+            model = models.load_model("embedded", mixed_precision=mp, fast_cpu_kernels=fast)
+            models.Policy(model.transformer)  # trainable weights in fp32, as in a run
+            variants[mp + ("" if fast else " torch-kernels")] = model.transformer
         if a.compile:
             variants[mp + "+compile"] = torch.compile(model.transformer)
     pe, pooled = model.encode_prompt(["a red circle above a blue square"] * a.batch_size)
@@ -88,10 +91,10 @@ def main():
             fn(tr)
             times[k].append(time.perf_counter() - t0)
     print(f"\nembedded transformer, batch {a.batch_size}: {flops / 1e9:.1f} GFLOP per forward\n")
-    print("| pass | variant | ms | GFLOP/s | of the matmul peak (same dtype) | speed-up vs fp32 |")
+    print("| pass | variant | ms | GFLOP/s | of the matmul peak (same dtype) | speed-up vs fp32 torch-kernels |")
     print("|---|---|---|---|---|---|")
     for kind, mult in (("sample", 1), ("train", 3)):
-        base = statistics.median(times[("no", kind)])
+        base = statistics.median(times[("no torch-kernels", kind)])
         for (name, k), ts in times.items():
             if k != kind:
                 continue

@@ -162,13 +162,15 @@ def check_model_flags(name, guidance_scale=1.0, flux_guidance=None):
 
 
 def load_model(name=EMBEDDED, device="cpu", dtype=None, resolution=512, use_t5=False, max_t5_length=128,
-               mixed_precision=None, decode_batch_size=16, gradient_checkpointing=False, flux_guidance=None):
+               mixed_precision=None, decode_batch_size=16, gradient_checkpointing=False, flux_guidance=None,
+               fast_cpu_kernels=True):
     """`dtype` (the frozen weights' dtype) overrides `mixed_precision` (no|bf16|fp16, None = per device).
+    `fast_cpu_kernels`: a registered base's own faster CPU kernels (the embedded model's: common/world/model.py).
     `flux_guidance`: FLUX.1-dev's guidance-embedding value (default 3.5; refused for other models)."""
     kind = check_model_flags(name, flux_guidance=flux_guidance)
     dtype = dtype or (default_dtype(device) if mixed_precision is None else PRECISIONS[mixed_precision])
     if name in BASES:
-        model = BASES[name].load(device, dtype)
+        model = BASES[name].load(device, dtype, fast_cpu_kernels=fast_cpu_kernels)
     else:
         options = {} if flux_guidance is None else {"guidance": flux_guidance}  # only FLUX accepts it (checked)
         model = importlib.import_module(PIPELINES[kind]).load(name, device, dtype, resolution, use_t5, max_t5_length,

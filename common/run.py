@@ -87,6 +87,9 @@ class RunArgs:
     """FLUX.1-dev's guidance-embedding value (None: 3.5, as FluxPipeline); refused for other models"""
     mixed_precision: str | None = None
     """no | bf16 autocast with fp32 trained weights (None: bf16 where native: CUDA >= 8.0, AVX512-BF16 / AMX CPUs)"""
+    fast_cpu_kernels: bool = True
+    """embedded model on a CPU: attention as two matmuls and tanh-GELU via sigmoid, the same functions ~1.3x faster
+    (common/world/model.py); False: diffusers' kernels"""
     gradient_checkpointing: bool = False
     """recompute the transformer's activations in the backward pass (less memory, ~30 % slower; SD3.5)"""
     decode_batch_size: int = 16
@@ -139,7 +142,8 @@ class Run:
         self.model = models.load_model(a.model, self.device, resolution=a.resolution, use_t5=a.use_t5,
                                        max_t5_length=a.max_t5_length, mixed_precision=a.mixed_precision,
                                        decode_batch_size=a.decode_batch_size,
-                                       gradient_checkpointing=a.gradient_checkpointing, flux_guidance=a.flux_guidance)
+                                       gradient_checkpointing=a.gradient_checkpointing, flux_guidance=a.flux_guidance,
+                                       fast_cpu_kernels=a.fast_cpu_kernels)
         self.policy = models.Policy(self.model.transformer, a.lora_rank, a.lora_alpha, self.model.lora_targets,
                                     with_old=with_old)
         self.reward_fn = rewards.build_reward(a.reward, a.reward_device or self.device, batch_size=a.decode_batch_size,

@@ -214,6 +214,48 @@ def test_embedded_model_forward_shapes():
     assert sig.shape == (11,) and sig[0] == 1 and sig[-1] == 0 and (sig[1:] < sig[:-1]).all()
 
 
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_fast_cpu_kernels_compute_diffusers_functions(mixed_precision):
+    """The fast CPU kernels (the default) give diffusers' kernels' outputs and gradients up to float rounding: fp32
+    within 1e-4, bf16 autocast within the difference bf16 itself makes (fp32 vs bf16 with diffusers' kernels); off,
+    the model has diffusers' JointAttnProcessor2_0 and GELU."""
+    from diffusers.models.activations import GELU
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    torch.manual_seed(0)
+    x, t = torch.randn(6, 3, 32, 32), torch.rand(6)
+    outs, grads = {}, {}
+    for name, mp, fast in (("torch", mixed_precision, False), ("fast", mixed_precision, True), ("fp32", "no", False)):
+        model = models.load_model("embedded", mixed_precision=mp, fast_cpu_kernels=fast)
+        models.Policy(model.transformer)  # trainable weights in fp32, as in a run
+        tr = model.transformer
+        procs = {type(p) for p in tr.attn_processors.values()}
+        gelus = {type(m) for m in tr.modules() if isinstance(m, GELU)}
+        assert procs == {world_model.MatmulJointAttnProcessor if fast else JointAttnProcessor2_0}
+        assert gelus == {world_model.SigmoidGELU if fast else GELU}
+        pe, pooled = model.encode_prompt(["a red circle above a blue square", "two green triangles"] * 3)
+        with torch.no_grad():
+            outs[name] = sampling.predict(tr, x, t, pe, pooled)
+        sampling.predict(tr, x, t, pe, pooled).pow(2).mean().backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in tr.parameters()])
+    if mixed_precision == "no":
+        assert (outs["fast"] - outs["torch"]).abs().max() < 1e-4
+        assert (grads["fast"] - grads["torch"]).norm() < 1e-4 * grads["torch"].norm()
+    else:  # bf16 rounding: the fast kernels are no further from fp32 than diffusers' kernels in bf16 (x1.5)
+        assert (outs["fast"] - outs["fp32"]).abs().mean() < 1.5 * (outs["torch"] - outs["fp32"]).abs().mean()
+        assert (grads["fast"] - grads["fp32"]).norm() < 1.5 * (grads["torch"] - grads["fp32"]).norm()
+        assert (outs["fast"] - outs["torch"]).abs().mean() < 0.02 * outs["torch"].abs().mean()
+
+
+def test_sigmoid_gelu_is_tanh_gelu():
+    gelu = world_model.SigmoidGELU(4, 4, approximate="tanh")
+    x = torch.linspace(-8, 8, 10001)
+    with torch.no_grad():
+        assert torch.allclose(gelu.gelu(x.clone()), torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-6)
+    y = gelu.gelu(x.clone().requires_grad_())  # with gradients: F.gelu itself
+    assert torch.equal(y, torch.nn.functional.gelu(x, approximate="tanh"))
+
+
 def test_committed_base_draws_shapes():
     """The committed v2 base on the train split (1 fixed-noise sample per prompt, default sampler): measured
     strict 0.64, extra-object rate 0.07 (4 samples per prompt: 0.51 / 0.085, the world's target >= 0.5), texture 0.0011
