@@ -144,6 +144,8 @@ class Args:
     """FLUX.1-dev's guidance-embedding value (None: 3.5, or the run's)"""
     mixed_precision: str | None = None
     """no | bf16 | fp16: weights in this dtype, forward under autocast (None: bf16 where the device has it, else no)"""
+    fast_cpu_kernels: bool = True
+    """embedded model on a CPU: its faster kernels for the same functions (common/world/model.py); False: diffusers'"""
     batch_size: int = 128
     """images generated at once"""
     decode_batch_size: int = 16
@@ -225,7 +227,8 @@ def main(args: Args):
     rank, world, device = utils.setup_distributed(args.device)  # torchrun: each rank evaluates a slice
     model = models.load_model(args.model, device, resolution=args.resolution, use_t5=args.use_t5,
                               max_t5_length=args.max_t5_length, mixed_precision=args.mixed_precision,
-                              decode_batch_size=args.decode_batch_size, flux_guidance=args.flux_guidance)
+                              decode_batch_size=args.decode_batch_size, flux_guidance=args.flux_guidance,
+                              fast_cpu_kernels=args.fast_cpu_kernels)
     transformer = load_finetuned(model, args.checkpoint, args.model) if args.checkpoint else model.transformer
     reward_fn = None if not args.reward else rewards.build_reward(
         args.reward, args.reward_device or device, args.reward_paths, rewards.DTYPES[args.reward_dtype],
