@@ -88,8 +88,8 @@ class RunArgs:
     mixed_precision: str | None = None
     """no | bf16 autocast with fp32 trained weights (None: bf16 where native: CUDA >= 8.0, AVX512-BF16 / AMX CPUs)"""
     fast_cpu_kernels: bool = True
-    """embedded model on a CPU: attention as two matmuls and tanh-GELU via sigmoid, the same functions ~1.3x faster
-    (common/world/model.py); False: diffusers' kernels"""
+    """embedded model on a CPU: attention as two matmuls and tanh-GELU via sigmoid, the same functions 1.03-1.15x
+    faster per pass (common/world/model.py); False: diffusers' kernels"""
     gradient_checkpointing: bool = False
     """recompute the transformer's activations in the backward pass (less memory, ~30 % slower; SD3.5)"""
     decode_batch_size: int = 16

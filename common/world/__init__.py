@@ -4,7 +4,8 @@ scored by default. Importing it registers it with the core: the base model `embe
 metadata, strict accuracy in evaluation).
 
     shapes.py    the prompt grammar (train/test splits), the renderer and the mini-GenEval scorer (detect, check, score)
-    model.py     the embedded base model (tiny SD3 transformer in pixel space + word-level text encoder), load/save
+    model.py     the embedded base model (tiny SD3 transformer in pixel space + word-level text encoder), load/save,
+                 its fast CPU kernels (the same attention and GELU, computed faster for its shapes)
     pretrain.py  `python -m common.world.pretrain`: rectified-flow pretraining on rendered scenes -> assets/
     assets/      the committed base weights (fp16 safetensors, config.json, pretrain_info.json)
 """
