@@ -352,6 +352,21 @@ def test_exploding_updates_stop_with_a_message(method, tmp_path):
         assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_lr_zero_run_ends_at_its_base_evaluation(method, tmp_path):
+    """With --lr 0 the policy never moves, so the final held-out evaluation repeats the base's on the same noise
+    (Flow-GRPO's EMA copy re-rounds: 1e-6). That makes a run's own base evaluation its --lr 0 control, the one each
+    method's learning test (tests/test_<method>.py) measures the learned run's gain against."""
+    out = subprocess.run(_cmd(method, tmp_path / "run", "--lr", "0", "--no-save-model", n_it=1), capture_output=True,
+                         text=True, cwd=ROOT, env=ENV, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("reward_mean", "strict_accuracy"):
+        assert s["final"][key] == pytest.approx(s["base"][key], abs=1e-6), (key, s["base"], s["final"])
+    assert s["final"]["n"] == 32 and 0 < s["base"]["reward_mean"] < 1
+
+
 def test_non_finite_images_get_a_nan_reward():
     images = torch.rand(3, 3, 32, 32)
     images[1, 0, 5, 5] = float("nan")
