@@ -240,18 +240,15 @@ def test_one_iteration_chunk_loss_is_the_mean_over_the_chunk(tmp_path):
 
 @pytest.mark.slow
 def test_learning_beats_lr_zero(tmp_path):
-    """`python fdfo.py --num-iterations 80` must raise held-out strict accuracy and partial credit over the
-    identical run with --lr 0 (its weights never move, so its final evaluation is the base's on the same noise,
-    asserted). Measured on the v2 base (8 samples per prompt): 1 thread partial 0.353 -> 0.397, strict
-    0.270 -> 0.316; 2 threads (other float rounding, so another trajectory) 0.380 / 0.277; 60 iterations gained
-    0.016 / 0.016 (4 samples per prompt). With the embedded model's fast CPU kernels (the same functions rounded
-    differently: another trajectory again) partial 0.353 -> 0.385, strict 0.270 -> 0.301, just above the margins;
-    seeds 1 / 2 with these flags gain +0.020 / +0.029 partial, +0.020 / +0.020 strict, under them. Hence one thread:
-    the measured trajectory, not another one; the margins catch a broken update, not every trajectory's gain (a test
-    that holds for every seed needs more iterations or evaluation samples: not measured yet)."""
+    """`python fdfo.py --num-iterations 80` must raise held-out strict accuracy and partial credit by 0.03 over its
+    base evaluation on the same noise, which is where the identical run with --lr 0 ends (tests/test_reliability.py).
+    Measured with exactly this command (seed 0, the test; one thread, the embedded model's fast CPU kernels): partial
+    0.353 -> 0.385, strict 0.270 -> 0.301, just above the margins (after 20 / 40 / 60 iterations +0.027 / +0.031 /
+    +0.047 strict). Seeds 1 / 2 gain +0.020 / +0.029 partial, +0.020 / +0.020 strict: under them. On the train prompts
+    (tests/helpers/learning.py) seeds 0 / 1 / 2 gained +0.026 / +0.026 / +0.024 strict in 60 iterations, and lr 3e-5
+    lost reward (-0.021 in 60). Hence one thread (the thread count changes float rounding): the test pins the measured
+    trajectory, and its margins catch a broken update (no gain, or a loss), not every trajectory's gain."""
     flags = ["--threads", "1", "--eval-every", "1000", "--no-save-model"]
     _, learn = _run(tmp_path, *flags, "--num-iterations", "80", name="learn")
-    _, frozen = _run(tmp_path, *flags, "--num-iterations", "1", "--lr", "0", name="frozen")
-    assert frozen["final"]["reward_mean"] == frozen["base"]["reward_mean"] == learn["base"]["reward_mean"]
-    assert learn["final"]["strict_accuracy"] > frozen["final"]["strict_accuracy"] + 0.03, (learn["final"], frozen["final"])
-    assert learn["final"]["reward_mean"] > frozen["final"]["reward_mean"] + 0.03, (learn["final"], frozen["final"])
+    assert learn["final"]["strict_accuracy"] > learn["base"]["strict_accuracy"] + 0.03, (learn["base"], learn["final"])
+    assert learn["final"]["reward_mean"] > learn["base"]["reward_mean"] + 0.03, (learn["base"], learn["final"])

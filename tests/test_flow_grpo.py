@@ -279,18 +279,19 @@ def test_one_iteration_loss_is_the_mean_over_micro_batches_and_steps(tmp_path):
 # ----------------------------------------------------------------------------------- learning
 @pytest.mark.slow
 def test_learning_beats_lr_zero(tmp_path):
-    """`python flow_grpo.py` (100 default iterations, one thread, evaluated every 25 as in the benchmark) must raise
-    held-out strict accuracy and partial credit over the identical run with --lr 0 (whose weights never move: its
-    final evaluation is the base's on the same noise, asserted). Measured on the v2 base with exactly this command
-    (benchmark_defaults.md, seed 0): partial 0.353 -> 0.407, strict 0.270 -> 0.328 (with the embedded model's fast
-    CPU kernels, another rounding: 0.410 / 0.332); seeds 1 / 2 gained +0.023 / +0.047 strict. One thread, because the thread count changes float rounding and with it the trajectory."""
-    flags = ["--threads", "1", "--eval-every", "25", "--checkpoint-every", "1000", "--no-save-model"]
+    """`python flow_grpo.py` (100 default iterations, one thread) must raise held-out strict accuracy and partial
+    credit by 0.03 over its base evaluation on the same noise, which is where the identical run with --lr 0 ends
+    (tests/test_reliability.py). Measured with exactly this command on the v2 base (seed 0, the test; held-out
+    evaluations do not change the trajectory): strict 0.270 -> 0.332, partial 0.353 -> 0.410 (after 25 / 50 / 75
+    iterations +0.027 / +0.059 / +0.055 strict). Other seeds learn less in 100 iterations: seed 1 +0.008 / +0.004
+    (2026-12-08; +0.023 strict with diffusers' attention kernels, another rounding), seed 2 +0.047 strict; on the
+    train prompts (tests/helpers/learning.py) seeds 0 / 1 / 2 gained only +0.038 / +0.047 / +0.009 strict in 60
+    iterations, and lr 3e-4 lost reward (-0.026 / -0.074 in 60). So the test pins seed 0's trajectory (one thread:
+    the thread count changes float rounding) and its margins catch a broken update, not every seed's gain."""
+    flags = ["--threads", "1", "--eval-every", "1000", "--checkpoint-every", "1000", "--no-save-model"]
     learned = _run(flags, tmp_path, "learn", timeout=2400)
-    control = _run([*flags, "--num-iterations", "1", "--lr", "0"], tmp_path, "lr0", timeout=1800)
-    assert control["base"]["reward_mean"] == learned["base"]["reward_mean"]
-    assert control["final"]["reward_mean"] == pytest.approx(control["base"]["reward_mean"], abs=1e-6)  # EMA rounding
-    assert learned["final"]["strict_accuracy"] > control["final"]["strict_accuracy"] + 0.03, (learned["final"], control["final"])
-    assert learned["final"]["reward_mean"] > control["final"]["reward_mean"] + 0.03, (learned["final"], control["final"])
+    assert learned["final"]["strict_accuracy"] > learned["base"]["strict_accuracy"] + 0.03, (learned["base"], learned["final"])
+    assert learned["final"]["reward_mean"] > learned["base"]["reward_mean"] + 0.03, (learned["base"], learned["final"])
 
 
 # ----------------------------------------------------------------------------------- the SDE step and sampler

@@ -15,6 +15,7 @@ import torch
 import orw_cfm_w2 as orw
 from common import models, sampling
 from tests.helpers.cli_check import check_flags
+from tests.helpers.learning import gains, train_eval_flags
 from tests.helpers.embedded import random_inputs, tiny_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,25 +219,30 @@ def test_smoke_tiny_sd3_lora(tmp_path):
 
 # ----------------------------------------------------------------------------------- learning
 # World v2 (docs/orw_cfm_w2.md, Results). The paper's positive weights, pool-normalised, each batch used 4 times:
-# self-training on the model's own samples (tau = 0) loses held-out reward (0.353 -> 0.264 partial, strict
+# self-training on the model's own samples (tau = 0) loses reward (held-out partial 0.353 -> 0.264, strict
 # 0.270 -> 0.219 in 100 iterations at alpha 1) and the reward weighting (tau 20) only cancels that drift
 # (0.357 / 0.289); a broken or inverted weighting fails this.
-LEARN = ["--num-iterations", "100", "--alpha", "1", "--eval-every", "1000", "--w2-eval-samples", "0",
-         "--checkpoint-every", "1000", "--no-save-model", "--weights", "paper", "--weight-norm", "pool",
-         "--pool-reuse", "4"]
+LEARN = ["--num-iterations", "40", "--alpha", "1", "--w2-eval-samples", "0", "--weights", "paper", "--weight-norm",
+         "pool", "--pool-reuse", "4"]
 
 
 @pytest.mark.slow
 def test_weighting_beats_uniform_weights(tmp_path):
+    """tau 20 against tau 0 (uniform weights), 40 iterations each, evaluated on the train prompts (85 x 4 samples,
+    the same noise: tests/helpers/learning.py). Measured, tau 20 - tau 0 strict / partial at 40 iterations: seed 0
+    (the test) +0.074 / +0.059, seed 1 +0.097 / +0.073, seed 2 +0.056 / +0.059 (at 60: +0.041 to +0.147; both lose
+    reward against the base on these prompts, tau 0 more: -0.109 to -0.153 strict at 60); the margins hold for
+    every seed."""
     res = {}
     for name, extra in (("learn", ["--tau", "20"]), ("tau0", ["--tau", "0"])):
-        out = _run([*LEARN, *extra, "--output-dir", str(tmp_path / name)], tmp_path, timeout=900)
+        out = _run([*LEARN, *train_eval_flags(tmp_path), *extra, "--output-dir", str(tmp_path / name)], tmp_path,
+                   timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
-        res[name] = json.loads((tmp_path / name / "summary.json").read_text())["final"]
-    # measured: partial 0.357 vs 0.264, strict 0.289 vs 0.219 (held-out, 32 prompts x 8 samples); fast CPU kernels:
-    # 0.357 vs 0.262, 0.289 vs 0.219
-    assert res["learn"]["reward_mean"] > res["tau0"]["reward_mean"] + 0.04, res
-    assert res["learn"]["strict_accuracy"] > res["tau0"]["strict_accuracy"] + 0.03, res
+        res[name] = json.loads((tmp_path / name / "summary.json").read_text())
+        gains(res[name])  # evaluated on the train split
+    learn, tau0 = res["learn"]["final"], res["tau0"]["final"]
+    assert learn["strict_accuracy"] > tau0["strict_accuracy"] + 0.03, (learn, tau0)
+    assert learn["reward_mean"] > tau0["reward_mean"] + 0.03, (learn, tau0)
 
 
 @pytest.mark.slow
