@@ -81,6 +81,38 @@ def _adversarial_images(n, seed):
     return out
 
 
+def test_scorer_components_match_label_propagation():
+    """detect's objects are the 8-connected same-colour components of >= MIN_AREA pixels, in the order of their last
+    pixel: checked against an independent computation (labels propagated by 3x3 max-pooling until they settle) on
+    renders, blurred and noisy renders and sparse noise, where components touch, split and scatter."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    gt = shapes.render_batch(shapes.split_specs("train")[:24], 0)
+    images = torch.cat([gt, F.avg_pool2d(gt, 3, 1, 1), (gt + 0.2 * torch.randn(gt.shape, generator=g)).clamp(0, 1),
+                        (torch.rand(24, 3, 32, 32, generator=g) < 0.3).float() * torch.rand(24, 3, 1, 1, generator=g)])
+    x = images.clamp(0, 1)
+    pix = x.permute(0, 2, 3, 1).reshape(len(x), -1, 3)
+    bright = pix.max(-1).values
+    d, idx = torch.cdist(pix / bright.clamp_min(1e-6)[..., None], shapes._PROTO[None].expand(len(x), -1, -1)).min(-1)
+    colored = (bright > shapes.FG_THRESHOLD) & (d < shapes.COLOR_TOLERANCE)
+    n_objects = 0
+    for i, det in enumerate(shapes.detect(images)):
+        expected = []
+        for c, name in enumerate(shapes.COLORS):
+            mask = (colored[i] & (idx[i] == c)).reshape(1, 1, 32, 32).float()
+            lab = mask * torch.arange(1, 1025, dtype=torch.float32).reshape(1, 1, 32, 32)
+            while not torch.equal(new := F.max_pool2d(lab, 3, 1, 1) * mask, lab):
+                lab = new
+            for v in torch.unique(lab[lab > 0]).tolist():  # a component's label: its last pixel's index + 1
+                m = lab[0, 0] == v
+                if m.sum() >= shapes.MIN_AREA:
+                    expected.append((name, int(m.sum())))
+        assert [(o["color"], o["area"]) for o in det["objects"]] == expected, i
+        n_objects += len(expected)
+    assert n_objects > 150  # the images hold many components
+
+
 @pytest.mark.parametrize("kind", ["uniform noise", "sparse noise", "all black", "one colour", "random blobs",
                                   "fragments", "scattered blocks"])
 def test_scorer_gives_clutter_and_noise_no_credit(kind):
