@@ -14,8 +14,8 @@ import random
 
 import numpy as np
 import torch
-from scipy import ndimage
 import torch.nn.functional as F
+from scipy import ndimage
 
 SIZE = 32
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.15, 0.3, 1.0), "yellow": (0.95, 0.9, 0.1)}
@@ -228,7 +228,7 @@ def _fit_shapes(m):
         cxs, cys, rs = mx + _OFFSETS[:, 0], my - dy * r + _OFFSETS[:, 1], r * _OFFSETS[:, 2]
         # every ideal mask lies within 1.1 r of its centre on both axes: computed on that window only (clipped to
         # the canvas), on a row and a column of pixel centres (what depends on x or y alone, once per column or
-        # row); the same numbers as on the full 32 x 32 grid, a few times faster
+        # row): the same numbers as on the full 32 x 32 grid, with the components below the scorer 1.5-2x faster
         reach = 1.1 * float(rs.max()) + 1
         x0, x1 = max(0, math.floor(float(cxs.min()) - reach)), min(SIZE, math.ceil(float(cxs.max()) + reach))
         y0, y1 = max(0, math.floor(float(cys.min()) - reach)), min(SIZE, math.ceil(float(cys.max()) + reach))
