@@ -4,14 +4,13 @@ and one learning test (the default run beats its base on the same noise)."""
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import acflow
+from tests.helpers import prewarmed
 from tests.helpers.cli_check import check_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,8 +137,7 @@ TINY = ["--threads", "1", "--prompts-per-iter", "2", "--group-size", "2", "--tra
 
 
 def _run(*extra, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / "acflow.py"), *TINY, *extra], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=900)
+    p = prewarmed.run([ROOT / "acflow.py", *TINY, *extra], cwd=ROOT, env=ENV, timeout=900)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -207,9 +205,9 @@ CENTERED = ["--weights", "centered", "--alpha", "3", "--tau", "3", "--pool-reuse
 @pytest.mark.slow
 def test_centered_variant_beats_lr_zero(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "acflow.py"), "--threads", "1", *CENTERED, "--num-iterations", "100", "--eval-every", "1000",
+    cmd = [ROOT / "acflow.py", "--threads", "1", *CENTERED, "--num-iterations", "100", "--eval-every", "1000",
            "--checkpoint-every", "1000", "--no-save-model", "--output-dir", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
+    p = prewarmed.run(cmd, cwd=ROOT, env=ENV, timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["final"]["strict_accuracy"] > s["base"]["strict_accuracy"] + 0.01, s
@@ -226,12 +224,12 @@ def test_centered_variant_beats_lr_zero(tmp_path):
 @pytest.mark.slow
 def test_critic_learns_jpeg_value_and_opens_gate(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "acflow.py"), "--threads", "1", "--reward", "jpeg_compressibility",
+    cmd = [ROOT / "acflow.py", "--threads", "1", "--reward", "jpeg_compressibility",
            "--prompts-per-iter", "16", "--group-size", "2", "--pool-reuse", "4", "--num-iterations", "22",
            "--alpha", "3", "--tau", "3", "--weights", "centered", "--weight-norm", "minibatch",  # as measured
            "--eval-samples-per-prompt", "1", "--eval-every", "1000", "--checkpoint-every", "1000", "--no-save-model",
            "--output-dir", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    p = prewarmed.run(cmd, cwd=ROOT, env=ENV, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     from tests.helpers.run_logs import scalars
 

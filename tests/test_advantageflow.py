@@ -4,8 +4,6 @@ the real loop against a one-batch computation, smoke runs on the embedded and ti
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 import advantageflow as af
 from common import models, rewards, sampling
+from tests.helpers import prewarmed
 from tests.helpers.cli_check import check_flags
 from tests.helpers.learning import gains, train_eval_flags
 from tests.helpers.loss_batch import grad_v as _grad, loss_batch as _batch
@@ -120,8 +119,7 @@ def test_bad_flags_fail_before_loading():
 
 def _run(tmp_path, *extra, name="run"):
     out_dir = tmp_path / name
-    out = subprocess.run([sys.executable, "advantageflow.py", "--output-dir", str(out_dir), *extra],
-                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=2400)
+    out = prewarmed.run(["advantageflow.py", "--output-dir", out_dir, *extra], cwd=ROOT, env=ENV, timeout=2400)
     assert out.returncode == 0, out.stderr[-3000:]
     return out_dir, json.loads((out_dir / "summary.json").read_text())
 

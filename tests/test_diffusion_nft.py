@@ -6,8 +6,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 import advantageflow as af
 import diffusion_nft as nft
 from common import models, rewards, run, sampling
+from tests.helpers import prewarmed
 from tests.helpers.cli_check import check_flags
 from tests.helpers.loss_batch import grad_v as _grad, loss_batch as _batch
 from tests.helpers.run_logs import first_iteration, scalars
@@ -170,8 +169,7 @@ def test_bad_flags_fail_before_loading():
 
 def _run(tmp_path, *extra, name="run"):
     out_dir = tmp_path / name
-    out = subprocess.run([sys.executable, "diffusion_nft.py", "--output-dir", str(out_dir), *extra],
-                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=2400)
+    out = prewarmed.run(["diffusion_nft.py", "--output-dir", out_dir, *extra], cwd=ROOT, env=ENV, timeout=2400)
     assert out.returncode == 0, out.stderr[-3000:]
     return out_dir, json.loads((out_dir / "summary.json").read_text())
 

@@ -3,14 +3,13 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from common.world import shapes
+from tests.helpers import prewarmed
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -19,9 +18,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 def test_evaluate_cli(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("a red circle\ntwo squares\n")
-    out = subprocess.run([sys.executable, "-m", "common.tools.evaluate", "--prompts-file", str(f), "--samples-per-prompt", "2",
-                          "--json", str(tmp_path / "r.json"), "--grid", str(tmp_path / "g.png")],
-                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    out = prewarmed.run(["-m", "common.tools.evaluate", "--prompts-file", str(f), "--samples-per-prompt", "2",
+                         "--json", str(tmp_path / "r.json"), "--grid", str(tmp_path / "g.png")],
+                        env=ENV, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "colors" in out.stdout and "overall" in out.stdout
     res = json.loads((tmp_path / "r.json").read_text())
@@ -32,9 +31,9 @@ def test_evaluate_cli(tmp_path):
     # GenEval JSON-lines prompts in, GenEval's folder layout out; the saved PNGs score as the run reported
     f = tmp_path / "m.jsonl"
     f.write_text('{"prompt": "a red circle", "tag": "colors"}\n{"tag": "counting", "prompt": "three squares"}\n')
-    out = subprocess.run([sys.executable, "-m", "common.tools.evaluate", "--prompts-file", str(f), "--samples-per-prompt", "3",
-                          "--json", str(tmp_path / "r2.json"), "--save-images", str(tmp_path / "geneval")],
-                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    out = prewarmed.run(["-m", "common.tools.evaluate", "--prompts-file", str(f), "--samples-per-prompt", "3",
+                         "--json", str(tmp_path / "r2.json"), "--save-images", str(tmp_path / "geneval")],
+                        env=ENV, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     dirs = sorted((tmp_path / "geneval").iterdir())
     assert [d.name for d in dirs] == ["00000", "00001"]
@@ -51,8 +50,7 @@ def test_evaluate_cli(tmp_path):
     specs = [shapes.parse_caption(m["prompt"]) for m in metas for _ in range(3)]
     res2 = json.loads((tmp_path / "r2.json").read_text())
     assert abs(float(shapes.score(imgs, specs)[0].mean()) - res2["reward_mean"]) < 0.02
-    bad = subprocess.run([sys.executable, "-m", "common.tools.evaluate", "--split", "val"], capture_output=True, text=True,
-                         env=ENV, cwd=ROOT, timeout=300)
+    bad = prewarmed.run(["-m", "common.tools.evaluate", "--split", "val"], env=ENV, cwd=ROOT, timeout=300)
     assert bad.returncode != 0 and "unknown --split 'val'; choose from: train, test" in bad.stderr
 
 
@@ -60,10 +58,9 @@ def test_evaluate_prints_one_row_per_reward(tmp_path):
     """`--reward a,b,c`: a row of mean and std per named reward and their weighted sum, the same
     numbers in the JSON; on shapes prompts the `shapes` row is the partial credit and `shapes_strict` the strict
     accuracy, so a gold reward sits beside the trained one."""
-    out = subprocess.run([sys.executable, "-m", "common.tools.evaluate", "--reward",
-                          "shapes,shapes_strict,jpeg_compressibility=0.1", "--samples-per-prompt", "1",
-                          "--json", str(tmp_path / "r.json")], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                         timeout=300)
+    out = prewarmed.run(["-m", "common.tools.evaluate", "--reward",
+                         "shapes,shapes_strict,jpeg_compressibility=0.1", "--samples-per-prompt", "1",
+                         "--json", str(tmp_path / "r.json")], env=ENV, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "r.json").read_text())
     r = res["rewards"]

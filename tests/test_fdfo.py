@@ -5,8 +5,6 @@ better branch), argument checks, smoke runs (embedded model and tiny offline SD3
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 import fdfo
 from common import models, rewards, sampling
+from tests.helpers import prewarmed
 from tests.helpers.cli_check import check_flags
 from tests.helpers.run_logs import first_iteration, scalars
 
@@ -163,8 +162,7 @@ def test_one_gradient_step_moves_clean_image_toward_better_branch(better):
 # ----------------------------------------------------------------------------------- the script
 def _run(tmp_path, *extra, name="run", env=ENV):
     out_dir = tmp_path / name
-    out = subprocess.run([sys.executable, "fdfo.py", "--output-dir", str(out_dir), *extra],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=2400)
+    out = prewarmed.run(["fdfo.py", "--output-dir", out_dir, *extra], cwd=ROOT, env=env, timeout=2400)
     assert out.returncode == 0, out.stderr[-3000:]
     return out_dir, json.loads((out_dir / "summary.json").read_text())
 
@@ -194,8 +192,7 @@ def test_smoke_embedded(tmp_path, flags):
 
 def test_resume_continues(tmp_path):
     out_dir, _ = _run(tmp_path, "--num-iterations", "1", *TINY, "--checkpoint-every", "1")
-    out = subprocess.run([sys.executable, "fdfo.py", "--resume", str(out_dir), "--num-iterations", "2", *TINY],
-                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    out = prewarmed.run(["fdfo.py", "--resume", out_dir, "--num-iterations", "2", *TINY], cwd=ROOT, env=ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((out_dir / "summary.json").read_text())["reward_queries"] == 8
 

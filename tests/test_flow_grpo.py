@@ -5,8 +5,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 import flow_grpo
 from common import models, rewards, sampling
 from common.world.model import build_embedded
+from tests.helpers import prewarmed
 from tests.helpers.cli_check import check_flags
 from tests.helpers.embedded import random_inputs, tiny_transformer
 from tests.helpers.run_logs import first_iteration, scalars
@@ -27,8 +26,7 @@ TINY = ["--threads", "1", "--num-iterations", "2", "--prompts-per-iter", "2", "-
 
 
 def _run(args, tmp_path, name="run", timeout=600):
-    out = subprocess.run([sys.executable, "flow_grpo.py", *args, "--output-dir", str(tmp_path / name)],
-                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+    out = prewarmed.run(["flow_grpo.py", *args, "--output-dir", tmp_path / name], env=ENV, cwd=ROOT, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads((tmp_path / name / "summary.json").read_text())
 

@@ -23,8 +23,6 @@ benchmark/gpu_smoke.sh runs FLUX.1-dev on a GPU when its weights are in the loca
 import json
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ import torch
 
 from common import models, sampling
 from common.pipelines import flux
+from tests.helpers import prewarmed
 from tests.test_sd3_path import ENV, METHODS, assert_trainables_fp32, run_script, tiny_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,15 +236,15 @@ def test_flux_flag_rules_fail_before_loading(tiny, tmp_path):
         models.check_model_flags("embedded", flux_guidance=3.5)
     assert models.check_model_flags(str(tiny["dev"]), 1.0, 3.5) == "FluxPipeline"
     assert models.check_model_flags(str(tiny["schnell"])) == "FluxPipeline"
-    out = subprocess.run([sys.executable, "flow_grpo.py", "--model", str(tiny["schnell"]), "--flux-guidance", "3.5",
-                          "--lora-rank", "4", "--prompts-file", str(tiny["prompts"]), "--output-dir", str(tmp_path / "run")],
-                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    out = prewarmed.run(["flow_grpo.py", "--model", str(tiny["schnell"]), "--flux-guidance", "3.5",
+                         "--lora-rank", "4", "--prompts-file", str(tiny["prompts"]), "--output-dir", str(tmp_path / "run")],
+                        cwd=ROOT, env=ENV, timeout=120)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --flux-guidance 3.5"), out.stderr
     assert not any((tmp_path / "run").iterdir())  # created empty by the --output-dir check, nothing written
-    out = subprocess.run([sys.executable, "-m", "common.tools.evaluate", "--model", str(tiny["dev"]),
-                          "--guidance-scale", "4.5", "--prompts-file", str(tiny["prompts"]), "--reward",
-                          "jpeg_compressibility"], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    out = prewarmed.run(["-m", "common.tools.evaluate", "--model", str(tiny["dev"]),
+                         "--guidance-scale", "4.5", "--prompts-file", str(tiny["prompts"]), "--reward",
+                         "jpeg_compressibility"], cwd=ROOT, env=ENV, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: --guidance-scale 4.5")
 
 
@@ -297,12 +296,12 @@ def test_documented_flux_command_runs_in_bf16_and_evaluates_back(tiny, tmp_path,
     assert_trainables_fp32(ckpt)
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     a = summary["args"]
-    cmd = [sys.executable, "-m", "common.tools.evaluate", "--model", str(tiny[variant]), "--checkpoint", str(run),
+    cmd = ["-m", "common.tools.evaluate", "--model", str(tiny[variant]), "--checkpoint", str(run),
            "--resolution", str(a["resolution"]), "--prompts-file", str(tiny["prompts"]), "--samples-per-prompt", "1",
            "--num-steps", str(a["eval_num_steps"] or a["num_steps"]), "--reward", a["reward"], "--mixed-precision",
            "bf16", "--batch-size", "3", "--decode-batch-size", "2", "--json", str(tmp_path / "eval.json")]
     cmd += ["--flux-guidance", str(a["flux_guidance"])] if a["flux_guidance"] is not None else []
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    out = prewarmed.run(cmd, cwd=ROOT, env=ENV, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["n"] == 4

@@ -6,14 +6,13 @@ import io
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import prewarmed
 from tests.helpers.reward_server import FakeRewardServer, geneval_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,10 +53,10 @@ def mean(xs):
 
 def test_geneval_reports_what_the_server_computed(server, prompts_file, tmp_path):
     k = 2
-    out = subprocess.run([sys.executable, "-m", "common.tools.geneval", "--model", "embedded", "--server", server.url,
-                          "--prompts", str(prompts_file), "--samples-per-prompt", str(k), "--num-steps", "2",
-                          "--batch-size", "4", "--json", str(tmp_path / "g.json"), "--save-images",
-                          str(tmp_path / "imgs")], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    out = prewarmed.run(["-m", "common.tools.geneval", "--model", "embedded", "--server", server.url,
+                         "--prompts", str(prompts_file), "--samples-per-prompt", str(k), "--num-steps", "2",
+                         "--batch-size", "4", "--json", str(tmp_path / "g.json"), "--save-images",
+                         str(tmp_path / "imgs")], env=ENV, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "g.json").read_text())
     # what was sent: every image with its prompt's GenEval metadata, only_strict False, in the prompts' order

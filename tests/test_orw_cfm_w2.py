@@ -5,8 +5,6 @@ equals the reference), flag checks, smoke runs on the embedded and the tiny SD3 
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 import orw_cfm_w2 as orw
 from common import models, sampling
+from tests.helpers import prewarmed
 from tests.helpers.cli_check import check_flags
 from tests.helpers.learning import gains, train_eval_flags
 from tests.helpers.embedded import random_inputs, tiny_transformer
@@ -118,8 +117,7 @@ def test_w2_term_is_zero_while_learner_equals_reference(rank):
 
 # ----------------------------------------------------------------------------------- the script
 def _run(args, tmp_path, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, "--threads", "1", *args], capture_output=True, text=True, env=ENV,
-                          cwd=tmp_path, timeout=timeout)
+    return prewarmed.run([SCRIPT, "--threads", "1", *args], env=ENV, cwd=tmp_path, timeout=timeout)
 
 
 @pytest.mark.parametrize("flag,value,msg", [("--tau", "-1", "--tau -1.0 must be >= 0"),

@@ -9,8 +9,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from common.evaluate import evaluate_model
 from common.tools.evaluate import save_geneval_layout
 from common.tools import prompts
 from common.world import shapes
+from tests.helpers import prewarmed
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -77,8 +76,7 @@ def read_jsonl(path):
 
 
 def run_cli(*argv):
-    return subprocess.run([sys.executable, "-m", "common.tools.prompts", *argv], capture_output=True, text=True, cwd=ROOT,
-                          env=ENV, timeout=300)
+    return prewarmed.run(["-m", "common.tools.prompts", *argv], cwd=ROOT, env=ENV, timeout=300)
 
 
 def test_builds_every_set_from_a_source_dir(source_dir, tmp_path):

@@ -19,6 +19,7 @@ import tyro
 from safetensors.torch import load_file
 
 from common import rewards, utils
+from tests.helpers import prewarmed
 from tests.helpers.cli_check import check_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,8 +262,9 @@ def test_non_finite_guard_counts_and_stops():
 
 
 def _cmd(method, out_dir, *extra, n_it=6):
-    return [sys.executable, f"{method}.py", "--output-dir", str(out_dir), "--num-iterations", str(n_it),
-            "--checkpoint-every", "2", "--eval-every", "1000", *TINY[method], *extra]
+    """`python {_cmd(...)}`: a short run of `method`'s script."""
+    return [f"{method}.py", "--output-dir", str(out_dir), "--num-iterations", str(n_it), "--checkpoint-every", "2",
+            "--eval-every", "1000", *TINY[method], *extra]
 
 
 def _final(out_dir):
@@ -271,7 +273,8 @@ def _final(out_dir):
 
 def _start_and_wait_for_checkpoint(cmd, ckpt, at_least):
     """Start a run; return it once its checkpoint.pt is at iteration >= at_least."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if ckpt.is_file() and torch.load(ckpt, weights_only=False)["iteration"] >= at_least:
@@ -288,8 +291,7 @@ def test_ctrl_c_and_kill_then_resume_match_uninterrupted_run(method, tmp_path):
     periodic checkpoint whole; resuming again reproduces the uninterrupted run exactly (CPU, same thread count,
     noise drawn from (seed, iteration))."""
     n_it, run = 12, tmp_path / "run"
-    ref = subprocess.run(_cmd(method, tmp_path / "ref", n_it=n_it), capture_output=True, text=True, cwd=ROOT,
-                         env=ENV, timeout=900)
+    ref = prewarmed.run(_cmd(method, tmp_path / "ref", n_it=n_it), cwd=ROOT, env=ENV, timeout=900)
     assert ref.returncode == 0, ref.stderr[-2000:]
     ckpt, cmd = run / "checkpoint.pt", _cmd(method, run, n_it=n_it)
     stopped = _start_and_wait_for_checkpoint(cmd, ckpt, 2)
@@ -305,7 +307,7 @@ def test_ctrl_c_and_kill_then_resume_match_uninterrupted_run(method, tmp_path):
     again = torch.load(ckpt, weights_only=False)["iteration"]
     assert again > saved and again % 2 == 0, (saved, again)  # a whole periodic checkpoint, never half-written
 
-    res = subprocess.run([*cmd, "--resume", str(run)], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
+    res = prewarmed.run([*cmd, "--resume", run], cwd=ROOT, env=ENV, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     a, b = _final(tmp_path / "ref"), _final(run)
     assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6), (a, b)
@@ -341,9 +343,8 @@ def test_stop_signal_defers_the_first_signal_and_stops_on_the_second():
 def test_exploding_updates_stop_with_a_message(method, tmp_path):
     """lr 1e30 blows the weights up within an iteration or two: the non-finite losses / rewards are skipped and
     counted, the run stops naming the iteration, and no checkpoint with non-finite weights is ever written."""
-    out = subprocess.run(_cmd(method, tmp_path / "run", "--lr", "1e30", "--max-grad-norm", "1e30",
-                              "--checkpoint-every", "1", n_it=20), capture_output=True, text=True, cwd=ROOT, env=ENV,
-                         timeout=600)
+    out = prewarmed.run(_cmd(method, tmp_path / "run", "--lr", "1e30", "--max-grad-norm", "1e30",
+                             "--checkpoint-every", "1", n_it=20), cwd=ROOT, env=ENV, timeout=600)
     assert out.returncode != 0 and "non-finite updates in a row, last at iteration" in out.stderr, out.stderr[-2000:]
     assert "update skipped (1 in a row)" in out.stderr
     ckpt = tmp_path / "run" / "checkpoint.pt"
@@ -358,8 +359,8 @@ def test_lr_zero_run_ends_at_its_base_evaluation(method, tmp_path):
     """With --lr 0 the policy never moves, so the final held-out evaluation repeats the base's on the same noise
     (Flow-GRPO's EMA copy re-rounds: 1e-6). That makes a run's own base evaluation its --lr 0 control, the one each
     method's learning test (tests/test_<method>.py) measures the learned run's gain against."""
-    out = subprocess.run(_cmd(method, tmp_path / "run", "--lr", "0", "--no-save-model", n_it=1), capture_output=True,
-                         text=True, cwd=ROOT, env=ENV, timeout=600)
+    out = prewarmed.run(_cmd(method, tmp_path / "run", "--lr", "0", "--no-save-model", n_it=1), cwd=ROOT, env=ENV,
+                        timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     for key in ("reward_mean", "strict_accuracy"):
@@ -378,11 +379,10 @@ def test_non_finite_images_get_a_nan_reward():
 @pytest.mark.parametrize("method", METHODS)
 def test_torchrun_two_processes_match_one(method, tmp_path):
     """2 processes x per-process batch B == 1 process x batch 2B (same global batch and noise)."""
-    one = subprocess.run(_cmd(method, tmp_path / "one", n_it=2), capture_output=True, text=True, cwd=ROOT, env=ENV,
-                         timeout=900)
+    one = prewarmed.run(_cmd(method, tmp_path / "one", n_it=2), cwd=ROOT, env=ENV, timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          *_cmd(method, tmp_path / "two", n_it=2)[1:]], capture_output=True, text=True, cwd=ROOT,
+                          *_cmd(method, tmp_path / "two", n_it=2)], capture_output=True, text=True, cwd=ROOT,
                          env=ENV, timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _final(tmp_path / "one"), _final(tmp_path / "two")
@@ -406,8 +406,7 @@ def test_torchrun_two_processes_match_one(method, tmp_path):
 def finished_run(tmp_path_factory):
     """A finished 2-iteration AdvantageFlow run (checkpoint.pt, summary.json, transformer/); tests copy it."""
     d = tmp_path_factory.mktemp("finished") / "run"
-    out = subprocess.run(_cmd("advantageflow", d, n_it=2), capture_output=True, text=True, cwd=ROOT, env=ENV,
-                         timeout=600)
+    out = prewarmed.run(_cmd("advantageflow", d, n_it=2), cwd=ROOT, env=ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     return d
 
@@ -420,8 +419,8 @@ def _copy(run, tmp_path):
 
 def _script(argv, env=None, timeout=300, module=None):
     """(exit code, non-empty stderr lines) of `python advantageflow.py argv` (or `python -m module argv`)."""
-    cmd = [sys.executable, *(["-m", module] if module else ["advantageflow.py"]), *map(str, argv)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**ENV, **(env or {})}, timeout=timeout)
+    cmd = [*(["-m", module] if module else ["advantageflow.py"]), *map(str, argv)]
+    out = prewarmed.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, timeout=timeout)
     return out.returncode, [l for l in out.stderr.splitlines() if l.strip()]
 
 
@@ -466,7 +465,7 @@ def test_a_run_never_overwrites_a_run(finished_run, tmp_path):
     --overwrite removes the old run's files."""
     run = _copy(finished_run, tmp_path)
     before = {f: (run / f).read_bytes() for f in ("checkpoint.pt", "summary.json")}
-    code, err = _script(_cmd("advantageflow", run, n_it=2)[2:])
+    code, err = _script(_cmd("advantageflow", run, n_it=2)[1:])
     assert code == 2 and len(err) == 1 and "holds a run" in err[0] and f"--resume {run}" in err[0] \
         and "--overwrite" in err[0], err
     assert {f: (run / f).read_bytes() for f in before} == before
@@ -578,11 +577,11 @@ def test_leftover_or_partial_torchrun_variables(tmp_path):
     port = _free_port()
     env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "CLEANFLOW_RENDEZVOUS_TIMEOUT": "2"}
-    code, err = _script(_cmd("advantageflow", tmp_path / "a", n_it=2)[2:], env, timeout=120)
+    code, err = _script(_cmd("advantageflow", tmp_path / "a", n_it=2)[1:], env, timeout=120)
     assert code == 2 and len(err) == 2, err
     assert f"process 0 of 2: waiting up to 2 s for the others at 127.0.0.1:{port}" in err[0]
     assert "did not join" in err[1] and "unset WORLD_SIZE RANK MASTER_ADDR MASTER_PORT" in err[1], err
-    code, err = _script(_cmd("advantageflow", tmp_path / "b", n_it=2)[2:], {"WORLD_SIZE": "2"}, timeout=120)
+    code, err = _script(_cmd("advantageflow", tmp_path / "b", n_it=2)[1:], {"WORLD_SIZE": "2"}, timeout=120)
     assert code == 2 and len(err) == 1 and "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT unset" in err[0], err
 
 
@@ -616,8 +615,8 @@ def test_resume_of_a_read_only_run_directory(finished_run):
 
 def test_ctrl_c_while_the_model_loads_is_one_line(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd("advantageflow", run, n_it=2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, *_cmd("advantageflow", run, n_it=2)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not run.is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)

@@ -10,8 +10,6 @@ import io
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from PIL import Image
 from common import reward_models, rewards
 from common.reward_models import remote
 from common.world import shapes
+from tests.helpers import prewarmed
 from tests.helpers import tiny_rewards
 from tests.helpers.reward_server import FakeRewardServer
 
@@ -677,9 +676,9 @@ def test_method_script_takes_reward_paths(method, aesthetic_paths, tmp_path):
     from tests.helpers.run_logs import scalars
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, f"{method}.py", *TINY[method], "--reward", "shapes,aesthetic=0.1",
-                          "--reward-paths", aesthetic_paths, "--output-dir", str(tmp_path / "run")],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    out = prewarmed.run([f"{method}.py", *TINY[method], "--reward", "shapes,aesthetic=0.1",
+                         "--reward-paths", aesthetic_paths, "--output-dir", str(tmp_path / "run")],
+                        cwd=ROOT, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(scalars(tmp_path / "run", "charts/reward_aesthetic")) == 1
 

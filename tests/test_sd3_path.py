@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from common import models, rewards
+from tests.helpers import prewarmed
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -74,10 +75,12 @@ def tiny_sizes(argv, method, model, prompts):
 
 
 def run_script(method, argv, out_dir, torchrun=0):
-    launcher = [sys.executable] if not torchrun else [sys.executable, "-m", "torch.distributed.run",
-                                                      f"--nproc_per_node={torchrun}", "--standalone"]
-    out = subprocess.run([*launcher, f"{method}.py", "--output-dir", str(out_dir), "--threads", "1", *argv],
-                         capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    argv = [f"{method}.py", "--output-dir", str(out_dir), "--threads", "1", *argv]
+    if torchrun:
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+                              "--standalone", *argv], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    else:
+        out = prewarmed.run(argv, cwd=ROOT, env=ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads((out_dir / "summary.json").read_text())
 

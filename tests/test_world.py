@@ -4,8 +4,6 @@ forward, its weights missing or corrupt, the committed weights drawing shapes); 
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from common import models, sampling
 from common.evaluate import evaluate_model
 from common.world import model as world_model
 from common.world import shapes
+from tests.helpers import prewarmed
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -308,10 +307,10 @@ def test_committed_base_draws_shapes():
 def test_pretrain_resumes_exactly(tmp_path):
     """4 steps in one go == 2 steps, stop, 2 more from the checkpoint: same EMA weights, bit for bit."""
     def run(tag, *extra):
-        out = subprocess.run([sys.executable, "-m", "common.world.pretrain", "--max-steps", "4", "--batch-size", "4",
-                              "--warmup-steps", "2", "--save-every", "2", "--output-dir", str(tmp_path / tag / "w"),
-                              "--log-dir", str(tmp_path / tag / "log"), "--threads", "1", *extra],
-                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+        out = prewarmed.run(["-m", "common.world.pretrain", "--max-steps", "4", "--batch-size", "4",
+                             "--warmup-steps", "2", "--save-every", "2", "--output-dir", str(tmp_path / tag / "w"),
+                             "--log-dir", str(tmp_path / tag / "log"), "--threads", "1", *extra],
+                            env=ENV, cwd=ROOT, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout
 
@@ -323,7 +322,7 @@ def test_pretrain_resumes_exactly(tmp_path):
         assert torch.equal(p, q), n
     assert json.loads((tmp_path / "b" / "w" / "pretrain_info.json").read_text())["steps"] == 4
     assert a.transformer.config.patch_size == world_model.EMBEDDED_CONFIG["transformer"]["patch_size"]
-    bad = subprocess.run([sys.executable, "-m", "common.world.pretrain", "--max-steps", "5", "--batch-size", "4",
-                          "--log-dir", str(tmp_path / "b" / "log"), "--output-dir", str(tmp_path / "c")],
-                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    bad = prewarmed.run(["-m", "common.world.pretrain", "--max-steps", "5", "--batch-size", "4",
+                         "--log-dir", str(tmp_path / "b" / "log"), "--output-dir", str(tmp_path / "c")],
+                        env=ENV, cwd=ROOT, timeout=300)
     assert bad.returncode != 0 and "was written with other arguments" in bad.stderr
