@@ -52,8 +52,8 @@ class RunArgs:
     """let a new run replace the run in --output-dir (its checkpoint, summary, weights and TensorBoard logs)"""
     checkpoint_every: int = 20
     """iterations between resumable checkpoints"""
-    eval_every: int = 20
-    """iterations between held-out evaluations"""
+    eval_every: int = 40
+    """iterations between held-out evaluations (the training reward is logged every iteration)"""
     log_images_every: int = 50
 
     # the iteration: the method's Args sets its defaults

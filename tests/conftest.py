@@ -4,7 +4,9 @@ last, so a script named like a standard module, benchmark/trace.py, does not sha
 
     tests/helpers/   what tests build or read, no tests: tiny_sd3 (a tiny random SD3 pipeline), tiny_rewards (tiny
                      real reward models), cli_check (a method's argument checks in-process), run_logs (logged scalars,
-                     the first iteration's inputs), reward_server (a fake Flow-GRPO / GenEval reward server)
+                     the first iteration's inputs), reward_server (a fake Flow-GRPO / GenEval reward server),
+                     prewarmed (`python script.py` in a child forked after the imports: ~5 s less per script run),
+                     learning (the learning tests' train-prompt evaluation and gains)
     tests/test_<method>.py                one per method script, the same sections in each
     tests/test_<module>.py                one per common/ module (models, sampling, evaluate, utils, rewards, world,
                                           prompts), and the cross-cutting paths (sd3_path, cuda_path, reliability, hub)

@@ -12,6 +12,7 @@ import torch
 import acflow
 from tests.helpers import prewarmed
 from tests.helpers.cli_check import check_flags
+from tests.helpers.learning import gains, train_eval_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,14 +205,20 @@ CENTERED = ["--weights", "centered", "--alpha", "3", "--tau", "3", "--pool-reuse
 
 @pytest.mark.slow
 def test_centered_variant_beats_lr_zero(tmp_path):
-    out = tmp_path / "run"
-    cmd = [ROOT / "acflow.py", "--threads", "1", *CENTERED, "--num-iterations", "100", "--eval-every", "1000",
-           "--checkpoint-every", "1000", "--no-save-model", "--output-dir", str(out)]
+    """The named variant (`--weights centered`, alpha 3, tau 3, each batch used twice), 40 iterations with the critic
+    warm-up of the default 100-iteration run (10), must raise strict accuracy and partial credit on the train prompts
+    (85 x 4 samples, the same noise before and after: tests/helpers/learning.py) by 0.02 over the run's base
+    evaluation, where the same run with --lr 0 ends. One thread pins the trajectory (the thread count changes float
+    rounding). Measured with exactly these flags, strict / partial gain at 40 iterations: seed 0 (the test) +0.038 /
+    +0.027, seed 1 +0.062 / +0.046, seed 2 +0.035 / +0.026 (at 20: +0.012 to +0.044, at 100: +0.050 to +0.079
+    strict); the margins hold for every seed."""
+    cmd = [ROOT / "acflow.py", *CENTERED, "--num-iterations", "40", "--critic-warmup", "10",
+           *train_eval_flags(tmp_path), "--output-dir", tmp_path / "run"]
     p = prewarmed.run(cmd, cwd=ROOT, env=ENV, timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
-    s = json.loads((out / "summary.json").read_text())
-    assert s["final"]["strict_accuracy"] > s["base"]["strict_accuracy"] + 0.01, s
-    assert s["final"]["reward_mean"] > s["base"]["reward_mean"] + 0.01, s
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    strict, partial = gains(s)
+    assert strict > 0.02 and partial > 0.02, (strict, partial, s["base"], s["final"])
 
 
 # Where the value is learnable the critic takes part. On the embedded world's JPEG-compressibility reward most of

@@ -14,6 +14,7 @@ import fdfo
 from common import models, rewards, sampling
 from tests.helpers import prewarmed
 from tests.helpers.cli_check import check_flags
+from tests.helpers.learning import gains, train_eval_flags
 from tests.helpers.run_logs import first_iteration, scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,15 +238,13 @@ def test_one_iteration_chunk_loss_is_the_mean_over_the_chunk(tmp_path):
 
 @pytest.mark.slow
 def test_learning_beats_lr_zero(tmp_path):
-    """`python fdfo.py --num-iterations 80` must raise held-out strict accuracy and partial credit by 0.03 over its
-    base evaluation on the same noise, which is where the identical run with --lr 0 ends (tests/test_reliability.py).
-    Measured with exactly this command (seed 0, the test; one thread, the embedded model's fast CPU kernels): partial
-    0.353 -> 0.385, strict 0.270 -> 0.301, just above the margins (after 20 / 40 / 60 iterations +0.027 / +0.031 /
-    +0.047 strict). Seeds 1 / 2 gain +0.020 / +0.029 partial, +0.020 / +0.020 strict: under them. On the train prompts
-    (tests/helpers/learning.py) seeds 0 / 1 / 2 gained +0.026 / +0.026 / +0.024 strict in 60 iterations, and lr 3e-5
-    lost reward (-0.021 in 60). Hence one thread (the thread count changes float rounding): the test pins the measured
-    trajectory, and its margins catch a broken update (no gain, or a loss), not every trajectory's gain."""
-    flags = ["--threads", "1", "--eval-every", "1000", "--no-save-model"]
-    _, learn = _run(tmp_path, *flags, "--num-iterations", "80", name="learn")
-    assert learn["final"]["strict_accuracy"] > learn["base"]["strict_accuracy"] + 0.03, (learn["base"], learn["final"])
-    assert learn["final"]["reward_mean"] > learn["base"]["reward_mean"] + 0.03, (learn["base"], learn["final"])
+    """60 default iterations must raise strict accuracy and partial credit on the train prompts (85 x 4 samples, the
+    same noise before and after: tests/helpers/learning.py) by 0.01 over the run's base evaluation, where the same
+    run with --lr 0 ends (tests/test_reliability.py). One thread pins the trajectory (the thread count changes float
+    rounding). Measured with exactly these flags, strict / partial gain at 60 iterations: seed 0 (the test) +0.026 /
+    +0.031, seed 1 +0.026 / +0.033, seed 2 +0.024 / +0.013 (at 50 seed 2 gains +0.008 partial); the margins hold for
+    every seed, and lr 3e-5 loses reward (-0.021 / -0.009 in 60, seed 0). FDFO gains slowly on this world: on the
+    held-out prompts seeds 0 / 1 / 2 gain +0.031 / +0.020 / +0.020 strict in 80 iterations (docs/fdfo.md)."""
+    _, learn = _run(tmp_path, *train_eval_flags(tmp_path), "--num-iterations", "60", name="learn")
+    strict, partial = gains(learn)
+    assert strict > 0.01 and partial > 0.01, (strict, partial, learn["base"], learn["final"])

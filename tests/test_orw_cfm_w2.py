@@ -245,18 +245,19 @@ def test_weighting_beats_uniform_weights(tmp_path):
 
 @pytest.mark.slow
 def test_centered_variant_beats_lr_zero(tmp_path):
-    """The named variant (`--weights centered`, pool-normalised, tau 20, alpha 3, each batch used 4 times; 200
-    iterations, 1,600 reward queries) against its own base, evaluated on the same held-out noise (what `--lr 0`
-    gives). The paper's default does not learn on this world (docs/orw_cfm_w2.md), so the test pins the variant that
-    does. One thread pins the trajectory (the thread count changes float rounding). Measured gains over seeds
-    0 / 1 / 2: strict +0.039 / +0.035 / +0.047, partial +0.028 / +0.028 / +0.039 (and +0.070 / +0.015 / +0.024
-    strict before a rounding-level code change: one run varies by ~0.03; seed 0 with the fast CPU kernels +0.062 /
-    +0.044); the margins hold for every seed, and
-    weights ignored (w - 1 = 0: only the W2 pull, no change) or inverted fail them."""
+    """The named variant (`--weights centered`, pool-normalised, tau 20, alpha 3, each batch used 4 times), 100
+    iterations (800 reward queries), must raise strict accuracy and partial credit on the train prompts (85 x 4
+    samples, the same noise before and after: tests/helpers/learning.py) by 0.03 over the run's base evaluation, where
+    the same run with --lr 0 ends. The paper's default does not learn on this world (docs/orw_cfm_w2.md), so the test
+    pins the variant that does. One thread pins the trajectory (the thread count changes float rounding). Measured
+    with exactly these flags, strict / partial gain at 100 iterations: seed 0 (the test) +0.038 / +0.036, seed 1
+    +0.056 / +0.035, seed 2 +0.071 / +0.048 (at 75: +0.023 partial on seed 1; at the default 200 seed 2 keeps only
+    +0.026 / +0.007); the margins hold for every seed, and weights ignored (w - 1 = 0: only the W2 pull, the model
+    stays at its base) fail them."""
     out = _run(["--weights", "centered", "--weight-norm", "pool", "--tau", "20", "--alpha", "3", "--pool-reuse", "4",
-                "--eval-every", "1000", "--w2-eval-samples", "0", "--checkpoint-every", "1000",
-                "--no-save-model", "--output-dir", str(tmp_path / "run")], tmp_path, timeout=1800)
+                "--w2-eval-samples", "0", "--num-iterations", "100", *train_eval_flags(tmp_path),
+                "--output-dir", str(tmp_path / "run")], tmp_path, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert s["final"]["strict_accuracy"] > s["base"]["strict_accuracy"] + 0.01, s
-    assert s["final"]["reward_mean"] > s["base"]["reward_mean"] + 0.01, s
+    strict, partial = gains(s)
+    assert strict > 0.03 and partial > 0.03, (strict, partial, s["base"], s["final"])
