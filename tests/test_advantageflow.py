@@ -181,12 +181,12 @@ def test_one_iteration_loss_is_the_mean_over_images_and_timesteps(tmp_path):
 
 @pytest.mark.slow
 def test_learning_beats_lr_zero(tmp_path):
-    """50 default iterations must raise strict accuracy and partial credit on the train prompts (85 x 4 samples, the
-    same noise before and after: tests/helpers/learning.py) by 0.04 over the run's base evaluation, where the same
+    """40 default iterations must raise strict accuracy and partial credit on the train prompts (85 x 4 samples, the
+    same noise before and after: tests/helpers/learning.py) by 0.03 over the run's base evaluation, where the same
     run with --lr 0 ends. One thread pins the trajectory (the thread count changes float rounding). Measured with
-    exactly these flags, strict / partial gain at 50 iterations: seed 0 (the test) +0.076 / +0.075, seed 1 +0.074 /
-    +0.075, seed 2 +0.106 / +0.103 (at 40: +0.038 to +0.103, at 60: +0.074 to +0.118); the margins hold for every
-    seed."""
-    _, learn = _run(tmp_path, *train_eval_flags(tmp_path), "--num-iterations", "50", name="learn")
+    exactly these flags, strict / partial gain at 40 iterations: seed 0 (the test) +0.038 / +0.045, seed 1 +0.076 /
+    +0.058, seed 2 +0.103 / +0.092 (at 30: +0.027 partial on seed 1; at 50: +0.074 to +0.106 strict); the margins
+    hold for every seed."""
+    _, learn = _run(tmp_path, *train_eval_flags(tmp_path), "--num-iterations", "40", name="learn")
     strict, partial = gains(learn)
-    assert strict > 0.04 and partial > 0.04, (strict, partial, learn["base"], learn["final"])
+    assert strict > 0.03 and partial > 0.03, (strict, partial, learn["base"], learn["final"])
