@@ -7,7 +7,7 @@ x_t of each image, onto  A*x0 + gamma*f_old + lambda*f_ref  (x0-prediction space
 prediction whenever A + gamma + lambda > 0. DiffusionNFT's loss is its special case gamma = 1 - A, lambda = 0
 (AF Prop. 3); DiffusionNFT as its official code runs it is diffusion_nft.py. Docs: docs/advantageflow.md.
 
-    python advantageflow.py                      # embedded shapes world, 2 CPU cores, ~4-5 min
+    python advantageflow.py                      # embedded shapes world, 2 CPU cores, ~4 min
     python advantageflow.py --lr 1e-4 --gamma-mode one-minus-a
 """
 
