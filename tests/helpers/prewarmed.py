@@ -94,15 +94,17 @@ def serve():
 def _start():
     global _server
     if _server is None or _server.poll() is not None:
+        # unbuffered: a buffered reader could take the second reply line in with the first, and select() would
+        # then wait for bytes already read
         _server = subprocess.Popen([sys.executable, "-m", "tests.helpers.prewarmed"], cwd=ROOT, env=SERVER_ENV,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     return _server
 
 
 def _read(server, timeout):
     if timeout is not None and not select.select([server.stdout], [], [], timeout)[0]:
         return None
-    line = server.stdout.readline()
+    line = server.stdout.readline()  # byte by byte from the raw pipe: never past the line
     if not line:
         raise RuntimeError("the prewarmed server died")
     return json.loads(line)
@@ -118,8 +120,9 @@ def run(argv, cwd=ROOT, env=None, timeout=None):
     server = _start()
     with tempfile.TemporaryDirectory() as d:
         req = dict(argv=argv, cwd=str(cwd), env=env, stdout=f"{d}/stdout", stderr=f"{d}/stderr")
-        server.stdin.write(json.dumps(req) + "\n")
-        server.stdin.flush()
+        data = memoryview((json.dumps(req) + "\n").encode())
+        while data:
+            data = data[os.write(server.stdin.fileno(), data):]
         pid = _read(server, None)["pid"]
         done = _read(server, timeout)
         if done is None:
