@@ -156,6 +156,28 @@ def test_bad_method_option_and_subprocess_exit(method):
     assert out.returncode != 0 and len(lines) == 1 and value in lines[0] and flag in lines[0], out.stderr[-2000:]
 
 
+def test_prewarmed_child_runs_a_script_as_a_fresh_interpreter(tmp_path):
+    """tests/helpers/prewarmed.py (what most tests start scripts with) against a fresh `python script.py`: the same
+    exit code and stderr for a bad flag, the same output and numbers for a 1-iteration run, and a timeout that
+    kills the child and leaves the server usable."""
+    bad = ["advantageflow.py", "--gamma-mode", "big"]
+    fresh, warm = subprocess.run([sys.executable, *bad], capture_output=True, text=True, cwd=ROOT, env=ENV), \
+        prewarmed.run(bad, cwd=ROOT, env=ENV, timeout=300)
+    assert (warm.returncode, warm.stderr, warm.stdout) == (fresh.returncode, fresh.stderr, fresh.stdout) != (0, "", "")
+    summaries = []
+    for name, run in (("fresh", None), ("warm", prewarmed.run)):
+        argv = _cmd("advantageflow", tmp_path / name, n_it=1)
+        out = run(argv, cwd=ROOT, env=ENV, timeout=300) if run else subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+        assert out.returncode == 0 and "held-out reward" in out.stdout, out.stderr[-2000:]
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    assert summaries[0]["final"] == summaries[1]["final"] and summaries[0]["base"] == summaries[1]["base"]
+    (tmp_path / "sleep.py").write_text("import time\ntime.sleep(60)\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        prewarmed.run([tmp_path / "sleep.py"], cwd=ROOT, env=ENV, timeout=1)
+    assert prewarmed.run(bad, cwd=ROOT, env=ENV, timeout=300).stderr == fresh.stderr
+
+
 FLOAT_FLAGS = {m: [f for f, v in vars(importlib.import_module(m).Args()).items() if isinstance(v, float)]
                for m in METHODS}
 
