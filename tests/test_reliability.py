@@ -161,8 +161,8 @@ def test_prewarmed_child_runs_a_script_as_a_fresh_interpreter(tmp_path):
     exit code and stderr for a bad flag, the same output and numbers for a 1-iteration run, and a timeout that
     kills the child and leaves the server usable."""
     bad = ["advantageflow.py", "--gamma-mode", "big"]
-    fresh, warm = subprocess.run([sys.executable, *bad], capture_output=True, text=True, cwd=ROOT, env=ENV), \
-        prewarmed.run(bad, cwd=ROOT, env=ENV, timeout=300)
+    fresh = subprocess.run([sys.executable, *bad], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    warm = prewarmed.run(bad, cwd=ROOT, env=ENV, timeout=300)
     assert (warm.returncode, warm.stderr, warm.stdout) == (fresh.returncode, fresh.stderr, fresh.stdout) != (0, "", "")
     summaries = []
     for name, run in (("fresh", None), ("warm", prewarmed.run)):

@@ -23,10 +23,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# read when a library is imported (libgomp's thread count, huggingface_hub's constants), so a child of the server
-# would not see a different value: a request that changes one runs as a real subprocess
-IMPORT_TIME = ("OMP_", "MKL_", "KMP_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_", "CUDA_",
-               "PYTHON", "HOME", "XDG_")  # prefixes
+# prefixes of environment variables read when a library is imported (libgomp's thread count, huggingface_hub's
+# constants, sys.path), which a child of the server would not see change: a request that changes one runs as a real
+# subprocess
+IMPORT_TIME = ("OMP_", "MKL_", "KMP_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_",
+               "CUDA_", "PYTHON", "HOME", "XDG_")
 SERVER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # the tests' usual ENV
 _server = None
 
